@@ -1,0 +1,1 @@
+"""Orchestration layer: Prefect flows, deployments and the ``recloop`` CLI."""

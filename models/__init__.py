@@ -1,0 +1,1 @@
+"""Learning layer: torch models, baselines, sequence datasets, trainer and ranking metrics (pure)."""

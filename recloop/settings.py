@@ -1,0 +1,126 @@
+"""One typed settings object for every environment-dependent value.
+
+Every field can be set by an environment variable ``RECLOOP_<FIELD>`` (e.g. ``RECLOOP_HOME``,
+``RECLOOP_ONLINE_STORE=redis``) or a ``.env`` file. Only this module reads ``os.environ``; code
+below the edges (``models/``) receives plain values.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Telemetry and network opt-outs (STACK_NOTES.md): the platform must never phone home.
+TELEMETRY_ENV: dict[str, str] = {
+    "DO_NOT_TRACK": "true",  # MLflow accepts only the exact string "true"
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "BENTOML_DO_NOT_TRACK": "true",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "HF_HUB_OFFLINE": "1",  # the sentence encoder ships inside a package; never download weights
+    "TRANSFORMERS_OFFLINE": "1",
+    "GX_ANALYTICS_ENABLED": "false",
+    "FEAST_USAGE": "False",
+}
+
+
+class Settings(BaseSettings):
+    """recloop configuration. Paths are resolved against the current directory at load time."""
+
+    model_config = SettingsConfigDict(env_prefix="RECLOOP_", env_file=".env", frozen=True, extra="ignore")
+
+    home: Path = Field(default=Path(".recloop"), description="Working directory for all local state")
+    profile: Literal["local", "prod"] = Field(default="local", description="local = embedded defaults")
+    seed: int = Field(default=42, description="Global seed recorded with every run")
+
+    # Orchestration and registry
+    prefect_api_url: str = Field(default="http://127.0.0.1:4200/api", description="Prefect server API")
+    prefect_port: int = 4200
+    mlflow_tracking_uri: str | None = Field(default=None, description="Default: sqlite under home")
+    mlflow_artifact_root: str | None = Field(default=None, description="Default: home/mlartifacts")
+    mlflow_port: int = 5000
+    model_name: str = Field(default="recloop-sasrec", description="MLflow registered model name")
+    model_alias: str = Field(default="champion", description="The alias serving follows")
+
+    # Event log and feature store
+    event_log_url: str | None = Field(default=None, description="SQLAlchemy URL; default sqlite under home")
+    postgres_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+    online_store: Literal["sqlite", "redis"] = Field(default="sqlite", description="Feast online store")
+    redis_url: str = Field(default="127.0.0.1:6379", description="Feast Redis connection string")
+    feature_repo_path: Path = Path("feature_repo")
+    feature_service: str = Field(default="sasrec_v1", description="The model's feature contract")
+    online_freshness_s: float = Field(default=30 * 86400.0, ge=0, description="Max age of online rows")
+
+    # Data and validation
+    max_seq_len: int = Field(default=50, ge=2, le=4096, description="Items of history the model sees")
+    rating_min: float = 0.5
+    rating_max: float = 5.0
+    max_bad_row_share: float = Field(default=0.01, ge=0, le=1, description="Quarantine tolerance")
+    future_skew_s: float = Field(default=300.0, ge=0, description="Allowed clock skew for timestamps")
+    timestamp_floor: str = Field(default="1990-01-01T00:00:00Z", description="Events before it are bad")
+    bot_max_user_share: float = Field(default=0.05, gt=0, le=1, description="Max share of one user")
+    unknown_item_max_share: float = Field(default=0.05, ge=0, le=1, description="Events naming new items")
+
+    # Evaluation gate
+    gate_min_gain: float = Field(default=0.0, description="Candidate NDCG@10 >= champion * (1 + min_gain)")
+    gate_max_coverage_drop: float = Field(default=0.2, ge=0, le=1, description="Allowed coverage@10 drop")
+    auto_promote: bool = Field(default=True, description="Move 'champion' automatically when the gate passes")
+
+    # Serving
+    serve_host: str = "127.0.0.1"
+    serve_port: int = 3000
+    serve_poll_interval_s: float = Field(default=5.0, gt=0, description="Champion alias poll interval")
+    api_key: str | None = Field(default=None, description="If set, required in the X-API-Key header")
+    max_k: int = Field(default=200, ge=1, description="Upper bound of k in recommend")
+
+    # Continuous loop
+    loop_cron: str = Field(default="0 * * * *", description="Schedule of the continuous loop")
+
+    @model_validator(mode="after")
+    def _resolve_home(self) -> Settings:
+        object.__setattr__(self, "home", self.home.expanduser().resolve())
+        return self
+
+    @property
+    def mlflow_uri(self) -> str:
+        """The MLflow tracking URI (sqlite file under home unless configured)."""
+        return self.mlflow_tracking_uri or f"sqlite:///{self.home / 'mlflow.db'}"
+
+    @property
+    def mlflow_artifacts(self) -> str:
+        """The MLflow artifact root (always explicit, see STACK_NOTES.md)."""
+        return self.mlflow_artifact_root or (self.home / "mlartifacts").as_uri()
+
+    @property
+    def event_log_uri(self) -> str:
+        """SQLAlchemy URL of the event log: SQLite under home locally, PostgreSQL in prod."""
+        if self.event_log_url:
+            return self.event_log_url
+        if self.profile == "prod":
+            return self.postgres_url
+        return f"sqlite:///{self.home / 'eventlog.db'}"
+
+    @property
+    def lake_path(self) -> Path:
+        """Root of the Parquet lake (events/, items/, users/)."""
+        return self.home / "lake"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings (cached; call ``get_settings.cache_clear()`` after changing env)."""
+    return Settings()
+
+
+def configure_environment() -> None:
+    """Apply the telemetry/network opt-outs to this process's environment (keeps explicit values).
+
+    Call once at each entry point (CLI, service, tests) before importing MLflow, Prefect or BentoML.
+    """
+    for key, value in TELEMETRY_ENV.items():
+        os.environ.setdefault(key, value)

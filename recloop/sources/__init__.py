@@ -1,0 +1,1 @@
+"""Dataset adapters: each returns frames that satisfy recloop.contract."""

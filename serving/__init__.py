@@ -1,0 +1,1 @@
+"""Serving layer: the BentoML service and its request/response schemas."""
