@@ -53,6 +53,7 @@ class Settings(BaseSettings):
     online_store: Literal["sqlite", "redis"] = Field(default="sqlite", description="Feast online store")
     redis_url: str = Field(default="127.0.0.1:6379", description="Feast Redis connection string")
     feature_repo_path: Path = Path("feature_repo")
+    feast_project: str = Field(default="recloop", description="Feast project (also the Redis key suffix)")
     feature_service: str = Field(default="sasrec_v1", description="The model's feature contract")
     online_freshness_s: float = Field(default=30 * 86400.0, ge=0, description="Max age of online rows")
 

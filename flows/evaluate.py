@@ -1,0 +1,243 @@
+"""The ``evaluate`` flow: test metrics of candidate, baselines and champion; the gate; the registry.
+
+The candidate's run says which data it trained on (``data.source``/``data.path``); the events are
+re-read, checked against the run's fingerprint, and split exactly as in training (leave-one-out
+with the candidate's own vocabulary). Every model is ranked over the full catalogue on that one
+test split. The champion may know fewer items: its inputs and scores are mapped by item id
+(``MappedScorer``), items it does not know get ``-inf``.
+
+Outputs: test metrics on the run (``test.<metric>``, ``test.<model>.<metric>``), the report
+(JSON + markdown) and plots as artifacts, the gate decision and its numbers as tags on the run and on
+the new model version, and a Prefect markdown artifact with key ``evaluation-report``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import prefect  # noqa: F401  (before mlflow, STACK_NOTES.md)
+import torch
+from mlflow.tracking import MlflowClient
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from flows import plots, registry
+from flows.train import data_fingerprint, load_events, mlflow_key
+from models.baselines import EASE, ItemKNN, Markov1, MostPop
+from models.metrics import evaluate, mask_scores, score_histories, seen_mask, top_k
+from models.sequences import EvalSet, Split, build_sequences, leave_one_out
+from models.vocab import ItemVocabulary
+from recloop.gate import GateDecision, decide
+from recloop.settings import get_settings
+from serving import model_store
+
+REPORT_KEYS = ("ndcg@10", "hr@10", "recall@10", "mrr@10", "coverage@10", "novelty@10", "mean_pop@10",
+               "ild@10")
+BASELINES: dict[str, Callable[[], Any]] = {"MostPop": MostPop, "ItemKNN": ItemKNN, "EASE": EASE,
+                                           "Markov1": Markov1}
+
+
+class MappedScorer:
+    """Scores a model trained on another vocabulary in this split's index space.
+
+    Inputs (candidate indices) are mapped by item id to the model's indices (unknown items dropped,
+    histories re-packed to the left); output columns are mapped back, unknown items get -inf.
+    """
+
+    def __init__(self, model: Any, model_vocab: ItemVocabulary, vocab: ItemVocabulary) -> None:
+        self.model = model
+        to_model = np.zeros(len(vocab) + 1, dtype=np.int64)
+        to_model[1:] = model_vocab.encode(vocab.ids, unknown="pad")  # (n_items,) 0 where unknown
+        self.to_model = torch.from_numpy(to_model)  # (n_items + 1,)
+        self.known = torch.from_numpy(np.flatnonzero(to_model > 0))  # this vocab's idx known to the model
+
+    @torch.inference_mode()
+    def score(self, item_idx: torch.Tensor, candidate_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """(batch, seq_len) item_idx in this vocabulary -> (batch, n_items + 1) scores."""
+        mapped = self.to_model[item_idx]  # (batch, seq_len), 0 where unknown
+        order = torch.argsort((mapped > 0).int(), dim=1, stable=True)  # zeros first: left padding
+        mapped = torch.gather(mapped, 1, order)
+        inner = self.model.score(mapped).float()  # (batch, model n_items + 1)
+        out = torch.full((item_idx.shape[0], len(self.to_model)), -torch.inf)
+        out[:, self.known] = inner[:, self.to_model[self.known]]
+        return out if candidate_idx is None else out.gather(1, torch.as_tensor(candidate_idx).long())
+
+
+def item_counts(train: dict[str, np.ndarray], n_items: int) -> np.ndarray:
+    """(n_items + 1,) training interaction counts per item_idx."""
+    seqs = [s for s in train.values() if len(s)]
+    flat = np.concatenate(seqs) if seqs else np.zeros(0, dtype=np.int64)
+    return np.bincount(flat, minlength=n_items + 1)
+
+
+def evaluate_all(split: Split, n_items: int, candidate: Any, champion: Any | None = None,
+                 genres: list[list[str]] | None = None, baselines: Sequence[str] = BASELINES
+                 ) -> dict[str, dict[str, float]]:
+    """Full-ranking test metrics (K = 10, seen excluded) per model: candidate, champion, baselines.
+
+    Args:
+        split: the leave-one-out split; baselines are fitted on ``split.train``.
+        n_items: catalogue size (padding excluded).
+        candidate / champion: scorers in the split's index space (champion may be None).
+        genres: item_idx -> genres, enables intra-list diversity.
+        baselines: names from ``BASELINES`` (EASE and ItemKNN are dense n_items^2: drop them for
+            catalogues beyond ~30k items).
+    Returns:
+        model name -> metric name (``ndcg@10``, ``hr@10``, ``coverage@10``, ...) -> mean value.
+    Raises:
+        ValueError: an unknown baseline name (lists the allowed ones).
+    """
+    unknown = sorted(set(baselines) - set(BASELINES))
+    if unknown:
+        raise ValueError(f"unknown baselines {unknown}; expected a subset of {list(BASELINES)}")
+    counts = item_counts(split.train, n_items)
+    scorers: dict[str, Any] = {"candidate": candidate}
+    if champion is not None:
+        scorers["champion"] = champion
+    for name in baselines:
+        scorers[name] = BASELINES[name]().fit(split.train, n_items)
+    return {
+        name: evaluate(scorer, split.test, n_items=n_items, k=10, item_counts=counts,
+                       n_train_users=len(split.train), item_genres=genres)["metrics"]
+        for name, scorer in scorers.items()
+    }
+
+
+def markdown_table(results: dict[str, dict[str, float]], decision: GateDecision | None = None) -> str:
+    """The evaluation report as a markdown table (rows: models; columns: REPORT_KEYS)."""
+    keys = [k for k in REPORT_KEYS if any(k in m for m in results.values())]
+    lines = ["| model | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
+    for name, metrics in results.items():
+        cells = [f"{metrics[k]:.4f}" if k in metrics else "-" for k in keys]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if decision is not None:
+        lines += ["", f"**Gate: {'PASS' if decision.passed else 'FAIL'}**", ""]
+        lines += [f"- {r}" for r in decision.reasons]
+    return "\n".join(lines) + "\n"
+
+
+def top10_lists(model: Any, test: EvalSet, n_items: int) -> np.ndarray:
+    """(n_users, 10) item_idx recommended to each test user, seen items excluded."""
+    scores = mask_scores(score_histories(model, test.histories), seen_mask(test.histories, n_items))
+    return top_k(scores, 10)
+
+
+@task(cache_policy=NO_CACHE)
+def score_models_task(split: Split, vocab: ItemVocabulary, candidate: Any, champion: Any | None,
+                      genres: list[list[str]] | None, baselines: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Evaluate every model on the test split (fails loudly)."""
+    champ = MappedScorer(champion.model, champion.vocab, vocab) if champion is not None else None
+    return evaluate_all(split, len(vocab), candidate, champ, genres, baselines)
+
+
+def _genres(items: Any, vocab: ItemVocabulary) -> list[list[str]] | None:
+    if items is None or len(items) == 0 or "genres" not in items:
+        return None
+    by_id = dict(zip(items["item_id"].astype(str), items["genres"], strict=True))
+    return [[]] + [list(by_id.get(i, []) or []) for i in vocab.ids]
+
+
+def _load_candidate(client: MlflowClient, run_id: str) -> tuple[Any, ItemVocabulary, dict[str, Any]]:
+    from models.checkpoint import load_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return load_checkpoint(client.download_artifacts(run_id, "training/checkpoint.pt", tmp))
+
+
+@flow(name="evaluate")
+def evaluate_flow(run_id: str, source: str | None = None, path: str | None = None,
+                  auto_promote: bool | None = None, baselines: list[str] | None = None) -> dict[str, Any]:
+    """Evaluate the candidate of ``run_id``, apply the gate, register a version and move aliases.
+
+    Args:
+        run_id: the train flow's run.
+        source / path: override the data location recorded on the run (same events required).
+        auto_promote: default ``settings.auto_promote``; when True a passing candidate becomes champion.
+        baselines: which baselines to run and gate against (default: all of ``BASELINES``).
+    Returns:
+        ``{"run_id", "version", "passed", "promoted", "decision", "metrics"}``.
+    Raises:
+        ValueError: the events differ from the ones the candidate was trained on.
+    """
+    settings = get_settings()
+    logger = get_run_logger()
+    baselines = list(BASELINES) if baselines is None else baselines
+    client = model_store.configure_tracking(settings)
+    run = client.get_run(run_id)
+    source = source or run.data.tags["data.source"]
+    path = path or run.data.tags.get("data.path") or None
+    events, items, _ = load_events(source, path)
+    sha = data_fingerprint(events, source)["data.sha256"]
+    if sha != run.data.tags.get("data.sha256"):
+        raise ValueError(f"events of source={source!r} path={path!r} have sha256 {sha[:12]}, but run "
+                         f"{run_id} trained on {run.data.tags.get('data.sha256', '?')[:12]}")
+    model, vocab, _ = _load_candidate(client, run_id)
+    split = leave_one_out(build_sequences(events, vocab))
+    champion_version = model_store.get_alias_version(client, settings.model_name, registry.CHAMPION)
+    champion = (model_store.load_version(settings.model_name, version=champion_version, client=client)
+                if champion_version is not None else None)
+
+    results = score_models_task(split, vocab, model, champion, _genres(items, vocab), list(baselines))
+    baselines = {n: m for n, m in results.items() if n not in ("candidate", "champion")}
+    decision = decide(results["candidate"], results.get("champion"), baselines,
+                      min_gain=settings.gate_min_gain, max_coverage_drop=settings.gate_max_coverage_drop)
+    gate_tags = {**decision.as_tags(), "gate.champion_version": champion_version or "none"}
+    for name, metrics in results.items():
+        prefix = "test." if name == "candidate" else f"test.{name}."
+        for key, value in metrics.items():
+            if math.isfinite(value):
+                client.log_metric(run_id, prefix + mlflow_key(key), value)
+    for key, value in gate_tags.items():
+        client.set_tag(run_id, key, value)
+
+    report_md = markdown_table(results, decision)
+    _log_report(client, run_id, results, decision, report_md, model, split, vocab, champion_version)
+    create_markdown_artifact(key="evaluation-report", markdown=report_md,
+                             description=f"candidate run {run_id}")
+
+    model_uri = run.data.tags["model.uri"]
+    version_tags = {**gate_tags, "run_id": run_id, "data.sha256": sha,
+                    **{f"test.{mlflow_key(k)}": f"{v:.6f}" for k, v in results["candidate"].items()}}
+    mv = registry.register_version(client, settings.model_name, model_uri, run_id, version_tags)
+    promoted = False
+    if decision.passed:
+        registry.set_challenger(client, settings.model_name, mv.version)
+        if settings.auto_promote if auto_promote is None else bool(auto_promote):
+            registry.promote(client, settings.model_name, mv.version, reason="auto: gate passed")
+            promoted = True
+    client.set_tag(run_id, "stage", "promoted" if promoted else ("challenger" if decision.passed else "rejected"))
+    client.set_tag(run_id, "model.version", str(mv.version))
+    logger.info("evaluated run_id=%s version=%s passed=%s promoted=%s", run_id, mv.version, decision.passed,
+                promoted)
+    return {"run_id": run_id, "version": str(mv.version), "passed": decision.passed, "promoted": promoted,
+            "decision": decision.as_dict(), "metrics": results, "report_md": report_md}
+
+
+def _log_report(client: MlflowClient, run_id: str, results: dict[str, dict[str, float]],
+                decision: GateDecision, report_md: str, model: Any, split: Split, vocab: ItemVocabulary,
+                champion_version: str | None) -> None:
+    """Report JSON + markdown and the comparison / popularity plots as run artifacts."""
+    n_items = len(vocab)
+    report = {"protocol": {**split.protocol, "ranking": "full", "k": 10, "exclude_seen": True,
+                           "split_of": "test"},
+              "metrics": results, "gate": decision.as_dict(), "champion_version": champion_version}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        (out / "evaluation.json").write_text(json.dumps(report, indent=2, default=float))
+        (out / "evaluation.md").write_text(report_md)
+        client.log_artifact(run_id, str(out / "evaluation.json"), artifact_path="evaluation")
+        client.log_artifact(run_id, str(out / "evaluation.md"), artifact_path="evaluation")
+        shown = {n: m for n, m in results.items() if n in ("candidate", "champion")}
+        shown.update({n: m for n, m in results.items() if n not in shown})
+        plots.model_comparison(shown, out / "model_comparison.png")
+        plots.popularity_distribution(item_counts(split.train, n_items), top10_lists(model, split.test, n_items),
+                                      out / "popularity.png")
+        client.log_artifact(run_id, str(out / "model_comparison.png"), artifact_path="plots")
+        client.log_artifact(run_id, str(out / "popularity.png"), artifact_path="plots")

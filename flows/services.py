@@ -1,0 +1,208 @@
+"""Start and stop the local platform processes (`recloop up` / `recloop down`).
+
+Each service runs as a detached child process bound to loopback, with its PID file and log under
+``<home>/run/``. Start-up waits for the service's health URL, so when ``up`` returns the UIs answer.
+
+Services (embedded default profile):
+
+| name     | what                                   | health URL                         |
+|----------|----------------------------------------|------------------------------------|
+| prefect  | Prefect server (SQLite under home)     | http://127.0.0.1:4200/api/health   |
+| mlflow   | MLflow tracking server + UI            | http://127.0.0.1:5000/health       |
+| serving  | BentoML ``Recommender`` service        | http://127.0.0.1:3000/readyz       |
+| runner   | Prefect deployment runner (the loop)   | (process alive)                    |
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from recloop.settings import TELEMETRY_ENV, Settings
+
+logger = logging.getLogger(__name__)
+
+SERVICE_ORDER: tuple[str, ...] = ("prefect", "mlflow", "serving", "runner")
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """How to run one service: argv, extra environment, health URL (None = alive is enough)."""
+
+    name: str
+    argv: list[str]
+    health_url: str | None
+    start_timeout_s: float
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def _bin(name: str) -> str:
+    """The console script ``name`` of the current virtualenv."""
+    return str(Path(sys.executable).with_name(name))
+
+
+def service_env(settings: Settings) -> dict[str, str]:
+    """Environment shared by every child: telemetry off, Prefect API and home set."""
+    env = dict(os.environ)
+    for key, value in TELEMETRY_ENV.items():
+        env.setdefault(key, value)
+    env["RECLOOP_HOME"] = str(settings.home)
+    env["PREFECT_HOME"] = str(settings.home / "prefect")
+    env["PREFECT_API_URL"] = settings.prefect_api_url
+    env.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", "2")
+    env.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    return env
+
+
+def specs(settings: Settings) -> dict[str, ServiceSpec]:
+    """The service table for ``settings``."""
+    home = settings.home
+    mlflow_backend = settings.mlflow_uri
+    return {
+        "prefect": ServiceSpec(
+            "prefect",
+            [_bin("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(settings.prefect_port)],
+            f"http://127.0.0.1:{settings.prefect_port}/api/health",
+            90.0,
+        ),
+        "mlflow": ServiceSpec(
+            "mlflow",
+            [
+                _bin("mlflow"), "server", "--host", "127.0.0.1", "--port", str(settings.mlflow_port),
+                "--backend-store-uri", mlflow_backend,
+                "--default-artifact-root", settings.mlflow_artifacts,
+                "--workers", "1",
+            ],
+            f"http://127.0.0.1:{settings.mlflow_port}/health",
+            120.0,
+            {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        ),
+        "serving": ServiceSpec(
+            "serving",
+            [
+                _bin("bentoml"), "serve", "serving.service:Recommender",
+                "--host", settings.serve_host, "--port", str(settings.serve_port),
+                "--working-dir", str(Path.cwd()),
+            ],
+            f"http://{settings.serve_host}:{settings.serve_port}/readyz",
+            180.0,
+            {"BENTOML_HOME": str(home / "bentoml")},
+        ),
+        "runner": ServiceSpec("runner", [sys.executable, "-m", "flows.loop", "serve"], None, 10.0),
+    }
+
+
+def _pid_path(settings: Settings, name: str) -> Path:
+    return settings.home / "run" / f"{name}.pid"
+
+
+def log_path(settings: Settings, name: str) -> Path:
+    """Where service ``name`` writes its stdout/stderr."""
+    return settings.home / "run" / f"{name}.log"
+
+
+def running_pid(settings: Settings, name: str) -> int | None:
+    """The PID of service ``name`` if its PID file names a live process, else None."""
+    path = _pid_path(settings, name)
+    if not path.exists():
+        return None
+    try:
+        pid = int(path.read_text().strip())
+        os.kill(pid, 0)
+    except (ValueError, ProcessLookupError, PermissionError):
+        return None
+    return pid
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2.0).status_code < 500
+    except httpx.HTTPError:
+        return False
+
+
+def start(settings: Settings, name: str) -> int:
+    """Start service ``name`` (no-op if running) and wait until it is healthy.
+
+    Returns:
+        The PID of the service process.
+    Raises:
+        ValueError: unknown service name (lists the allowed ones).
+        RuntimeError: the process exited or did not become healthy within its timeout; the
+            message names the log file.
+    """
+    table = specs(settings)
+    if name not in table:
+        raise ValueError(f"unknown service {name!r}; expected one of {list(table)}")
+    spec = table[name]
+    pid = running_pid(settings, name)
+    if pid is not None:
+        return pid
+    (settings.home / "run").mkdir(parents=True, exist_ok=True)
+    env = service_env(settings) | spec.env
+    log = log_path(settings, name)
+    with log.open("ab") as out:
+        proc = subprocess.Popen(  # noqa: S603 - argv built from our own table
+            spec.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=env, start_new_session=True,
+        )
+    _pid_path(settings, name).write_text(str(proc.pid))
+    deadline = time.monotonic() + spec.start_timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"service {name} exited with code {proc.returncode}; see {log}")
+        if spec.health_url is None or _healthy(spec.health_url):
+            if spec.health_url is None:
+                time.sleep(1.0)
+                if proc.poll() is not None:
+                    raise RuntimeError(f"service {name} exited with code {proc.returncode}; see {log}")
+            logger.info("service up name=%s pid=%d", name, proc.pid)
+            return proc.pid
+        time.sleep(0.5)
+    stop(settings, name)
+    raise RuntimeError(f"service {name} not healthy after {spec.start_timeout_s:.0f} s; see {log}")
+
+
+def stop(settings: Settings, name: str, timeout_s: float = 15.0) -> bool:
+    """Stop service ``name`` (its whole process group). Returns True if something was stopped."""
+    pid = running_pid(settings, name)
+    path = _pid_path(settings, name)
+    if pid is None:
+        path.unlink(missing_ok=True)
+        return False
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    path.unlink(missing_ok=True)
+    logger.info("service down name=%s pid=%d", name, pid)
+    return True
+
+
+def urls(settings: Settings) -> dict[str, str]:
+    """The user-facing addresses of the UIs and the endpoint."""
+    return {
+        "prefect_ui": f"http://127.0.0.1:{settings.prefect_port}",
+        "mlflow_ui": f"http://127.0.0.1:{settings.mlflow_port}",
+        "recommender": f"http://{settings.serve_host}:{settings.serve_port}",
+    }

@@ -1,0 +1,276 @@
+"""The ``train`` flow: events -> sequences -> SASRec+ -> one MLflow run with everything to explain it.
+
+The run records: params (model config, train config, seed, data source), per-epoch metrics
+(``loss``, ``val.ndcg_at_10``, ``val.hr_at_10``, ``seq_per_s`` with ``step=epoch``), system tags
+(device, torch version, CPU/GPU name), a data fingerprint (sha256 of event ids and timestamps,
+counts, time range, source, watermark), the git commit, artifacts (vocabulary, configs, checkpoint,
+learning curve) and the model itself as a pyfunc (``serving.model_store.log_model``). Evaluation
+and registration happen in ``flows.evaluate``; training never promotes anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import platform
+import subprocess
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import prefect  # noqa: F401  (import before mlflow: keeps Prefect's console log format, STACK_NOTES.md)
+import torch
+from mlflow.tracking import MlflowClient
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from flows import plots
+from models.sequences import Split, build_sequences, leave_one_out
+from models.vocab import ItemVocabulary
+from recloop.contract import coerce_events, coerce_items
+from recloop.settings import get_settings
+from serving import model_store
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# models.trainer history key -> MLflow metric name (logged with step=epoch)
+EPOCH_METRICS = {"loss": "loss", "val_ndcg10": "val.ndcg_at_10", "val_hr10": "val.hr_at_10",
+                 "seqs_per_s": "seq_per_s", "seconds": "epoch_seconds"}
+
+
+def mlflow_key(name: str) -> str:
+    """A metric/param/tag key MLflow accepts: ``ndcg@10`` -> ``ndcg_at_10``."""
+    return name.replace("@", "_at_")
+
+
+def load_events(source: str, path: str | None) -> tuple[pd.DataFrame, pd.DataFrame | None, str | None]:
+    """Contract events, the items table (None if the source has none) and the source's watermark.
+
+    Args:
+        source: ``"lake"`` (``recloop.lake.Lake``; ``path`` defaults to ``settings.lake_path``),
+            ``"parquet"`` (a contract events file or folder), or any ``recloop.sources`` name
+            (e.g. ``"movielens-100k"``; ``path`` is its folder).
+        path: where the data lies.
+    Raises:
+        ValueError: the source yields no events.
+    """
+    watermark: str | None = None
+    items: pd.DataFrame | None = None
+    if source == "lake":
+        from recloop.lake import Lake
+
+        lake = Lake(Path(path) if path else get_settings().lake_path)
+        events = lake.events()
+        items = lake.items() if hasattr(lake, "items") else None
+        marks = getattr(lake, "watermarks", None)
+        if callable(marks):
+            watermark = json.dumps({str(k): str(v) for k, v in dict(marks()).items()}, sort_keys=True)
+    elif source == "parquet":
+        if path is None:
+            raise ValueError("source='parquet' needs a path")
+        events = coerce_events(pd.read_parquet(path))
+    else:
+        from recloop.sources import load_source
+
+        frames = load_source(source, Path(path) if path else None)
+        events = coerce_events(frames.events, default_source=source)
+        items = coerce_items(frames.items)
+    if events.empty:
+        raise ValueError(f"source={source!r} path={path!r} yielded no events")
+    return events, items, watermark
+
+
+def data_fingerprint(events: pd.DataFrame, source: str, path: str | None = None,
+                     watermark: str | None = None) -> dict[str, str]:
+    """Identify a training set: sha256 over (event_id, timestamp ns) sorted by event_id, plus counts.
+
+    The hash does not depend on row order, so the same events always give the same fingerprint.
+    """
+    frame = events[["event_id", "timestamp"]].sort_values("event_id", kind="stable")
+    digest = hashlib.sha256()
+    digest.update("\n".join(frame["event_id"].astype(str)).encode())
+    digest.update(frame["timestamp"].astype("int64").to_numpy().tobytes())
+    ts = events["timestamp"]
+    return {
+        "data.sha256": digest.hexdigest(),
+        "data.n_events": str(len(events)),
+        "data.n_users": str(events["user_id"].nunique()),
+        "data.n_items": str(events["item_id"].nunique()),
+        "data.time_min": ts.min().isoformat(),
+        "data.time_max": ts.max().isoformat(),
+        "data.source": source,
+        "data.path": str(path) if path else "",
+        "data.watermark": watermark or ts.max().isoformat(),
+    }
+
+
+def system_info(device: str) -> dict[str, str]:
+    """Tags describing where a run trained: device, torch/python versions, CPU and GPU names."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return {
+        "sys.device": str(device),
+        "sys.torch": torch.__version__,
+        "sys.python": platform.python_version(),
+        "sys.cpu": cpu,
+        "sys.cpu_count": str(torch.get_num_threads()),
+        "sys.gpu": gpu,
+        "sys.host_os": platform.platform(),
+    }
+
+
+def git_commit(repo: Path = REPO_ROOT) -> str:
+    """The HEAD commit of ``repo`` (suffixed ``-dirty`` with uncommitted changes), else ``"unknown"``."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{head}-dirty" if dirty else head
+
+
+def prepare_split(events: pd.DataFrame, base_vocab: ItemVocabulary | None = None
+                  ) -> tuple[ItemVocabulary, Split]:
+    """Vocabulary and leave-one-out split. With ``base_vocab`` (warm start) new items are appended."""
+    ids = events["item_id"].astype(str).unique()
+    vocab = base_vocab.extend(ids) if base_vocab is not None else ItemVocabulary.from_ids(ids)
+    return vocab, leave_one_out(build_sequences(events, vocab))
+
+
+def flat_params(prefix: str, values: Mapping[str, Any]) -> dict[str, str]:
+    """``{"lr": 0.001}`` -> ``{"train.lr": "0.001"}`` (MLflow params are strings, <= 6000 chars)."""
+    return {f"{prefix}.{mlflow_key(k)}": str(v)[:6000] for k, v in values.items()}
+
+
+@task(retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
+def load_events_task(source: str, path: str | None) -> tuple[pd.DataFrame, pd.DataFrame | None, str | None]:
+    """Read the training events (storage: may retry)."""
+    events, items, watermark = load_events(source, path)
+    get_run_logger().info("events loaded source=%s n=%d", source, len(events))
+    return events, items, watermark
+
+
+@task(cache_policy=NO_CACHE)
+def fit_task(run_id: str, split: Split, vocab: ItemVocabulary, model_params: dict[str, Any],
+             train_params: dict[str, Any], init_model: Any | None = None,
+             init_vocab: ItemVocabulary | None = None) -> Any:
+    """Train SASRec+ and stream per-epoch metrics into the run (fails loudly, no retries)."""
+    from models.checkpoint import checkpoint_dict
+    from models.sasrec import SASRecConfig
+    from models.trainer import TrainConfig, train_sasrec
+
+    client = MlflowClient()
+    logger = get_run_logger()
+    model_config = SASRecConfig(n_items=len(vocab), **model_params)
+    train_config = TrainConfig(**train_params)
+
+    def on_epoch(record: Mapping[str, Any]) -> None:
+        step = int(record["epoch"])
+        for key, name in EPOCH_METRICS.items():
+            value = record.get(key)
+            if isinstance(value, int | float) and math.isfinite(value):
+                client.log_metric(run_id, name, float(value), step=step)
+        logger.info("epoch done epoch=%d loss=%.4f val_ndcg10=%.4f seqs_per_s=%.0f", step,
+                    record.get("loss", math.nan), record.get("val_ndcg10", math.nan),
+                    record.get("seqs_per_s", math.nan))
+
+    init_state = checkpoint_dict(init_model, init_vocab) if init_model is not None else None
+    return train_sasrec(split, vocab, model_config, train_config, init_state=init_state,
+                        progress=False, on_epoch=on_epoch)
+
+
+@flow(name="train")
+def train_flow(source: str = "lake", path: str | None = None, model_params: dict[str, Any] | None = None,
+               train_params: dict[str, Any] | None = None, warm_start_from: str | None = None,
+               data_version: str | None = None, experiment: str = model_store.DEFAULT_EXPERIMENT
+               ) -> dict[str, str]:
+    """Train a candidate and log one MLflow run. Returns ids to evaluate it (nothing is promoted).
+
+    Args:
+        source / path: where the events come from (see ``load_events``).
+        model_params: ``SASRecConfig`` fields except ``n_items`` (default ``max_seq_len`` from settings).
+        train_params: ``TrainConfig`` fields (lr, epochs, seed, ...).
+        warm_start_from: a registered version number or ``@alias`` to initialise from (e.g. ``@champion``).
+        data_version: a label recorded with the run (e.g. the lake batch id).
+        experiment: MLflow experiment name.
+    Returns:
+        ``{"run_id", "model_uri", "model_id", "checkpoint_uri"}``.
+    """
+    settings = get_settings()
+    logger = get_run_logger()
+    client = model_store.configure_tracking(settings)
+    experiment_id = model_store.ensure_experiment(client, experiment, settings)
+    model_params = {"max_seq_len": settings.max_seq_len, **(model_params or {})}
+    train_params = {"seed": settings.seed, **(train_params or {})}
+
+    events, _, watermark = load_events_task(source, path)
+    init = None
+    if warm_start_from:
+        ref = warm_start_from.lstrip("@")
+        init = model_store.load_version(settings.model_name, client=client,
+                                        **({"alias": ref} if warm_start_from.startswith("@") else {"version": ref}))
+    vocab, split = prepare_split(events, init.vocab if init is not None else None)
+
+    tags = {**data_fingerprint(events, source, path, watermark), "git.commit": git_commit(),
+            "data.version": data_version or "", "vocab.version": vocab.version, "stage": "trained",
+            "warm_start_from": f"{settings.model_name}/{init.version}" if init is not None else "none"}
+    run = client.create_run(experiment_id, tags=tags, run_name=f"sasrec-{tags['data.sha256'][:8]}")
+    run_id = run.info.run_id
+    params = {**flat_params("model", model_params), **flat_params("train", train_params),
+              **flat_params("split", split.protocol), "model.n_items": str(len(vocab))}
+    for key, value in params.items():
+        client.log_param(run_id, key, value)
+
+    try:
+        result = fit_task(run_id, split, vocab, model_params, train_params,
+                          init.model if init else None, init.vocab if init else None)
+        info = _log_training_outputs(client, run_id, result, vocab, model_params, train_params)
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    logger.info("trained run_id=%s best_epoch=%s", run_id, getattr(result, "best_epoch", "?"))
+    return {"run_id": run_id, **info}
+
+
+def _log_training_outputs(client: MlflowClient, run_id: str, result: Any, vocab: ItemVocabulary,
+                          model_params: dict[str, Any], train_params: dict[str, Any]) -> dict[str, str]:
+    """Checkpoint, vocabulary, configs, learning curve and the pyfunc model into run ``run_id``."""
+    import mlflow
+
+    from models.checkpoint import save_checkpoint
+
+    history = [dict(h) for h in getattr(result, "history", [])]
+    client.set_tag(run_id, "sys.device", str(getattr(result, "device", "cpu")))
+    for key, value in system_info(str(getattr(result, "device", "cpu"))).items():
+        client.set_tag(run_id, key, value)
+    client.log_param(run_id, "train.seed_used", str(getattr(result, "seed", train_params.get("seed"))))
+    client.log_param(run_id, "train.best_epoch", str(getattr(result, "best_epoch", "")))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        ckpt = out / "checkpoint.pt"
+        save_checkpoint(ckpt, result.model, vocab, {"run_id": run_id, "best_epoch": result.best_epoch,
+                                                    "history": history, "seed": result.seed})
+        (out / "vocab.json").write_text(json.dumps(vocab.to_dict()))
+        (out / "config.json").write_text(json.dumps({"model": {**model_params, "n_items": len(vocab)},
+                                                     "train": train_params}, indent=2, default=str))
+        (out / "history.json").write_text(json.dumps(history, indent=2, default=str))
+        for name in ("checkpoint.pt", "vocab.json", "config.json", "history.json"):
+            client.log_artifact(run_id, str(out / name), artifact_path="training")
+        if history:
+            plots.learning_curve(history, out / "learning_curve.png", getattr(result, "best_epoch", None))
+            client.log_artifact(run_id, str(out / "learning_curve.png"), artifact_path="plots")
+        with mlflow.start_run(run_id=run_id):
+            info = model_store.log_model(ckpt, tags={"vocab.version": vocab.version})
+        client.set_tag(run_id, "model.uri", info.model_uri)
+    return {"model_uri": info.model_uri, "model_id": str(info.model_id),
+            "checkpoint_uri": f"runs:/{run_id}/training/checkpoint.pt"}

@@ -1,0 +1,146 @@
+"""Checkpoints (config + weights + vocabulary), warm starts, and the top-k helper serving reuses."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.sasrec import SASRec, SASRecConfig
+from models.sequences import pad_left
+from models.vocab import PAD_IDX, ItemVocabulary
+
+FORMAT_VERSION = 1
+
+
+def checkpoint_dict(model: SASRec, vocab: ItemVocabulary, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The checkpoint payload: ``{"format_version", "config", "state_dict", "vocab",
+    "item_vocab_version", "extra"}``; tensors are moved to CPU.
+
+    Raises:
+        ValueError: the model's n_items differs from the vocabulary size.
+    """
+    if model.config.n_items != len(vocab):
+        raise ValueError(f"model n_items={model.config.n_items} but len(vocab)={len(vocab)}")
+    return {
+        "format_version": FORMAT_VERSION,
+        "config": asdict(model.config),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "vocab": vocab.to_dict(),
+        "item_vocab_version": vocab.version,
+        "extra": dict(extra or {}),
+    }
+
+
+def model_from_dict(payload: dict[str, Any], map_location: str | torch.device = "cpu") -> tuple[SASRec, ItemVocabulary]:
+    """Rebuild (model in eval mode, vocab) from a ``checkpoint_dict`` payload.
+
+    Raises:
+        KeyError: a required key is missing (names it).
+    """
+    for key in ("config", "state_dict", "vocab"):
+        if key not in payload:
+            raise KeyError(f"checkpoint lacks {key!r}; has {sorted(payload)}")
+    model = SASRec(SASRecConfig(**payload["config"]))
+    model.load_state_dict(payload["state_dict"])
+    return model.to(map_location).eval(), ItemVocabulary.from_dict(payload["vocab"])
+
+
+def save_checkpoint(path: str | Path, model: SASRec, vocab: ItemVocabulary, extra: dict[str, Any] | None = None) -> Path:
+    """Write the checkpoint to ``path`` (torch.save; ``extra`` must hold plain Python values)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint_dict(model, vocab, extra), path)
+    return path
+
+
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[SASRec, ItemVocabulary, dict[str, Any]]:
+    """Load ``(model, vocab, extra)``; works on a CPU-only host (``weights_only`` unpickling).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    payload = torch.load(path, map_location=map_location, weights_only=True)
+    model, vocab = model_from_dict(payload, map_location)
+    return model, vocab, payload.get("extra", {})
+
+
+def warm_start_state(init_state: dict[str, Any], model: SASRec, vocab: ItemVocabulary) -> dict[str, torch.Tensor]:
+    """A state dict for ``model`` (built for ``vocab``) initialised from an older checkpoint payload.
+
+    Item embedding rows are copied by item id (so new items keep their fresh initialisation and
+    dropped items are ignored); position rows are copied right-aligned (the most recent position
+    matches); every other tensor with the same shape is copied.
+
+    Raises:
+        KeyError: ``init_state`` lacks "state_dict" or "vocab".
+    """
+    if "state_dict" not in init_state or "vocab" not in init_state:
+        raise KeyError(f"warm start needs a checkpoint dict with 'state_dict' and 'vocab'; got {sorted(init_state)}")
+    old_vocab = ItemVocabulary.from_dict(init_state["vocab"])
+    old = init_state["state_dict"]
+    new = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for name, tensor in old.items():
+        if name == "item_emb.weight":
+            new_idx = vocab.encode(old_vocab.ids, unknown="pad")  # (old n_items,) 0 where dropped
+            keep = new_idx != PAD_IDX
+            rows = torch.from_numpy(np.flatnonzero(keep) + 1)
+            new[name][torch.from_numpy(new_idx[keep])] = tensor.to(new[name].dtype)[rows]
+        elif name == "pos_emb.weight":
+            n = min(len(tensor), len(new[name]))
+            new[name][-n:] = tensor[-n:].to(new[name].dtype)
+        elif name in new and new[name].shape == tensor.shape:
+            new[name] = tensor.to(new[name].dtype).clone()
+    return new
+
+
+def recommend_topk(
+    model: Any,
+    vocab: ItemVocabulary,
+    history_ids: Iterable[object],
+    k: int = 10,
+    exclude: Iterable[object] = (),
+    exclude_seen: bool = True,
+    max_len: int | None = None,
+) -> list[tuple[str, float]]:
+    """Top-k (item_id, score) for one history, best first. Pure; serving reuses it.
+
+    Args:
+        model: anything with ``score(item_idx) -> (1, n_items + 1)`` (SASRec or a baseline).
+        vocab: the model's vocabulary.
+        history_ids: raw item ids, oldest first; ids unknown to ``vocab`` are ignored.
+        k: number of items (fewer if the catalogue runs out).
+        exclude: item ids never to return (unknown ones ignored).
+        exclude_seen: also exclude the history items.
+        max_len: keep only the last ``max_len`` history items (default: model.config.max_seq_len if any).
+    Returns:
+        Up to k pairs; padding and excluded items are never returned.
+    Raises:
+        ValueError: k < 1.
+    """
+    if k < 1:
+        raise ValueError(f"k={k}; expected >= 1")
+    hist = vocab.encode(list(history_ids), unknown="pad")
+    hist = hist[hist != PAD_IDX]
+    cfg = getattr(model, "config", None)
+    max_len = max_len or getattr(cfg, "max_seq_len", None) or max(len(hist), 1)
+    item_idx = torch.from_numpy(pad_left([hist], max_len))  # (1, max_len)
+    with torch.inference_mode():
+        scores = model.score(item_idx)[0].float().cpu().numpy().astype(np.float64)  # (n_items + 1,)
+    banned = vocab.encode(list(exclude), unknown="pad")
+    scores[PAD_IDX] = -np.inf
+    scores[banned] = -np.inf
+    if exclude_seen:
+        scores[hist] = -np.inf
+    allowed = np.flatnonzero(np.isfinite(scores))
+    order = allowed[np.lexsort((allowed, -scores[allowed]))][:k]
+    return list(zip(vocab.decode(order), scores[order].tolist(), strict=True))

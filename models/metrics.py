@@ -1,0 +1,243 @@
+"""Full-ranking top-K metrics with per-user arrays, and an ``evaluate`` helper.
+
+Protocol: every item of the catalogue is ranked (no sampled negatives). Items in the user's
+history are excluded through an explicit mask (``exclude_seen=True``) by setting their score to
+-inf; a target that is itself in the history then counts as a miss. Column 0 (padding) is never
+ranked.
+
+Tie rule (pessimistic, never favours the target): rank = 1 + #{items with score > target score}
++ #{other items with score == target score}. A constant scorer therefore ranks the target last.
+
+Each user has exactly one held-out target, so Recall@K == HR@K, Precision@K == HR@K / K and
+F1@K == 2 * P * R / (P + R). Formulas, per user with rank r:
+HR@K = [r <= K]; NDCG@K = [r <= K] / log2(r + 1) (ideal DCG is 1); MRR@K = [r <= K] / r.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from models.sequences import EvalSet, pad_left
+from models.vocab import PAD_IDX
+
+
+class Scorer(Protocol):
+    """Anything with the models/ scoring contract (SASRec and every baseline)."""
+
+    def score(self, item_idx: Tensor, candidate_idx: Tensor | None = None) -> Tensor: ...
+
+
+def seen_mask(histories: Sequence[np.ndarray], n_items: int) -> np.ndarray:
+    """(n_users, n_items + 1) bool, True where the item is in the user's history."""
+    mask = np.zeros((len(histories), n_items + 1), dtype=bool)
+    for row, hist in enumerate(histories):
+        mask[row, np.asarray(hist, dtype=np.int64)] = True
+    mask[:, PAD_IDX] = False
+    return mask
+
+
+def mask_scores(scores: np.ndarray, seen: np.ndarray | None = None) -> np.ndarray:
+    """Copy of (n_users, n_items + 1) scores with padding and (optionally) seen items set to -inf."""
+    out = np.array(scores, dtype=np.float64, copy=True)
+    out[:, PAD_IDX] = -np.inf
+    if seen is not None:
+        out[seen] = -np.inf
+    return out
+
+
+def target_ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Pessimistic 1-based rank of each target (see the module's tie rule).
+
+    Args:
+        scores: (n_users, n_items + 1) already masked scores (``mask_scores``).
+        targets: (n_users,) int64 item_idx in 1..n_items.
+    Returns:
+        (n_users,) int64 ranks.
+    Raises:
+        ValueError: shapes disagree or a target is padding / out of range.
+    """
+    targets = np.asarray(targets, dtype=np.int64)
+    if scores.ndim != 2 or scores.shape[0] != len(targets):
+        raise ValueError(f"scores {scores.shape} and targets {targets.shape} disagree on n_users")
+    if len(targets) and (targets.min() < 1 or targets.max() >= scores.shape[1]):
+        raise ValueError(f"targets must be in 1..{scores.shape[1] - 1}; got range {targets.min()}..{targets.max()}")
+    t = scores[np.arange(len(targets)), targets][:, None]  # (n_users, 1)
+    greater = (scores > t).sum(axis=1)
+    ties = (scores == t).sum(axis=1) - 1  # other items tied with the target
+    return (1 + greater + ties).astype(np.int64)
+
+
+def hit_rate(ranks: np.ndarray, k: int) -> np.ndarray:
+    """Per-user HR@K = [rank <= K]."""
+    return (ranks <= k).astype(np.float64)
+
+
+def ndcg(ranks: np.ndarray, k: int) -> np.ndarray:
+    """Per-user NDCG@K with one relevant item: 1 / log2(rank + 1) if rank <= K else 0."""
+    return np.where(ranks <= k, 1.0 / np.log2(ranks + 1.0), 0.0)
+
+
+def mrr(ranks: np.ndarray, k: int) -> np.ndarray:
+    """Per-user MRR@K = 1 / rank if rank <= K else 0."""
+    return np.where(ranks <= k, 1.0 / ranks, 0.0)
+
+
+def recall(ranks: np.ndarray, k: int) -> np.ndarray:
+    """Per-user Recall@K (one target: equals HR@K)."""
+    return hit_rate(ranks, k)
+
+
+def precision(ranks: np.ndarray, k: int) -> np.ndarray:
+    """Per-user Precision@K = hits / K."""
+    return hit_rate(ranks, k) / k
+
+
+def f1(ranks: np.ndarray, k: int) -> np.ndarray:
+    """Per-user F1@K = 2PR / (P + R), 0 when there is no hit."""
+    p, r = precision(ranks, k), recall(ranks, k)
+    return np.where(p + r > 0, 2 * p * r / np.maximum(p + r, 1e-12), 0.0)
+
+
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """(n_users, k) item_idx of the k best masked scores, best first (ties: lower index first)."""
+    k = min(k, scores.shape[1])
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    order = np.lexsort((part, -np.take_along_axis(scores, part, axis=1)), axis=1)
+    return np.take_along_axis(part, order, axis=1)
+
+
+def coverage(topk: np.ndarray, n_items: int) -> float:
+    """Catalogue coverage@K: share of the n_items that appear in at least one top-K list."""
+    items = np.unique(topk)
+    return float(len(items[items != PAD_IDX]) / n_items)
+
+
+def novelty(topk: np.ndarray, item_counts: np.ndarray, n_users: int) -> np.ndarray:
+    """Per-user mean self-information -log2(p(i)) of recommended items (Zhou et al., PNAS 2010).
+
+    p(i) = (count(i) + 1) / (n_users + 1): the share of training users who saw i, add-one smoothed
+    so never-seen items are finite.
+    """
+    p = (np.asarray(item_counts, dtype=np.float64)[topk] + 1.0) / (n_users + 1.0)
+    return (-np.log2(p)).mean(axis=1)
+
+
+def mean_popularity(topk: np.ndarray, item_counts: np.ndarray) -> np.ndarray:
+    """Per-user mean training interaction count of the recommended items."""
+    return np.asarray(item_counts, dtype=np.float64)[topk].mean(axis=1)
+
+
+def intra_list_diversity(topk: np.ndarray, item_genres: Mapping[int, Sequence[str]] | Sequence) -> np.ndarray:
+    """Per-user ILD: mean over item pairs of 1 - Jaccard(genres_i, genres_j) (Ziegler et al., WWW 2005).
+
+    Args:
+        topk: (n_users, K) item_idx.
+        item_genres: item_idx -> genres (a mapping, or a sequence indexed by item_idx); missing = no genre.
+    Returns:
+        (n_users,) values in [0, 1]; 0 for lists shorter than 2. Two genre-less items have distance 0.
+    """
+    genres = sorted({g for i in np.unique(topk) for g in _genres_of(item_genres, int(i))})
+    col = {g: j for j, g in enumerate(genres)}
+    onehot = np.zeros((int(topk.max(initial=0)) + 1, max(len(genres), 1)), dtype=np.float64)
+    for i in np.unique(topk):
+        for g in _genres_of(item_genres, int(i)):
+            onehot[i, col[g]] = 1.0
+    g = onehot[topk]  # (n_users, K, n_genres)
+    inter = g @ g.transpose(0, 2, 1)  # (n_users, K, K)
+    size = g.sum(-1)
+    union = size[:, :, None] + size[:, None, :] - inter
+    dist = np.where(union > 0, 1.0 - inter / np.maximum(union, 1e-12), 0.0)
+    k = topk.shape[1]
+    if k < 2:
+        return np.zeros(len(topk))
+    return dist.sum(axis=(1, 2)) / (k * (k - 1))
+
+
+def _genres_of(item_genres: Mapping[int, Sequence[str]] | Sequence, i: int) -> Sequence[str]:
+    if isinstance(item_genres, Mapping):
+        return item_genres.get(i, ())
+    return item_genres[i] if i < len(item_genres) and item_genres[i] is not None else ()
+
+
+def score_histories(
+    scorer: Scorer, histories: Sequence[np.ndarray], batch_size: int = 512, max_len: int | None = None
+) -> np.ndarray:
+    """(n_users, n_items + 1) float32 scores of each left-padded history, in batches.
+
+    Histories are cut to their last ``max_len`` items (default: ``scorer.config.max_seq_len`` when
+    the scorer has one, else the full history).
+    """
+    cfg = getattr(scorer, "config", None)
+    max_len = max_len or getattr(cfg, "max_seq_len", None)
+    parts = []
+    for start in range(0, len(histories), batch_size):
+        chunk = list(histories[start : start + batch_size])
+        chunk = pad_left(chunk, min(max_len, max(len(h) for h in chunk)) if max_len else None)
+        with torch.inference_mode():
+            parts.append(scorer.score(torch.from_numpy(chunk)).float().cpu().numpy())
+    return np.concatenate(parts, axis=0)
+
+
+def evaluate(
+    scorer: Scorer,
+    eval_set: EvalSet,
+    *,
+    n_items: int,
+    k: int = 10,
+    exclude_seen: bool = True,
+    item_counts: np.ndarray | None = None,
+    n_train_users: int | None = None,
+    item_genres: Mapping[int, Sequence[str]] | Sequence | None = None,
+    batch_size: int = 512,
+) -> dict[str, Any]:
+    """Full-ranking evaluation of ``scorer`` on one ``EvalSet``.
+
+    Args:
+        scorer: object with ``score(item_idx) -> (batch, n_items + 1)``.
+        eval_set: histories and single targets.
+        n_items: catalogue size (padding excluded).
+        k: cut-off K.
+        exclude_seen: mask each user's history items (the default, as in RecBole / SASRec+ papers).
+        item_counts: (n_items + 1,) training counts; enables novelty and mean popularity.
+        n_train_users: users behind ``item_counts`` (for novelty); default = len(eval_set).
+        item_genres: item_idx -> genres; enables intra-list diversity.
+    Returns:
+        ``{"metrics": {name: mean}, "per_user": {name: (n_users,) array}, "protocol": {...}}`` with
+        names like ``ndcg@10``, ``hr@10``, ``recall@10``, ``precision@10``, ``mrr@10``, ``f1@10``,
+        ``coverage@10``, ``novelty@10``, ``ild@10``, ``mean_pop@10``.
+    """
+    scores = score_histories(scorer, eval_set.histories, batch_size)
+    if scores.shape[1] != n_items + 1:
+        raise ValueError(f"scorer returned {scores.shape[1]} columns; expected n_items + 1 = {n_items + 1}")
+    masked = mask_scores(scores, seen_mask(eval_set.histories, n_items) if exclude_seen else None)
+    ranks = target_ranks(masked, eval_set.targets)
+    lists = top_k(masked, k)
+    per_user = {
+        f"hr@{k}": hit_rate(ranks, k),
+        f"ndcg@{k}": ndcg(ranks, k),
+        f"mrr@{k}": mrr(ranks, k),
+        f"recall@{k}": recall(ranks, k),
+        f"precision@{k}": precision(ranks, k),
+        f"f1@{k}": f1(ranks, k),
+    }
+    if item_counts is not None:
+        per_user[f"novelty@{k}"] = novelty(lists, item_counts, n_train_users or len(eval_set))
+        per_user[f"mean_pop@{k}"] = mean_popularity(lists, item_counts)
+    if item_genres is not None:
+        per_user[f"ild@{k}"] = intra_list_diversity(lists, item_genres)
+    metrics = {name: float(v.mean()) if len(v) else float("nan") for name, v in per_user.items()}
+    metrics[f"coverage@{k}"] = coverage(lists, n_items)
+    protocol = {
+        "ranking": "full",
+        "k": k,
+        "exclude_seen": exclude_seen,
+        "ties": "pessimistic",
+        "n_eval_users": len(eval_set),
+        "n_items": n_items,
+    }
+    return {"metrics": metrics, "per_user": {**per_user, "rank": ranks}, "protocol": protocol}

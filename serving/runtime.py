@@ -1,0 +1,156 @@
+"""Wiring of the service process: settings -> MLflow champion, event log, online store; champion polling.
+
+Kept apart from ``serving/service.py`` so that the BentoML module stays a thin adapter and this
+wiring can be exercised without an HTTP server.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from recloop.settings import Settings, configure_environment, get_settings
+from serving.recommender import RecommenderCore, ServedModel, build_served
+from serving.schemas import ModelInfo
+
+logger = logging.getLogger(__name__)
+
+
+def load_catalogue(lake_path: Path) -> tuple[dict[str, str], dict[str, float]]:
+    """Item titles and event counts from the lake's Parquet tables (empty dicts when absent).
+
+    Returns:
+        (item_id -> title, item_id -> number of events).
+    """
+    import pandas as pd
+    import pyarrow
+
+    titles: dict[str, str] = {}
+    counts: dict[str, float] = {}
+    items_dir, events_dir = lake_path / "items", lake_path / "events"
+    try:
+        if items_dir.exists():
+            items = pd.read_parquet(items_dir, columns=["item_id", "title"])
+            titles = dict(zip(items["item_id"].astype(str), items["title"].astype(str), strict=True))
+        if events_dir.exists():
+            ids = pd.read_parquet(events_dir, columns=["item_id"])["item_id"].astype(str)
+            counts = {str(k): float(v) for k, v in ids.value_counts().items()}
+    except (OSError, ValueError, KeyError, pyarrow.ArrowException) as err:
+        logger.warning("catalogue not read from lake path=%s error=%s", lake_path, err)
+    return titles, counts
+
+
+@dataclass
+class Runtime:
+    """The live objects of one service process."""
+
+    settings: Settings
+    client: Any  # MlflowClient
+    core: RecommenderCore
+    titles: dict[str, str]
+    popularity: dict[str, float]
+
+
+def served_from_registry(rt_settings: Settings, client: Any, version: str | None,
+                         titles: dict[str, str], popularity: dict[str, float]) -> ServedModel:
+    """Load a registered version (or the alias when ``version`` is None) and prepare it (smoke-scored)."""
+    from serving.model_store import load_version
+
+    if version is None:
+        loaded = load_version(rt_settings.model_name, alias=rt_settings.model_alias, client=client)
+    else:
+        loaded = load_version(rt_settings.model_name, version=version, client=client)
+    return build_served(
+        loaded.model, loaded.vocab, loaded.version, loaded.run_id, loaded.extra,
+        titles=titles or None, popularity=popularity or None, default_seq_len=rt_settings.max_seq_len,
+    )
+
+
+def build_runtime(settings: Settings | None = None) -> Runtime:
+    """Connect to MLflow, the event log and the online store; load the champion.
+
+    Raises:
+        LookupError: the registered model has no ``settings.model_alias`` alias.
+    """
+    configure_environment()
+    torch.set_num_threads(1)  # one request = one tiny forward pass; threads only add contention
+    settings = settings or get_settings()
+    from recloop.eventlog import EventLog
+    from serving.model_store import configure_tracking
+    from serving.online import OnlineFeatures
+
+    client = configure_tracking(settings)
+    titles, popularity = load_catalogue(settings.lake_path)
+    served = served_from_registry(settings, client, None, titles, popularity)
+    core = RecommenderCore(
+        served, OnlineFeatures(settings=settings), EventLog(settings.event_log_uri),
+        max_seq_len=settings.max_seq_len, variant=settings.model_alias,
+    )
+    logger.info("service ready model=%s version=%s", settings.model_name, served.version)
+    return Runtime(settings, client, core, titles, popularity)
+
+
+class ChampionWatcher:
+    """Polls the registry alias and swaps in a new champion: load, smoke-score, one assignment."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.rt = runtime
+        self.last_poll_at: str | None = None
+        self.last_error: str | None = None
+        self._stop = threading.Event()
+
+    @property
+    def model_loaded(self) -> bool:
+        return self.rt.core.served is not None
+
+    def poll_once(self) -> bool:
+        """Check the alias once; returns True when a new version was swapped in.
+
+        A failure (registry unreachable, broken artifact, smoke score) is logged and kept in
+        ``last_error``; the current model keeps serving.
+        """
+        from serving.model_store import get_alias_version
+
+        s = self.rt.settings
+        self.last_poll_at = datetime.now(UTC).isoformat()
+        try:
+            version = get_alias_version(self.rt.client, s.model_name, s.model_alias)
+            if version is None or version == self.rt.core.served.version:
+                return False
+            served = served_from_registry(s, self.rt.client, version, self.rt.titles, self.rt.popularity)
+        except Exception as err:  # noqa: BLE001 - any load failure must keep the old model serving
+            self.last_error = f"{type(err).__name__}: {err}"[:500]
+            logger.error("champion reload failed; keeping version=%s error=%s",
+                         self.rt.core.served.version, self.last_error)
+            return False
+        self.rt.core.swap(served)
+        self.last_error = None
+        return True
+
+    def run_forever(self) -> None:
+        """Poll every ``settings.serve_poll_interval_s`` until ``stop()`` (daemon thread body)."""
+        while not self._stop.wait(self.rt.settings.serve_poll_interval_s):
+            self.poll_once()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def info(self) -> ModelInfo:
+        served = self.rt.core.served
+        return ModelInfo(
+            model_name=self.rt.settings.model_name,
+            alias=self.rt.settings.model_alias,
+            version=served.version,
+            run_id=served.run_id,
+            n_items=len(served.vocab),
+            vocab_version=served.vocab.version,
+            loaded_at=served.loaded_at,
+            last_poll_at=self.last_poll_at,
+            last_error=self.last_error,
+        )

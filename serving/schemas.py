@@ -1,0 +1,131 @@
+"""Request and response models of the ``Recommender`` service (DESIGN.md, Serving contract).
+
+Validation failures (missing field, wrong type, out-of-range value, malformed JSON, unknown field)
+are answered by BentoML with HTTP **400** and a body
+``{"error": "...", "detail": [{"loc": [<field>], "msg": ...}, ...]}`` naming the field.
+Semantic errors raised by the service (``InvalidArgument`` subclasses) are also **400**, with a body
+``[{"error": "<message naming the field>"}]``. A body larger than the configured limit is **413**;
+a missing or wrong API key (when one is configured) is **401**.
+An unknown user is not an error: it gets the cold-start path and ``cold_start: true``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from recloop.contract import EVENT_TYPES
+
+MAX_ID_CHARS = 255  # event log column width
+MAX_EVENT_ID_CHARS = 128
+MAX_HISTORY = 200
+MAX_K = 200  # hard schema bound; settings.max_k may lower it (checked in the service)
+
+Id = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_CHARS, strip_whitespace=True)]
+EventType = Literal["view", "click", "like", "rating", "purchase", "skip"]
+assert set(EventType.__args__) == set(EVENT_TYPES)  # internal invariant: schema follows the contract
+
+
+class _Strict(BaseModel):
+    """Unknown fields are rejected so that typos (``"user"`` for ``"user_id"``) are not ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class RecommendRequest(_Strict):
+    """Input of ``/recommend``."""
+
+    user_id: Id = Field(description="Raw user id (1-255 chars)")
+    k: int = Field(default=10, ge=1, le=MAX_K, strict=True, description="Number of items to return")
+    exclude_seen: bool = Field(default=True, strict=True, description="Drop items already in the history")
+    history: list[Id] | None = Field(
+        default=None,
+        max_length=MAX_HISTORY,
+        description="Item ids to use instead of the stored history, oldest first (e.g. a new user's session)",
+    )
+
+
+class ScoredItem(BaseModel):
+    """One recommended item."""
+
+    item_id: str = Field(description="Raw catalogue id")
+    score: float = Field(description="Model score (higher is better; comparable within one response)")
+    title: str = Field(description="Catalogue title, or the id when unknown")
+
+
+class RecommendResponse(BaseModel):
+    """Output of ``/recommend``."""
+
+    items: list[ScoredItem] = Field(description="Top-k items, best first, distinct")
+    model_version: str = Field(description="Registered model version that answered")
+    variant: str = Field(description="Registry alias the version was resolved from (e.g. 'champion')")
+    strategy: Literal["sequential", "history", "popularity"] = Field(
+        description="sequential: stored history; history: the request's history; popularity: no usable history"
+    )
+    cold_start: bool = Field(description="True when the user has no stored history (cold-start path)")
+
+
+class FeedbackRequest(_Strict):
+    """Input of ``/feedback``."""
+
+    user_id: Id = Field(description="Raw user id")
+    item_id: Id = Field(description="Raw item id; an unknown item is stored and used after retraining")
+    event_type: EventType = Field(description=f"One of {', '.join(EVENT_TYPES)}")
+    value: float | None = Field(default=None, ge=-1e6, le=1e6, description="e.g. a rating 1-5")
+    timestamp: datetime | None = Field(default=None, description="Event time (ISO 8601); default: now, UTC")
+    event_id: Annotated[str, StringConstraints(min_length=1, max_length=MAX_EVENT_ID_CHARS)] | None = Field(
+        default=None, description="Idempotency key (1-128 chars); default: a new UUID"
+    )
+
+
+class FeedbackResponse(BaseModel):
+    """Output of ``/feedback``: returned only after the log write and the online refresh."""
+
+    event_id: str = Field(description="The stored event's id")
+    inserted: bool = Field(description="False when the event_id was already stored (idempotent replay)")
+    known_item: bool = Field(description="False when the item is not in the served model's vocabulary")
+    recent_items: int = Field(description="Length of the user's refreshed online sequence")
+
+
+class SimilarRequest(_Strict):
+    """Input of ``/similar_items``."""
+
+    item_id: Id = Field(description="Raw item id")
+    k: int = Field(default=10, ge=1, le=MAX_K, strict=True, description="Number of neighbours")
+
+
+class SimilarResponse(BaseModel):
+    """Output of ``/similar_items``: cosine similarity over the model's item embeddings."""
+
+    items: list[ScoredItem]
+    model_version: str
+
+
+class ModelInfo(BaseModel):
+    """Output of ``/model_info`` and part of ``/ready``."""
+
+    model_name: str
+    alias: str
+    version: str | None
+    run_id: str | None
+    n_items: int
+    vocab_version: str | None
+    loaded_at: str | None = Field(description="UTC ISO time the served version was swapped in")
+    last_poll_at: str | None
+    last_error: str | None = Field(description="Last failed load/poll, kept until a load succeeds")
+
+
+class ReadyResponse(BaseModel):
+    """Output of ``/ready``."""
+
+    ready: bool
+    model_loaded: bool
+    event_log: bool
+    online_store: bool
+    detail: ModelInfo
+
+
+EXAMPLE_REQUEST = RecommendRequest(user_id="1", k=10)
+EXAMPLE_FEEDBACK = FeedbackRequest(user_id="1", item_id="50", event_type="click")

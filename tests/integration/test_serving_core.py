@@ -1,0 +1,147 @@
+"""In-process tests of serving/recommender.py (no HTTP): recommend, cold start, similar items, swap."""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime
+
+import numpy as np
+import pytest
+import torch
+
+from models.sasrec import SASRec, SASRecConfig
+from models.vocab import ItemVocabulary
+from serving.recommender import RecommenderCore, UnknownItemError, build_served
+
+
+class MemoryLog:
+    """Event log with the documented interface, atomic per call (a lock), idempotent on event_id."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+        self._ids: set[str] = set()
+        self._lock = threading.Lock()
+
+    def append_and_recent(self, event: dict, n: int) -> tuple[bool, list[str]]:
+        with self._lock:
+            inserted = event["event_id"] not in self._ids
+            if inserted:
+                self._ids.add(event["event_id"])
+                self.rows.append(event)
+            return inserted, self._recent(event["user_id"], n)
+
+    def _recent(self, user_id: str, n: int) -> list[str]:
+        return [r["item_id"] for r in self.rows if r["user_id"] == user_id][-n:]
+
+    def recent_items(self, user_id: str, n: int) -> list[str]:
+        with self._lock:
+            return self._recent(user_id, n)
+
+
+class MemoryOnline:
+    def __init__(self, seed: dict[str, list[str]] | None = None) -> None:
+        self.rows = dict(seed or {})
+
+    def recent_items(self, user_id: str) -> list[str] | None:
+        return self.rows.get(user_id)
+
+    def push_recent_items(self, user_id: str, items: list[str], event_ts: datetime) -> None:
+        self.rows[user_id] = list(items)
+
+
+def tiny_served(seed: int = 0, version: str = "1", popularity: dict[str, float] | None = None):
+    torch.manual_seed(seed)
+    vocab = ItemVocabulary([f"i{j}" for j in range(1, 51)])
+    model = SASRec(SASRecConfig(n_items=50, max_seq_len=8, d_model=16, n_heads=1, n_layers=1, dropout=0.0))
+    titles = {"i1": "Toy Story"}
+    return build_served(model, vocab, version, "run", {}, titles=titles, popularity=popularity)
+
+
+@pytest.fixture()
+def core() -> RecommenderCore:
+    online = MemoryOnline({"u1": ["i1", "i2", "i3", "unknown-item"]})
+    return RecommenderCore(tiny_served(), online, MemoryLog(), max_seq_len=8)
+
+
+def test_recommend_returns_k_distinct_unseen_items_with_version(core: RecommenderCore) -> None:
+    out = core.recommend("u1", k=10)
+    ids = [x["item_id"] for x in out["items"]]
+    assert len(ids) == 10 and len(set(ids)) == 10
+    assert not {"i1", "i2", "i3"} & set(ids)
+    assert out["model_version"] == "1" and out["strategy"] == "sequential" and out["cold_start"] is False
+    scores = [x["score"] for x in out["items"]]
+    assert scores == sorted(scores, reverse=True) and np.isfinite(scores).all()
+
+
+def test_exclude_seen_false_may_return_seen_items(core: RecommenderCore) -> None:
+    out = core.recommend("u1", k=50, exclude_seen=False)
+    assert len(out["items"]) == 50 and {"i1", "i2", "i3"} <= {x["item_id"] for x in out["items"]}
+
+
+def test_k_larger_than_catalogue_returns_whole_catalogue_once(core: RecommenderCore) -> None:
+    out = core.recommend("u1", k=200)
+    assert len(out["items"]) == 47  # 50 items minus 3 seen; padding never returned
+
+
+def test_unknown_user_gets_popularity_cold_start() -> None:
+    pop = {f"i{j}": float(j) for j in range(1, 51)}
+    core = RecommenderCore(tiny_served(popularity=pop), MemoryOnline(), MemoryLog())
+    out = core.recommend("nobody", k=3)
+    assert out["cold_start"] is True and out["strategy"] == "popularity"
+    assert [x["item_id"] for x in out["items"]] == ["i50", "i49", "i48"]
+
+
+def test_unknown_user_with_history_uses_the_model_on_that_history() -> None:
+    core = RecommenderCore(tiny_served(), MemoryOnline(), MemoryLog())
+    out = core.recommend("nobody", k=5, history=["i7", "i8", "not-in-vocab"])
+    assert out["cold_start"] is True and out["strategy"] == "history"
+    assert not {"i7", "i8"} & {x["item_id"] for x in out["items"]}
+
+
+def test_titles_fall_back_to_item_id(core: RecommenderCore) -> None:
+    out = core.recommend("nobody", k=50, exclude_seen=False)
+    by_id = {x["item_id"]: x["title"] for x in out["items"]}
+    assert by_id["i1"] == "Toy Story" and by_id["i2"] == "i2"
+
+
+def test_feedback_changes_next_recommendation(core: RecommenderCore) -> None:
+    before = core.recommend("u1", k=10)
+    top = before["items"][0]["item_id"]
+    ack = core.feedback("u1", top, "click")
+    assert ack["inserted"] is True and ack["known_item"] is True
+    after = core.recommend("u1", k=10)
+    assert top not in [x["item_id"] for x in after["items"]]
+    assert [x["score"] for x in after["items"]] != [x["score"] for x in before["items"]]
+
+
+def test_feedback_is_idempotent_on_event_id_and_keeps_unknown_items(core: RecommenderCore) -> None:
+    first = core.feedback("u2", "brand-new-item", "view", event_id="e1")
+    again = core.feedback("u2", "brand-new-item", "view", event_id="e1")
+    assert first["inserted"] is True and again["inserted"] is False
+    assert first["known_item"] is False
+    assert core.online.recent_items("u2") == ["brand-new-item"]
+    assert len(core.events.rows) == 1
+
+
+def test_similar_items_by_cosine_excludes_the_item_itself(core: RecommenderCore) -> None:
+    out = core.similar_items("i5", k=5)
+    ids = [x["item_id"] for x in out["items"]]
+    assert len(ids) == 5 and "i5" not in ids
+    emb = torch.nn.functional.normalize(core.served.model.item_emb.weight.detach(), dim=1)
+    sims = (emb[1:] @ emb[5]).numpy()
+    sims[4] = -np.inf
+    assert ids[0] == f"i{int(np.argmax(sims)) + 1}"
+    with pytest.raises(UnknownItemError, match="nope"):
+        core.similar_items("nope")
+
+
+def test_swap_replaces_the_served_version_atomically(core: RecommenderCore) -> None:
+    core.swap(tiny_served(seed=1, version="2"))
+    assert core.recommend("u1", k=3)["model_version"] == "2"
+
+
+def test_build_served_rejects_a_model_whose_width_does_not_match_the_vocab() -> None:
+    torch.manual_seed(0)
+    model = SASRec(SASRecConfig(n_items=40, max_seq_len=8, d_model=16, dropout=0.0))
+    with pytest.raises(ValueError, match="smoke score failed"):
+        build_served(model, ItemVocabulary([f"i{j}" for j in range(1, 51)]), "9")

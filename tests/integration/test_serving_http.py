@@ -1,0 +1,196 @@
+"""The real ``bentoml serve serving.service:Recommender`` on a loopback port, with an ml-100k champion.
+
+One server per module (start-up takes ~30-60 s, set-up ~60 s): recommend, read-your-writes feedback,
+no lost updates under 8 concurrent clients, 20+ kinds of bad request, a champion swap under load.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from flows.bench_serving import free_port, prepare_home, running_server, serving_env, train_and_register
+from recloop.settings import get_settings
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def server(ml100k_path: Path, tmp_path_factory: pytest.TempPathFactory):
+    home = tmp_path_factory.mktemp("serving") / "home"
+    env = serving_env(home)
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        get_settings.cache_clear()
+        prep = prepare_home(ml100k_path, seconds=10.0)
+        with running_server(env, free_port(), home / "serve.log") as base:
+            with httpx.Client(base_url=base, timeout=30) as client:
+                yield {"client": client, "base": base, "home": home, **prep}
+        get_settings.cache_clear()
+
+
+def _log():
+    from recloop.eventlog import EventLog
+
+    return EventLog(get_settings().event_log_uri)
+
+
+def test_recommend_returns_k_distinct_unseen_items_with_the_champion_version(server) -> None:
+    body = server["client"].post("/recommend", json={"user_id": "1", "k": 20}).json()
+    ids = [x["item_id"] for x in body["items"]]
+    assert len(ids) == 20 and len(set(ids)) == 20
+    seen = set(_log().recent_items("1", get_settings().max_seq_len))
+    assert not seen & set(ids)
+    assert body["model_version"] == server["version"] and body["cold_start"] is False
+    assert body["strategy"] == "sequential" and all(x["title"] for x in body["items"])
+
+
+def test_feedback_is_reflected_by_the_very_next_recommend(server) -> None:
+    client = server["client"]
+    before = client.post("/recommend", json={"user_id": "7", "k": 10}).json()
+    item = before["items"][0]["item_id"]
+    ack = client.post("/feedback", json={"user_id": "7", "item_id": item, "event_type": "click"})
+    assert ack.status_code == 200 and ack.json()["inserted"] is True
+    after = client.post("/recommend", json={"user_id": "7", "k": 10}).json()
+    assert item not in [x["item_id"] for x in after["items"]]
+    assert [x["score"] for x in after["items"]] != [x["score"] for x in before["items"]]
+
+
+def test_800_concurrent_feedback_events_lose_no_update(server) -> None:
+    from serving.online import OnlineFeatures
+
+    user = f"hammer-{uuid.uuid4().hex[:8]}"
+    items = [str(i) for i in range(1, 200)]
+    failures: list[int] = []
+
+    def client_thread(c: int) -> None:
+        with httpx.Client(base_url=server["base"], timeout=30) as http:
+            for j in range(100):
+                r = http.post("/feedback", json={"user_id": user, "item_id": items[(c * 100 + j) % len(items)],
+                                                 "event_type": "view", "event_id": f"{user}-{c}-{j}"})
+                if r.status_code != 200:
+                    failures.append(r.status_code)
+
+    threads = [threading.Thread(target=client_thread, args=(c,)) for c in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+    n = get_settings().max_seq_len
+    log = _log()
+    assert len(log.recent_items(user, 10_000)) == 800
+    online = OnlineFeatures(settings=get_settings()).recent_items(user)
+    assert online == log.recent_items(user, n) and len(online) == n
+
+
+BIG = "x" * 1_000_000
+BAD_REQUESTS = [
+    ("recommend", {"k": 3}, 400, "user_id"),
+    ("recommend", {"user_id": "1", "k": 0}, 400, "k"),
+    ("recommend", {"user_id": "1", "k": 10**6}, 400, "k"),
+    ("recommend", {"user_id": "1", "k": "ten"}, 400, "k"),
+    ("recommend", {"user_id": "1", "k": 2.5}, 400, "k"),
+    ("recommend", {"user_id": 123}, 400, "user_id"),
+    ("recommend", {"user_id": ""}, 400, "user_id"),
+    ("recommend", {"user_id": "u" * 300}, 400, "user_id"),
+    ("recommend", {"user_id": BIG}, 413, "exceeds"),
+    ("recommend", {"user_id": "1", "exclude_seen": "yes"}, 400, "exclude_seen"),
+    ("recommend", {"user_id": "1", "history": "50"}, 400, "history"),
+    ("recommend", {"user_id": "1", "history": ["1"] * 201}, 400, "history"),
+    ("recommend", {"user_id": "1", "colour": "red"}, 400, "colour"),
+    ("recommend", b"{not json", 400, "json"),
+    ("recommend", b"[1, 2]", 400, ""),
+    ("feedback", {"user_id": "1", "item_id": "50"}, 400, "event_type"),
+    ("feedback", {"user_id": "1", "item_id": "50", "event_type": "smash"}, 400, "event_type"),
+    ("feedback", {"user_id": "1", "item_id": "50", "event_type": "rating", "value": "five"}, 400, "value"),
+    ("feedback", {"user_id": "1", "item_id": "50", "event_type": "view", "timestamp": "yesterday"}, 400,
+     "timestamp"),
+    ("feedback", {"user_id": "1", "event_type": "view"}, 400, "item_id"),
+    ("similar_items", {"item_id": "no-such-item"}, 400, "item_id"),
+    ("similar_items", {"item_id": "50", "k": -1}, 400, "k"),
+]
+
+
+@pytest.mark.parametrize(("endpoint", "payload", "status", "field"), BAD_REQUESTS)
+def test_bad_request_gets_a_4xx_naming_the_field(server, endpoint, payload, status, field) -> None:
+    client = server["client"]
+    if isinstance(payload, bytes):
+        r = client.post(f"/{endpoint}", content=payload, headers={"content-type": "application/json"})
+    else:
+        r = client.post(f"/{endpoint}", json=payload)
+    assert r.status_code == status, r.text[:500]
+    assert field.lower() in r.text.lower()
+
+
+def test_unknown_user_and_unknown_item_take_the_documented_fallbacks(server) -> None:
+    client = server["client"]
+    cold = client.post("/recommend", json={"user_id": "never-seen", "k": 5}).json()
+    assert cold["cold_start"] is True and cold["strategy"] == "popularity" and len(cold["items"]) == 5
+    assert cold["items"][0]["item_id"] == "50"  # the most-rated ml-100k movie (Star Wars)
+    hist = client.post("/recommend", json={"user_id": "never-seen", "k": 5, "history": ["50", "181"]}).json()
+    assert hist["cold_start"] is True and hist["strategy"] == "history"
+    assert not {"50", "181"} & {x["item_id"] for x in hist["items"]}
+    user = f"new-{uuid.uuid4().hex[:6]}"
+    ack = client.post("/feedback", json={"user_id": user, "item_id": "brand-new-movie", "event_type": "like"})
+    assert ack.status_code == 200 and ack.json()["known_item"] is False
+    assert _log().recent_items(user, 5) == ["brand-new-movie"]
+
+
+def test_similar_items_and_metadata_endpoints(server) -> None:
+    client = server["client"]
+    sim = client.post("/similar_items", json={"item_id": "50", "k": 5}).json()
+    assert len(sim["items"]) == 5 and "50" not in [x["item_id"] for x in sim["items"]]
+    assert client.post("/health").json()["status"] == "ok"
+    ready = client.post("/ready").json()
+    assert ready["ready"] is True and ready["event_log"] and ready["online_store"]
+    info = client.post("/model_info").json()
+    assert info["version"] == server["version"] and info["n_items"] == 1682 and info["last_error"] is None
+
+
+def test_champion_swap_under_8_concurrent_clients_fails_no_request(server) -> None:
+    """Runs last in the module: it moves the alias to a new version."""
+    stop = threading.Event()
+    statuses: list[int] = []
+    versions: set[str] = set()
+    lock = threading.Lock()
+
+    def client_thread(c: int) -> None:
+        with httpx.Client(base_url=server["base"], timeout=30) as http:
+            j = 0
+            while not stop.is_set():
+                try:
+                    r = http.post("/recommend", json={"user_id": str(1 + (c * 97 + j) % 943), "k": 10})
+                    code = r.status_code
+                    version = r.json().get("model_version") if code == 200 else None
+                except httpx.HTTPError:
+                    code, version = -1, None
+                with lock:
+                    statuses.append(code)
+                    versions.add(version)
+                j += 1
+
+    threads = [threading.Thread(target=client_thread, args=(c,)) for c in range(8)]
+    for t in threads:
+        t.start()
+    try:
+        new_version = train_and_register(server["events"], server["items"], seed=1, seconds=4.0)
+        for _ in range(120):
+            if server["client"].post("/model_info").json()["version"] == new_version:
+                break
+            stop.wait(0.5)
+        stop.wait(2.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert new_version != server["version"]
+    assert server["client"].post("/model_info").json()["version"] == new_version
+    assert len(statuses) > 100 and [s for s in statuses if s != 200] == []
+    assert {server["version"], new_version} <= versions
