@@ -139,6 +139,111 @@ def bench_validate(
     typer.echo(result.stdout.strip().splitlines()[-1])
 
 
+@bench_app.command("serving")
+def bench_serving_cmd(
+    path: str = typer.Option("../shared/data/ml-100k", help="The ml-100k folder"),
+    home: str = typer.Option("", help="Scratch RECLOOP_HOME (default: a new temp dir)"),
+    requests: int = typer.Option(2000, help="Recommends at concurrency 8 (a quarter at concurrency 1)"),
+    feedbacks: int = typer.Option(200, help="feedback -> recommend rounds"),
+) -> None:
+    """Train a short ml-100k champion, run `bentoml serve`, print latency/throughput JSON."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from flows.bench_serving import bench_serving
+
+    scratch = Path(home) if home else Path(tempfile.mkdtemp(prefix="recloop-bench-")) / "home"
+    out = bench_serving(Path(path).resolve(), scratch.resolve(), n_requests=requests, n_feedback=feedbacks)
+    typer.echo(json.dumps(out, indent=2))
+
+
+def _prefect_env() -> None:
+    """Point this process's Prefect client at the local server before any flow import."""
+    from flows.platform import point_prefect_at_server
+    from recloop.settings import get_settings
+
+    point_prefect_at_server(get_settings())
+
+
+@app.command()
+def up(
+    only: list[str] = typer.Option(None, "--only", help="Start only these services (prefect, mlflow, serving, runner)"),
+) -> None:
+    """Start the Prefect server, MLflow UI, BentoML recommender and the deployment runner on loopback."""
+    from flows import platform, services
+    from recloop.settings import get_settings
+
+    settings = get_settings()
+    names = tuple(only) if only else services.SERVICE_ORDER
+    try:
+        pids = platform.up(settings, names)
+    except (RuntimeError, ValueError) as err:
+        typer.echo(f"up failed: {err}", err=True)
+        raise typer.Exit(1) from err
+    for name, pid in pids.items():
+        typer.echo(f"{name:<8} pid {pid:<7} log {services.log_path(settings, name)}")
+    platform.print_urls(settings)
+
+
+@app.command()
+def down() -> None:
+    """Stop every service started by `recloop up` / `recloop demo`."""
+    from flows import platform
+    from recloop.settings import get_settings
+
+    stopped = platform.down(get_settings())
+    typer.echo(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
+
+
+@app.command()
+def demo(
+    source: str = typer.Option("synthetic", help="Data source (default: the embedded synthetic data)"),
+    path: str = typer.Option(None, help="File or folder of the source"),
+    epochs: int = typer.Option(None, help="Training epochs (default: TrainConfig's)"),
+    user: str = typer.Option(None, help="User to show recommendations for"),
+) -> None:
+    """The main job: platform up, the whole pipeline, a served model answering, a click changing the next answer."""
+    _prefect_env()
+    from flows.platform import demo as run_demo
+
+    run_demo(source=source, path=path, epochs=epochs, user_id=user)
+
+
+@app.command()
+def pipeline(
+    source: str = typer.Option("synthetic", help="Data source name"),
+    path: str = typer.Option(None, help="File or folder of the source"),
+    epochs: int = typer.Option(None, help="Training epochs"),
+    deploy: bool = typer.Option(True, help="Make the service serve the champion afterwards"),
+) -> None:
+    """Run the pipeline flow once (needs `recloop up --only prefect` or PREFECT_API_URL)."""
+    _prefect_env()
+    import json
+
+    from flows.pipeline import pipeline_flow
+
+    stages = pipeline_flow(source=source, path=path, train_params={"epochs": epochs} if epochs else None,
+                           deploy=deploy)
+    typer.echo(json.dumps({k: v for k, v in stages.items() if k != "features"}, default=str, indent=1)[:4000])
+
+
+@app.command()
+def loop(
+    source: str = typer.Option(None, help="Also ingest this new source batch"),
+    path: str = typer.Option(None, help="File or folder of that source"),
+    deploy: bool = typer.Option(True, help="Redeploy when the gate promotes"),
+) -> None:
+    """Run one turn of the continuous loop now (the deployment runs it on a schedule)."""
+    _prefect_env()
+    import json
+
+    from flows.loop import loop_flow
+
+    stages = loop_flow(source=source, path=path, deploy=deploy)
+    typer.echo(json.dumps({k: v for k, v in stages.items() if k != "features"}, default=str, indent=1)[:4000])
+
+
 def main() -> None:
     """Console-script entry point: apply the telemetry opt-outs, then dispatch."""
     configure_environment()

@@ -226,11 +226,12 @@ def refresh_features(
 ) -> dict[str, Any]:
     """The whole stage in one process: tables -> Parquet -> apply -> incremental materialisation.
 
-    ``as_of`` of the item-stats snapshots is ``min(newest event, now)``; events after ``now`` stay
+    ``as_of`` of the item-stats snapshots is the newest event not after ``now``; later events stay
     in the offline tables (a point-in-time join never reaches them) but never go online.
     """
     features_dir = settings.home / "features"
-    as_of = min(events["timestamp"].max(), pd.Timestamp(now)).to_pydatetime() if len(events) else now
+    past = events.loc[events["timestamp"] <= pd.Timestamp(now), "timestamp"]
+    as_of = past.max().to_pydatetime() if len(past) else now
     tables = build_feature_tables(
         events, items, n=settings.max_seq_len, created_ts=now, as_of=as_of, encoder=encoder
     )

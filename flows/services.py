@@ -129,46 +129,80 @@ def _healthy(url: str) -> bool:
         return False
 
 
+def spawn(settings: Settings, name: str) -> int:
+    """Start service ``name`` in the background without waiting (no-op if it runs).
+
+    Returns:
+        The PID of the service process.
+    Raises:
+        ValueError: unknown service name (lists the allowed ones).
+    """
+    table = specs(settings)
+    if name not in table:
+        raise ValueError(f"unknown service {name!r}; expected one of {list(table)}")
+    pid = running_pid(settings, name)
+    if pid is not None:
+        return pid
+    spec = table[name]
+    (settings.home / "run").mkdir(parents=True, exist_ok=True)
+    env = service_env(settings) | spec.env
+    with log_path(settings, name).open("ab") as out:
+        proc = subprocess.Popen(  # noqa: S603 - argv built from our own table
+            spec.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=env, start_new_session=True,
+        )
+    _pid_path(settings, name).write_text(str(proc.pid))
+    return proc.pid
+
+
+def wait_healthy(settings: Settings, name: str, timeout_s: float | None = None) -> int:
+    """Wait until service ``name`` answers its health URL (or, without one, stays alive for 1 s).
+
+    Returns:
+        The PID.
+    Raises:
+        RuntimeError: the process is not running or exited, or it was not healthy within the timeout
+            (``timeout_s``, default the service's own); the message names the log file.
+    """
+    spec = specs(settings)[name]
+    log = log_path(settings, name)
+    deadline = time.monotonic() + (timeout_s if timeout_s is not None else spec.start_timeout_s)
+    if spec.health_url is None:
+        time.sleep(1.0)
+    while True:
+        pid = running_pid(settings, name)
+        if pid is None or _is_zombie(pid):
+            raise RuntimeError(f"service {name} is not running; see {log}")
+        if spec.health_url is None or _healthy(spec.health_url):
+            logger.info("service up name=%s pid=%d", name, pid)
+            return pid
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"service {name} not healthy after {spec.start_timeout_s:.0f} s; see {log}")
+        time.sleep(0.5)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def start(settings: Settings, name: str) -> int:
     """Start service ``name`` (no-op if running) and wait until it is healthy.
 
     Returns:
         The PID of the service process.
     Raises:
-        ValueError: unknown service name (lists the allowed ones).
-        RuntimeError: the process exited or did not become healthy within its timeout; the
-            message names the log file.
+        ValueError: unknown service name.
+        RuntimeError: the process exited or did not become healthy within its timeout (it is stopped).
     """
-    table = specs(settings)
-    if name not in table:
-        raise ValueError(f"unknown service {name!r}; expected one of {list(table)}")
-    spec = table[name]
-    pid = running_pid(settings, name)
-    if pid is not None:
-        return pid
-    (settings.home / "run").mkdir(parents=True, exist_ok=True)
-    env = service_env(settings) | spec.env
-    log = log_path(settings, name)
-    with log.open("ab") as out:
-        proc = subprocess.Popen(  # noqa: S603 - argv built from our own table
-            spec.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=env, start_new_session=True,
-        )
-    _pid_path(settings, name).write_text(str(proc.pid))
-    deadline = time.monotonic() + spec.start_timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"service {name} exited with code {proc.returncode}; see {log}")
-        if spec.health_url is None or _healthy(spec.health_url):
-            if spec.health_url is None:
-                time.sleep(1.0)
-                if proc.poll() is not None:
-                    raise RuntimeError(f"service {name} exited with code {proc.returncode}; see {log}")
-            logger.info("service up name=%s pid=%d", name, proc.pid)
-            return proc.pid
-        time.sleep(0.5)
-    stop(settings, name)
-    raise RuntimeError(f"service {name} not healthy after {spec.start_timeout_s:.0f} s; see {log}")
+    spawn(settings, name)
+    try:
+        return wait_healthy(settings, name)
+    except RuntimeError:
+        stop(settings, name)
+        raise
 
 
 def stop(settings: Settings, name: str, timeout_s: float = 15.0) -> bool:

@@ -65,6 +65,7 @@ class Settings(BaseSettings):
     future_skew_s: float = Field(default=300.0, ge=0, description="Allowed clock skew for timestamps")
     timestamp_floor: str = Field(default="1990-01-01T00:00:00Z", description="Events before it are bad")
     bot_max_user_share: float = Field(default=0.05, gt=0, le=1, description="Max share of one user")
+    bot_guard_min_events: int = Field(default=1000, ge=0, description="Batches smaller than this skip the bot guard")
     unknown_item_max_share: float = Field(default=0.05, ge=0, le=1, description="Events naming new items")
 
     # Evaluation gate
@@ -78,6 +79,9 @@ class Settings(BaseSettings):
     serve_poll_interval_s: float = Field(default=5.0, gt=0, description="Champion alias poll interval")
     api_key: str | None = Field(default=None, description="If set, required in the X-API-Key header")
     max_k: int = Field(default=200, ge=1, description="Upper bound of k in recommend")
+    serve_model_version: str | None = Field(
+        default=None, description="Serve this registry version and do not follow the alias (a pinned Bento)"
+    )
 
     # Continuous loop
     loop_cron: str = Field(default="0 * * * *", description="Schedule of the continuous loop")

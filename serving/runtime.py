@@ -87,7 +87,8 @@ def build_runtime(settings: Settings | None = None) -> Runtime:
 
     client = configure_tracking(settings)
     titles, popularity = load_catalogue(settings.lake_path)
-    served = served_from_registry(settings, client, None, titles, popularity)
+    pinned = settings.serve_model_version or None
+    served = served_from_registry(settings, client, pinned, titles, popularity)
     core = RecommenderCore(
         served, OnlineFeatures(settings=settings), EventLog(settings.event_log_uri),
         max_seq_len=settings.max_seq_len, variant=settings.model_alias,
@@ -120,6 +121,8 @@ class ChampionWatcher:
         s = self.rt.settings
         self.last_poll_at = datetime.now(UTC).isoformat()
         try:
+            if s.serve_model_version:  # a pinned deployment never follows the alias
+                return False
             version = get_alias_version(self.rt.client, s.model_name, s.model_alias)
             if version is None or version == self.rt.core.served.version:
                 return False

@@ -29,7 +29,7 @@ from recloop.settings import get_settings
 N_USERS = 250  # ML-100K users 1..250: ~26k events, a few seconds per epoch on 2 cores
 MODEL = {"d_model": 32, "n_layers": 1, "max_seq_len": 30, "dropout": 0.2}
 TINY = {"d_model": 8, "n_layers": 1, "max_seq_len": 30, "dropout": 0.2}
-FAST = {"device": "cpu", "batch_size": 256, "lr": 3e-3}
+FAST = {"device": "cpu", "batch_size": 128, "lr": 1e-2}
 BASELINES = ["MostPop"]  # the gate still compares with the best baseline; EASE/ItemKNN are unit-tested
 
 
@@ -69,7 +69,7 @@ def _run_scenario(home: Path, tracking_uri: str | None, events_file: Path) -> di
             src = {"source": "parquet", "path": str(events_file)}
             seen: dict[str, object] = {"client": client, "name": name}
 
-            first = train_flow(**src, model_params=MODEL, train_params={**FAST, "epochs": 4})
+            first = train_flow(**src, model_params=MODEL, train_params={**FAST, "epochs": 3})
             seen["first"] = evaluate_flow(first["run_id"], baselines=BASELINES)
             seen["champion_after_first"] = model_store.get_alias_version(client, name, "champion")
 
@@ -77,7 +77,7 @@ def _run_scenario(home: Path, tracking_uri: str | None, events_file: Path) -> di
             seen["worse"] = evaluate_flow(worse["run_id"], baselines=BASELINES)
             seen["champion_after_worse"] = model_store.get_alias_version(client, name, "champion")
 
-            better = train_flow(**src, model_params=MODEL, train_params={**FAST, "epochs": 4},
+            better = train_flow(**src, model_params=MODEL, train_params={**FAST, "epochs": 3},
                                 warm_start_from="@champion")
             seen["better"] = evaluate_flow(better["run_id"], baselines=BASELINES)
             seen["champion_after_better"] = model_store.get_alias_version(client, name, "champion")
@@ -114,6 +114,9 @@ def _assert_scenario(seen: dict[str, object]) -> None:
     assert [v["version"] for v in seen["versions"]] == ["3", "2", "1"]
 
 
+pytestmark = pytest.mark.slow  # each scenario trains three small models (~1-2 min on 2 cores)
+
+
 @pytest.fixture(scope="module")
 def sqlite_scenario(harness: None, tmp_path_factory: pytest.TempPathFactory, events_file: Path
                     ) -> dict[str, object]:
@@ -128,9 +131,9 @@ def test_run_logs_params_metrics_fingerprint_and_artifacts(sqlite_scenario: dict
     client = sqlite_scenario["client"]
     run = client.get_run(sqlite_scenario["first_run_id"])
     params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
-    assert params["model.d_model"] == "32" and params["train.epochs"] == "4" and params["train.seed"] == "42"
+    assert params["model.d_model"] == "32" and params["train.epochs"] == "3" and params["train.seed"] == "42"
     assert params["split.split"] == "leave-one-out"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "val.ndcg_at_10")] == [1, 2, 3, 4]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val.ndcg_at_10")] == [1, 2, 3]
     for key in ("loss", "seq_per_s", "val.hr_at_10", "test.ndcg_at_10", "test.coverage_at_10",
                 "test.MostPop.ndcg_at_10"):
         assert key in metrics, key
@@ -201,7 +204,6 @@ def test_pyfunc_predict_returns_top_k_unseen_items(sqlite_scenario: dict) -> Non
 
 
 @pytest.mark.postgres
-@pytest.mark.slow
 def test_same_registry_scenario_on_postgresql(harness: None, tmp_path: Path, events_file: Path) -> None:
     psycopg = pytest.importorskip("psycopg")
     db = f"recloop_mlflow_{uuid.uuid4().hex[:8]}"

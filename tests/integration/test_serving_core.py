@@ -145,3 +145,42 @@ def test_build_served_rejects_a_model_whose_width_does_not_match_the_vocab() -> 
     model = SASRec(SASRecConfig(n_items=40, max_seq_len=8, d_model=16, dropout=0.0))
     with pytest.raises(ValueError, match="smoke score failed"):
         build_served(model, ItemVocabulary([f"i{j}" for j in range(1, 51)]), "9")
+
+
+def test_request_guard_checks_api_key_and_body_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from recloop.settings import get_settings
+    from serving.service import RequestGuard
+
+    async def echo(request):
+        return JSONResponse({"n": len(await request.body())})
+
+    monkeypatch.setenv("RECLOOP_API_KEY", "s3cret")
+    get_settings.cache_clear()
+    app = Starlette(routes=[Route("/recommend", echo, methods=["POST"]), Route("/readyz", echo)])
+    client = TestClient(RequestGuard(app, max_body_bytes=100))
+    try:
+        assert client.post("/recommend", content=b"{}").status_code == 401
+        assert client.post("/recommend", content=b"{}", headers={"X-API-Key": "wrong"}).status_code == 401
+        ok = client.post("/recommend", content=b"{}", headers={"X-API-Key": "s3cret"})
+        assert ok.status_code == 200 and ok.json() == {"n": 2}
+        big = client.post("/recommend", content=b"x" * 101, headers={"X-API-Key": "s3cret"})
+        assert big.status_code == 413 and "exceeds" in big.json()["error"]
+        assert client.get("/readyz").status_code == 200  # probes stay open
+    finally:
+        get_settings.cache_clear()
+
+
+def test_bento_build_recipe_drops_torch_and_pins_the_version() -> None:
+    from flows.build_bento import BENTOFILE, PROJECT_ROOT, pin_bentofile, requirements_without_torch
+
+    reqs = requirements_without_torch("a==1\n    # via x\ntorch==2.13.0+cpu\ntorchvision==0.1\nb==2\n")
+    assert reqs.split() == ["a==1", "torchvision==0.1", "b==2"]
+    text = (PROJECT_ROOT / BENTOFILE).read_text()
+    assert "/work" not in text and "lock_packages: false" in text
+    pinned = pin_bentofile(text, "7")
+    assert 'model_version: "7"' in pinned and 'value: "7"' in pinned

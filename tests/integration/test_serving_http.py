@@ -6,7 +6,6 @@ no lost updates under 8 concurrent clients, 20+ kinds of bad request, a champion
 
 from __future__ import annotations
 
-import os
 import threading
 import uuid
 from pathlib import Path

@@ -1,0 +1,121 @@
+"""The continuous-optimisation loop: new feedback → validate → lake → features → warm retrain → gate → redeploy.
+
+Each run takes only the event-log rows past the loop's watermark (the log's insertion sequence
+``seq``, kept in ``home/state/loop.json``), optionally a new source batch as well, and advances the
+watermark only after every stage succeeded — a failed run is simply retried from the same place.
+
+Serve the deployments locally (``recloop up`` does this): ``python -m flows.loop serve``. The loop
+deployment runs on ``settings.loop_cron`` and can be started by hand in the Prefect UI.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, serve, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from flows.ingest import accepted_frames, ingest_flow, lake_ingest_task, validate_frame_task
+from flows.pipeline import pipeline_flow, run_training_stages, summary_markdown
+from recloop.eventlog import EventLog
+from recloop.quarantine import DataValidationError
+from recloop.settings import get_settings
+
+FEEDBACK_SOURCE = "feedback"
+
+
+def state_path(home: Path) -> Path:
+    """Where the loop keeps its watermark."""
+    return home / "state" / "loop.json"
+
+
+def read_watermark(home: Path) -> int:
+    """The last event-log ``seq`` the loop has consumed (0 when it never ran)."""
+    path = state_path(home)
+    return int(json.loads(path.read_text())["event_log_seq"]) if path.exists() else 0
+
+
+def write_watermark(home: Path, seq: int) -> None:
+    """Atomically record ``seq`` as consumed."""
+    path = state_path(home)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"event_log_seq": int(seq)}))
+    tmp.replace(path)
+
+
+@task(name="read-new-feedback", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
+def read_new_feedback(after_seq: int) -> tuple[Any, int]:
+    """Events of the log with ``seq > after_seq`` (contract frame) and the highest seq among them."""
+    log = EventLog(get_settings().event_log_uri)
+    try:
+        frame = log.since(after_seq=after_seq, with_seq=True)
+    finally:
+        log.close()
+    high = int(frame["seq"].max()) if len(frame) else after_seq
+    return frame.drop(columns=[c for c in ("seq", "ingested_at") if c in frame.columns]), high
+
+
+@flow(name="loop")
+def loop_flow(source: str | None = None, path: str | None = None, train_params: dict[str, Any] | None = None,
+              deploy: bool = True, start_service: bool = True, min_new_events: int = 1) -> dict[str, Any]:
+    """One turn of the continuous loop.
+
+    Args:
+        source / path: an optional new source batch to ingest as well (e.g. a new export file).
+        train_params: ``TrainConfig`` overrides for the warm-started retrain.
+        deploy / start_service: as in ``pipeline_flow``.
+        min_new_events: skip retraining when fewer new events arrived (nothing is consumed then).
+    Returns:
+        ``{"status", "new_events", "watermark_from", "watermark_to", ...stage results}``.
+    Raises:
+        DataValidationError: the feedback batch was stopped by the gate (the watermark stays).
+    """
+    logger = get_run_logger()
+    settings = get_settings()
+    after = read_watermark(settings.home)
+    events, high = read_new_feedback(after)
+    stages: dict[str, Any] = {"watermark_from": after, "new_events": len(events)}
+    if source:
+        stages["ingest_source"] = ingest_flow(source, path)
+    if len(events) < min_new_events and not source:
+        logger.info("no new feedback after seq=%d; nothing to do", after)
+        return {**stages, "status": "skipped", "watermark_to": after}
+    if len(events):
+        outcome = validate_frame_task(events, FEEDBACK_SOURCE, f"feedback-{after + 1}-{high}")
+        if outcome.stopped:
+            raise DataValidationError(outcome.failing, detail=f"see {outcome.results_path}")
+        report = lake_ingest_task(accepted_frames(outcome, FEEDBACK_SOURCE))
+        stages["ingest"] = {**report.model_dump(mode="json"), "rows_quarantined": outcome.rows_quarantined,
+                            "bad_share": outcome.bad_share}
+    batch = (stages.get("ingest") or stages.get("ingest_source") or {}).get("batch_id")
+    stages.update(run_training_stages(train_params, None, True, batch, deploy, start_service))
+    write_watermark(settings.home, high)
+    stages.update(status="done", watermark_to=high)
+    logger.info("loop done new_events=%d watermark=%d->%d", len(events), after, high)
+    create_markdown_artifact(key="recloop-loop", markdown=summary_markdown("recloop continuous loop", stages),
+                             description=f"feedback seq {after + 1}..{high}")
+    return stages
+
+
+def serve_deployments() -> None:
+    """Serve the pipeline (by hand) and the scheduled loop from this process (blocks)."""
+    settings = get_settings()
+    serve(
+        pipeline_flow.to_deployment(name="recloop-pipeline", tags=["recloop", "pipeline"],
+                                    description="ingest → validate → features → train → gate → deploy"),
+        loop_flow.to_deployment(name="recloop-loop", cron=settings.loop_cron, tags=["recloop", "loop"],
+                                description="continuous optimisation on new feedback"),
+        pause_on_shutdown=False,
+    )
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["serve"]:
+        serve_deployments()
+    else:
+        loop_flow()
