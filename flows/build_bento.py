@@ -46,7 +46,8 @@ def pin_bentofile(text: str, version: str) -> str:
         ValueError: the bentofile lacks the ``model_version`` label or the env entry.
     """
     out, n_label = re.subn(r"(?m)^(\s*model_version:\s*).*$", rf'\g<1>"{version}"', text)
-    out, n_env = re.subn(r'(?m)(name: RECLOOP_SERVE_MODEL_VERSION\n\s*value:\s*).*$', rf'\g<1>"{version}"', out)
+    env_line = r'(?m)(name: RECLOOP_SERVE_MODEL_VERSION\n\s*value:\s*).*$'
+    out, n_env = re.subn(env_line, rf'\g<1>"{version}"', out)
     if n_label != 1 or n_env != 1:
         raise ValueError(f"bentofile needs one model_version label and one RECLOOP_SERVE_MODEL_VERSION env; "
                          f"found {n_label} and {n_env}")
@@ -57,9 +58,10 @@ def prepare(root: Path = PROJECT_ROOT) -> Path:
     """Write the requirements and fetch the torch wheel into ``root/build/bento``. Returns the wheel."""
     build = root / BUILD_DIR
     (build / "wheels").mkdir(parents=True, exist_ok=True)
-    (build / "requirements.txt").write_text(requirements_without_torch((root / "requirements.lock").read_text()))
-    subprocess.run([sys.executable, "-m", "pip", "download", TORCH_PIN, "--no-deps", "-d", str(BUILD_DIR / "wheels")],
-                   cwd=root, check=True)
+    lock = (root / "requirements.lock").read_text()
+    (build / "requirements.txt").write_text(requirements_without_torch(lock))
+    pip = [sys.executable, "-m", "pip", "download", TORCH_PIN, "--no-deps", "-d", str(BUILD_DIR / "wheels")]
+    subprocess.run(pip, cwd=root, check=True)
     wheels = sorted((build / "wheels").glob("torch-2.13.0*.whl"))
     if not wheels:
         raise FileNotFoundError(f"pip download left no torch wheel in {build / 'wheels'}")

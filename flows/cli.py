@@ -158,6 +158,34 @@ def bench_serving_cmd(
     typer.echo(json.dumps(out, indent=2))
 
 
+@bench_app.command("quality")
+def bench_quality_cmd(
+    source: str = typer.Option("movielens-100k", help="Source name, e.g. movielens-100k"),
+    path: str = typer.Option(..., help="Folder of the data, e.g. ../shared/data/ml-100k"),
+    max_len: int = typer.Option(None, "--max-len", help="SASRec max_seq_len (default: the tuned one)"),
+    epochs: int = typer.Option(None, help="Max SASRec epochs (early stopping on val NDCG@10)"),
+    seed: int = typer.Option(42, help="Seed of the SASRec training"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table"),
+    progress: bool = typer.Option(True, help="Show the training progress bar (table mode only)"),
+) -> None:
+    """Train SASRec+ and MostPop/ItemKNN/EASE/Markov1 on one leave-one-out split; full-ranking metrics."""
+    import json
+    from pathlib import Path
+
+    from flows.bench_quality import print_table, run_bench
+
+    options = {k: v for k, v in {"max_len": max_len, "epochs": epochs}.items() if v is not None}
+    try:
+        report = run_bench(source, Path(path), seed=seed, progress=progress and not as_json, **options)
+    except (ValueError, FileNotFoundError) as err:
+        typer.echo(f"bench quality failed: {err}", err=True)
+        raise typer.Exit(1) from err
+    if as_json:
+        typer.echo(json.dumps(report, indent=1))
+    else:
+        print_table(report)
+
+
 def _prefect_env() -> None:
     """Point this process's Prefect client at the local server before any flow import."""
     from flows.platform import point_prefect_at_server

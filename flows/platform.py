@@ -34,13 +34,21 @@ def up(settings: Settings, names: tuple[str, ...] = services.SERVICE_ORDER, wait
     Raises:
         RuntimeError: a service did not become healthy (its log file is named).
     """
+    if "serving" in names and not has_champion(settings):
+        console.print("serving: no champion yet — run `recloop pipeline` (or `recloop demo`) first; skipped")
+        names = tuple(n for n in names if n != "serving")
     pids = {name: services.spawn(settings, name) for name in names}
     if wait:
         for name in names:
-            if name == "serving":
-                continue  # serving becomes ready only once a champion exists; deploy waits for it
             pids[name] = services.wait_healthy(settings, name)
     return pids
+
+
+def has_champion(settings: Settings) -> bool:
+    """Whether the registry has a version under the serving alias."""
+    from serving.model_store import configure_tracking, get_alias_version
+
+    return get_alias_version(configure_tracking(settings), settings.model_name, settings.model_alias) is not None
 
 
 def down(settings: Settings) -> list[str]:
@@ -99,7 +107,7 @@ def demo(source: str = "synthetic", path: str | None = None, epochs: int | None 
     t0 = time.monotonic()
     console.rule("recloop demo")
     console.print(f"home: {settings.home}")
-    up(settings, ("prefect", "mlflow", "serving"))
+    up(settings, ("prefect", "mlflow"))  # serving starts in the deploy stage, once a champion exists
     console.print(f"platform up in {time.monotonic() - t0:.0f} s")
 
     from flows.pipeline import pipeline_flow  # after PREFECT_API_URL points at our server

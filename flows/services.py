@@ -119,7 +119,7 @@ def running_pid(settings: Settings, name: str) -> int | None:
         os.kill(pid, 0)
     except (ValueError, ProcessLookupError, PermissionError):
         return None
-    return pid
+    return None if _is_zombie(pid) else pid
 
 
 def _healthy(url: str) -> bool:
@@ -171,7 +171,7 @@ def wait_healthy(settings: Settings, name: str, timeout_s: float | None = None) 
         time.sleep(1.0)
     while True:
         pid = running_pid(settings, name)
-        if pid is None or _is_zombie(pid):
+        if pid is None:
             raise RuntimeError(f"service {name} is not running; see {log}")
         if spec.health_url is None or _healthy(spec.health_url):
             logger.info("service up name=%s pid=%d", name, pid)

@@ -17,7 +17,9 @@ from models.vocab import PAD_IDX, ItemVocabulary
 FORMAT_VERSION = 1
 
 
-def checkpoint_dict(model: SASRec, vocab: ItemVocabulary, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def checkpoint_dict(
+    model: SASRec, vocab: ItemVocabulary, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The checkpoint payload: ``{"format_version", "config", "state_dict", "vocab",
     "item_vocab_version", "extra"}``; tensors are moved to CPU.
 
@@ -36,7 +38,9 @@ def checkpoint_dict(model: SASRec, vocab: ItemVocabulary, extra: dict[str, Any] 
     }
 
 
-def model_from_dict(payload: dict[str, Any], map_location: str | torch.device = "cpu") -> tuple[SASRec, ItemVocabulary]:
+def model_from_dict(
+    payload: dict[str, Any], map_location: str | torch.device = "cpu"
+) -> tuple[SASRec, ItemVocabulary]:
     """Rebuild (model in eval mode, vocab) from a ``checkpoint_dict`` payload.
 
     Raises:
@@ -50,7 +54,9 @@ def model_from_dict(payload: dict[str, Any], map_location: str | torch.device = 
     return model.to(map_location).eval(), ItemVocabulary.from_dict(payload["vocab"])
 
 
-def save_checkpoint(path: str | Path, model: SASRec, vocab: ItemVocabulary, extra: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(
+    path: str | Path, model: SASRec, vocab: ItemVocabulary, extra: dict[str, Any] | None = None
+) -> Path:
     """Write the checkpoint to ``path`` (torch.save; ``extra`` must hold plain Python values)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,7 +80,9 @@ def load_checkpoint(
     return model, vocab, payload.get("extra", {})
 
 
-def warm_start_state(init_state: dict[str, Any], model: SASRec, vocab: ItemVocabulary) -> dict[str, torch.Tensor]:
+def warm_start_state(
+    init_state: dict[str, Any], model: SASRec, vocab: ItemVocabulary
+) -> dict[str, torch.Tensor]:
     """A state dict for ``model`` (built for ``vocab``) initialised from an older checkpoint payload.
 
     Item embedding rows are copied by item id (so new items keep their fresh initialisation and
@@ -85,7 +93,9 @@ def warm_start_state(init_state: dict[str, Any], model: SASRec, vocab: ItemVocab
         KeyError: ``init_state`` lacks "state_dict" or "vocab".
     """
     if "state_dict" not in init_state or "vocab" not in init_state:
-        raise KeyError(f"warm start needs a checkpoint dict with 'state_dict' and 'vocab'; got {sorted(init_state)}")
+        raise KeyError(
+            f"warm start needs a checkpoint dict with 'state_dict' and 'vocab'; got {sorted(init_state)}"
+        )
     old_vocab = ItemVocabulary.from_dict(init_state["vocab"])
     old = init_state["state_dict"]
     new = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -33,7 +33,11 @@ def full_softmax_ce(hidden: Tensor, targets: Tensor, item_weight: Tensor) -> Ten
 
 
 def sampled_softmax_ce(
-    hidden: Tensor, targets: Tensor, item_weight: Tensor, n_negatives: int, generator: torch.Generator | None = None
+    hidden: Tensor,
+    targets: Tensor,
+    item_weight: Tensor,
+    n_negatives: int,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     """Softmax over the target plus ``n_negatives`` uniform negatives shared by the batch.
 

@@ -65,7 +65,9 @@ def target_ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
     if scores.ndim != 2 or scores.shape[0] != len(targets):
         raise ValueError(f"scores {scores.shape} and targets {targets.shape} disagree on n_users")
     if len(targets) and (targets.min() < 1 or targets.max() >= scores.shape[1]):
-        raise ValueError(f"targets must be in 1..{scores.shape[1] - 1}; got range {targets.min()}..{targets.max()}")
+        raise ValueError(
+            f"targets must be in 1..{scores.shape[1] - 1}; got range {targets.min()}..{targets.max()}"
+        )
     t = scores[np.arange(len(targets)), targets][:, None]  # (n_users, 1)
     greater = (scores > t).sum(axis=1)
     ties = (scores == t).sum(axis=1) - 1  # other items tied with the target

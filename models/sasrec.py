@@ -4,8 +4,9 @@ Follows Kang & McAuley, "Self-Attentive Sequential Recommendation", ICDM 2018, t
 full-softmax cross-entropy of Klenitskiy & Vasilev, "Turning Dross Into Gold Loss: is BERT4Rec
 really better than SASRec?", RecSys 2023 ("SASRec+"). Deviations: pre-LayerNorm blocks with GELU and
 nn.Linear feed-forward (equivalent to 1x1 Conv1d); no dropout on the attention weights (it
-doubled CPU step time for no gain on ML-100K), dropout on embeddings and block outputs instead; learned positions are anchored at the most recent
-item (position ``max_seq_len - 1`` is always the last input), so any left-padded length works.
+doubled CPU step time), only on embeddings and block outputs; learned positions are anchored at
+the most recent item (position ``max_seq_len - 1`` is always the last input), so any left-padded
+length works.
 """
 
 from __future__ import annotations
@@ -78,7 +79,9 @@ class _Block(nn.Module):
         batch, seq_len, d_model = h.shape
         qkv = self.qkv(self.attn_norm(h))  # (batch, seq_len, 3 * d_model)
         q, k, v = qkv.view(batch, seq_len, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (batch, n_heads, seq_len, head_dim)
+        att = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask
+        )  # (batch, n_heads, seq_len, head_dim)
         h = h + self.drop(self.out(att.transpose(1, 2).reshape(batch, seq_len, d_model)))
         return h + self.drop(self.ff(self.ff_norm(h)))
 
@@ -123,8 +126,12 @@ class SASRec(nn.Module):
         if seq_len > self.config.max_seq_len:
             raise ValueError(f"seq_len={seq_len} exceeds max_seq_len={self.config.max_seq_len}")
         keep = item_idx != PAD_IDX  # (batch, seq_len)
-        positions = torch.arange(self.config.max_seq_len - seq_len, self.config.max_seq_len, device=item_idx.device)
-        h = self.item_emb(item_idx) * self.config.d_model**0.5 + self.pos_emb(positions)  # (batch, seq_len, d_model)
+        positions = torch.arange(
+            self.config.max_seq_len - seq_len, self.config.max_seq_len, device=item_idx.device
+        )
+        h = self.item_emb(item_idx) * self.config.d_model**0.5 + self.pos_emb(
+            positions
+        )  # (batch, seq_len, d_model)
         h = self.emb_drop(h) * keep.unsqueeze(-1)
         causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=item_idx.device).tril()
         eye = torch.eye(seq_len, dtype=torch.bool, device=item_idx.device)

@@ -66,7 +66,9 @@ def _sorted_events(events: pd.DataFrame) -> pd.DataFrame:
     return frame.sort_values(["user_id", "timestamp"], kind="stable")
 
 
-def build_sequences(events: pd.DataFrame, vocab: ItemVocabulary, unknown: str = "raise") -> dict[str, np.ndarray]:
+def build_sequences(
+    events: pd.DataFrame, vocab: ItemVocabulary, unknown: str = "raise"
+) -> dict[str, np.ndarray]:
     """One chronological item_idx sequence per user. Pure.
 
     Events are ordered per user by (timestamp, original row order) with a stable sort, so
@@ -228,7 +230,9 @@ class SequenceDataset(Dataset):
     Each item is a pair of (max_len,) int64 tensors ``(inputs, targets)``.
     """
 
-    def __init__(self, seqs: dict[str, np.ndarray] | list[np.ndarray], max_len: int, all_windows: bool = True):
+    def __init__(
+        self, seqs: dict[str, np.ndarray] | list[np.ndarray], max_len: int, all_windows: bool = True
+    ):
         if max_len < 1:
             raise ValueError(f"max_len={max_len}; expected >= 1")
         values = list(seqs.values()) if isinstance(seqs, dict) else list(seqs)

@@ -90,7 +90,9 @@ def _progress(enabled: bool) -> Progress:
     return Progress(
         TextColumn("epoch {task.fields[epoch]}"),
         BarColumn(),
-        TextColumn("loss {task.fields[loss]:.4f} | {task.fields[speed]:.0f} seq/s | val ndcg {task.fields[val]:.4f}"),
+        TextColumn(
+            "loss {task.fields[loss]:.4f} | {task.fields[speed]:.0f} seq/s | val ndcg {task.fields[val]:.4f}"
+        ),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         disable=not enabled,
@@ -161,7 +163,9 @@ def train_sasrec(
                     if cfg.loss == "full":
                         loss = full_softmax_ce(hidden, targets[idx], model.item_emb.weight)
                     else:
-                        loss = sampled_softmax_ce(hidden, targets[idx], model.item_emb.weight, cfg.n_negatives, gen)
+                        loss = sampled_softmax_ce(
+                            hidden, targets[idx], model.item_emb.weight, cfg.n_negatives, gen
+                        )
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip:
@@ -180,7 +184,9 @@ def train_sasrec(
             }
             if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
                 model.eval()
-                val = evaluate(model, split.valid, n_items=len(vocab), k=cfg.eval_k)["metrics"]  # fp32: no bf16 ties
+                val = evaluate(model, split.valid, n_items=len(vocab), k=cfg.eval_k)[
+                    "metrics"
+                ]  # fp32: no bf16 ties
                 row["val_ndcg10"], row["val_hr10"] = val[f"ndcg@{cfg.eval_k}"], val[f"hr@{cfg.eval_k}"]
                 if row["val_ndcg10"] > best["ndcg"]:
                     best.update(ndcg=row["val_ndcg10"], epoch=epoch, elapsed=time.perf_counter() - start)
@@ -191,11 +197,16 @@ def train_sasrec(
             history.append(row)
             logger.info(
                 "epoch done epoch=%d loss=%.4f val_ndcg10=%.4f seqs_per_s=%.0f",
-                epoch, row["loss"], row["val_ndcg10"], row["seqs_per_s"],
+                epoch,
+                row["loss"],
+                row["val_ndcg10"],
+                row["seqs_per_s"],
             )
             if on_epoch is not None:
                 on_epoch(row)
-            bar.update(task, advance=1, epoch=epoch, loss=row["loss"], speed=row["seqs_per_s"], val=best["ndcg"])
+            bar.update(
+                task, advance=1, epoch=epoch, loss=row["loss"], speed=row["seqs_per_s"], val=best["ndcg"]
+            )
             if stale >= cfg.patience:
                 logger.info("early stop epoch=%d best_epoch=%d", epoch, best["epoch"])
                 break

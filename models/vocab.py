@@ -119,5 +119,7 @@ class ItemVocabulary:
             raise KeyError(f"vocabulary dict needs 'ids'; got keys {sorted(data)}")
         vocab = cls(data["ids"])
         if data.get("version") not in (None, vocab.version):
-            raise ValueError(f"vocabulary version {data['version']!r} does not match its ids ({vocab.version})")
+            raise ValueError(
+                f"vocabulary version {data['version']!r} does not match its ids ({vocab.version})"
+            )
         return vocab

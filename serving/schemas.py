@@ -62,7 +62,8 @@ class RecommendResponse(BaseModel):
     model_version: str = Field(description="Registered model version that answered")
     variant: str = Field(description="Registry alias the version was resolved from (e.g. 'champion')")
     strategy: Literal["sequential", "history", "popularity"] = Field(
-        description="sequential: stored history; history: the request's history; popularity: no usable history"
+        description="sequential: stored history; history: the request's history;"
+        " popularity: no usable history"
     )
     cold_start: bool = Field(description="True when the user has no stored history (cold-start path)")
 
@@ -76,7 +77,9 @@ class FeedbackRequest(_Strict):
     value: float | None = Field(default=None, ge=-1e6, le=1e6, description="e.g. a rating 1-5")
     timestamp: datetime | None = Field(default=None, description="Event time (ISO 8601); default: now, UTC")
     event_id: Annotated[str, StringConstraints(min_length=1, max_length=MAX_EVENT_ID_CHARS)] | None = Field(
-        default=None, description="Idempotency key (1-128 chars); default: a new UUID"
+        default=None,
+        description="Idempotency key (1-128 chars; default a new UUID). A retry must resend the same"
+        " timestamp: the same id with different content is refused (400)",
     )
 
 

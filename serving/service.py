@@ -94,7 +94,8 @@ class RequestGuard:
             return
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            await self._reject(send, 413, f"request body of {int(declared)} bytes exceeds {self.max_body_bytes}")
+            message = f"request body of {int(declared)} bytes exceeds {self.max_body_bytes}"
+            await self._reject(send, 413, message)
             return
         chunks, size, more = [], 0, True
         while more:

@@ -22,7 +22,9 @@ N_ITEMS = 30
 def chain_model():
     """A tiny SASRec trained on walks i -> i + 1 (mod 30)."""
     rng = np.random.default_rng(1)
-    seqs = {f"u{u}": (rng.integers(0, N_ITEMS) + np.arange(rng.integers(6, 12))) % N_ITEMS + 1 for u in range(60)}
+    seqs = {
+        f"u{u}": (rng.integers(0, N_ITEMS) + np.arange(rng.integers(6, 12))) % N_ITEMS + 1 for u in range(60)
+    }
     vocab = ItemVocabulary([f"i{k}" for k in range(1, N_ITEMS + 1)])
     cfg = SASRecConfig(n_items=N_ITEMS, max_seq_len=8, d_model=16, n_heads=1, n_layers=1, dropout=0.1)
     tcfg = TrainConfig(epochs=15, batch_size=16, lr=1e-2, seed=0, patience=15, device="cpu", num_threads=1)
@@ -61,6 +63,8 @@ def test_brief_training_on_ml100k_beats_mostpop(ml100k_path) -> None:
     tcfg = TrainConfig(epochs=3, batch_size=64, lr=2e-3, seed=0, max_train_seconds=120)
     result = train_sasrec(split, vocab, cfg, tcfg, progress=False)
     sasrec = evaluate(result.model, split.test, n_items=len(vocab))["metrics"]["ndcg@10"]
-    pop = evaluate(MostPop().fit(split.train, len(vocab)), split.test, n_items=len(vocab))["metrics"]["ndcg@10"]
+    pop = evaluate(MostPop().fit(split.train, len(vocab)), split.test, n_items=len(vocab))["metrics"][
+        "ndcg@10"
+    ]
     assert pop == pytest.approx(0.045, abs=0.01)  # the published protocol's sanity value
     assert sasrec > pop * 1.3

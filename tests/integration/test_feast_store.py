@@ -65,9 +65,22 @@ def lake(ml100k_path) -> SimpleNamespace:
     return SimpleNamespace(events=events, items=frames.items)
 
 
+class _MemoEncoder:
+    """The real packaged encoder, remembering vectors so both backends embed the catalogue once."""
+
+    def __init__(self) -> None:
+        self.model, self.memo = load_text_encoder(), {}
+
+    def encode(self, sentences: list[str], **kwargs: object) -> np.ndarray:
+        missing = [t for t in dict.fromkeys(sentences) if t not in self.memo]
+        if missing:
+            self.memo.update(zip(missing, self.model.encode(missing, **kwargs), strict=True))
+        return np.stack([self.memo[t] for t in sentences])
+
+
 @pytest.fixture(scope="module")
-def encoder():
-    return load_text_encoder()
+def encoder() -> _MemoEncoder:
+    return _MemoEncoder()
 
 
 @pytest.fixture(scope="module", params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])

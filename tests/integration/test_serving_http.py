@@ -71,7 +71,8 @@ def test_800_concurrent_feedback_events_lose_no_update(server) -> None:
     def client_thread(c: int) -> None:
         with httpx.Client(base_url=server["base"], timeout=30) as http:
             for j in range(100):
-                r = http.post("/feedback", json={"user_id": user, "item_id": items[(c * 100 + j) % len(items)],
+                item = items[(c * 100 + j) % len(items)]
+                r = http.post("/feedback", json={"user_id": user, "item_id": item,
                                                  "event_type": "view", "event_id": f"{user}-{c}-{j}"})
                 if r.status_code != 200:
                     failures.append(r.status_code)

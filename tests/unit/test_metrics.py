@@ -54,7 +54,9 @@ def test_seen_items_are_masked_and_can_be_kept() -> None:
     assert target_ranks(mask_scores(raw), np.array([2])).tolist() == [2]
 
 
-def _reference_metrics(scores: np.ndarray, targets: np.ndarray, seen: list[set[int]], k: int) -> dict[str, float]:
+def _reference_metrics(
+    scores: np.ndarray, targets: np.ndarray, seen: list[set[int]], k: int
+) -> dict[str, float]:
     """Straightforward loops: build each top-K list by sorting, tie-break putting the target last."""
     hr, nd, rr = [], [], []
     for row, target, hist in zip(scores, targets, seen, strict=True):
@@ -82,7 +84,9 @@ def test_evaluate_matches_independent_implementation_on_random_data() -> None:
     rng = np.random.default_rng(7)
     n_users, n_items, k = 60, 30, 5
     scores = rng.integers(0, 6, size=(n_users, n_items + 1)).astype(np.float32)  # many ties
-    histories = [rng.choice(np.arange(1, n_items + 1), size=rng.integers(1, 6), replace=False) for _ in range(n_users)]
+    histories = [
+        rng.choice(np.arange(1, n_items + 1), size=rng.integers(1, 6), replace=False) for _ in range(n_users)
+    ]
     targets = np.array([rng.choice([i for i in range(1, n_items + 1) if i not in set(h)]) for h in histories])
     eval_set = EvalSet(np.arange(n_users).astype(object), histories, targets)
     got = evaluate(_Table(scores), eval_set, n_items=n_items, k=k)

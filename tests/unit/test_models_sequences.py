@@ -6,7 +6,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from models.sequences import SequenceDataset, build_sequences, collate, leave_one_out, pad_left, temporal_split
+from models.sequences import (
+    SequenceDataset,
+    build_sequences,
+    collate,
+    leave_one_out,
+    pad_left,
+    temporal_split,
+)
 from models.vocab import ItemVocabulary
 from recloop.contract import coerce_events
 
@@ -46,15 +53,21 @@ def test_no_leakage_on_ml100k(ml100k_path) -> None:
     seqs = build_sequences(events, vocab)
     split = leave_one_out(seqs)
     data = SequenceDataset(split.train, max_len=50)
-    targets = {u: (v, t) for u, v, t in zip(split.test.user_ids, split.valid.targets, split.test.targets, strict=True)}
-    for user, train_seq in split.train.items():
-        full = seqs[user]
-        assert train_seq.tolist() == full[: len(train_seq)].tolist()  # a prefix: nothing later
-        assert len(train_seq) == len(full) - 2
-    # Every training input/target token comes from some user's training prefix: count them.
+    assert len(split.test) == 943
+    held_out = zip(split.test.user_ids, split.valid.targets, split.test.targets, strict=True)
+    for user, valid_target, test_target in held_out:
+        full, train_seq = seqs[user], split.train[user]
+        assert train_seq.tolist() == full[:-2].tolist()  # a strict prefix: nothing later
+        assert valid_target not in train_seq and test_target not in train_seq  # ML-100K has no repeats
+    # The training windows hold exactly the training transitions, nothing else.
     n_train_tokens = sum(len(s) - 1 for s in split.train.values())
     assert int((data.targets > 0).sum()) == n_train_tokens
-    assert len(targets) == 943
+    keep = data.targets > 0
+    got = sorted(zip(data.inputs[keep].tolist(), data.targets[keep].tolist(), strict=True))
+    expected = sorted(
+        (int(a), int(b)) for s in split.train.values() for a, b in zip(s[:-1], s[1:], strict=True)
+    )
+    assert got == expected
 
 
 def test_dataset_uses_every_position_with_windows() -> None:
@@ -80,8 +93,16 @@ def test_short_windows_are_left_padded() -> None:
 
 
 def test_temporal_split_counts_cold_users_and_new_items() -> None:
-    rows = [("u", "a", 1), ("u", "b", 2), ("u", "new", 9), ("u", "c", 10), ("v", "c", 3), ("v", "b", 4),
-            ("cold", "a", 8), ("v", "a", 8)]  # cut at the median time 6
+    rows = [
+        ("u", "a", 1),
+        ("u", "b", 2),
+        ("u", "new", 9),
+        ("u", "c", 10),
+        ("v", "c", 3),
+        ("v", "b", 4),
+        ("cold", "a", 8),
+        ("v", "a", 8),
+    ]  # cut at the median time 6
     split = temporal_split(_events(rows), quantile=0.5)
     assert split.vocab is not None and "new" not in split.vocab
     assert split.protocol["n_cold_users"] == 1

@@ -19,7 +19,10 @@ N_ITEMS = 50
 def _toy(n_users: int = 40, seed: int = 0) -> dict[str, np.ndarray]:
     """Each user walks item i -> i + 1 (mod 50) from a random start: learnable next-item rule."""
     rng = np.random.default_rng(seed)
-    return {f"u{u}": (rng.integers(0, N_ITEMS) + np.arange(rng.integers(6, 14))) % N_ITEMS + 1 for u in range(n_users)}
+    return {
+        f"u{u}": (rng.integers(0, N_ITEMS) + np.arange(rng.integers(6, 14))) % N_ITEMS + 1
+        for u in range(n_users)
+    }
 
 
 VOCAB = ItemVocabulary([f"i{k}" for k in range(1, N_ITEMS + 1)])
