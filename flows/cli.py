@@ -158,6 +158,29 @@ def bench_serving_cmd(
     typer.echo(json.dumps(out, indent=2))
 
 
+@bench_app.command("features")
+def bench_features_cmd(
+    path: str = typer.Option(None, help="The ml-100k folder (default: recloop.sources download cache)"),
+    stores: str = typer.Option("sqlite,redis", help="Online stores to measure, comma separated"),
+    reads: int = typer.Option(1000, help="Single-user online reads per store"),
+    feast_engine: bool = typer.Option(False, help="Also time Feast's own materialize (dask, slow)"),
+) -> None:
+    """Online read p50/p99 (SQLite, Redis), ml-100k materialisation and catalogue embedding; JSON."""
+    import json
+    from pathlib import Path
+
+    from flows.bench_features import run_feature_benchmark
+
+    backends = tuple(s.strip() for s in stores.split(",") if s.strip())
+    try:
+        out = run_feature_benchmark(Path(path) if path else None, backends, n_reads=reads,
+                                    feast_engine=feast_engine)
+    except (ValueError, FileNotFoundError) as err:
+        typer.echo(f"bench features failed: {err}", err=True)
+        raise typer.Exit(1) from err
+    typer.echo(json.dumps(out, indent=2))
+
+
 @bench_app.command("quality")
 def bench_quality_cmd(
     source: str = typer.Option("movielens-100k", help="Source name, e.g. movielens-100k"),
@@ -165,6 +188,7 @@ def bench_quality_cmd(
     max_len: int = typer.Option(None, "--max-len", help="SASRec max_seq_len (default: the tuned one)"),
     epochs: int = typer.Option(None, help="Max SASRec epochs (early stopping on val NDCG@10)"),
     seed: int = typer.Option(42, help="Seed of the SASRec training"),
+    max_train_seconds: float = typer.Option(None, help="Wall-clock budget of the SASRec training"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table"),
     progress: bool = typer.Option(True, help="Show the training progress bar (table mode only)"),
 ) -> None:
@@ -175,8 +199,11 @@ def bench_quality_cmd(
     from flows.bench_quality import print_table, run_bench
 
     options = {k: v for k, v in {"max_len": max_len, "epochs": epochs}.items() if v is not None}
+    budget = {"max_train_seconds": max_train_seconds} if max_train_seconds else None
     try:
-        report = run_bench(source, Path(path), seed=seed, progress=progress and not as_json, **options)
+        report = run_bench(
+            source, Path(path), seed=seed, progress=progress and not as_json, train_config=budget, **options
+        )
     except (ValueError, FileNotFoundError) as err:
         typer.echo(f"bench quality failed: {err}", err=True)
         raise typer.Exit(1) from err
@@ -270,6 +297,120 @@ def loop(
 
     stages = loop_flow(source=source, path=path, deploy=deploy)
     typer.echo(json.dumps({k: v for k, v in stages.items() if k != "features"}, default=str, indent=1)[:4000])
+
+
+@app.command()
+def train(
+    source: str = typer.Option("lake", help="'lake', 'parquet' or a source name, e.g. movielens-100k"),
+    path: str = typer.Option(None, help="File or folder of the data (lake: default <home>/lake)"),
+    epochs: int = typer.Option(None, help="Max epochs (early stopping on val NDCG@10)"),
+    max_len: int = typer.Option(None, "--max-len", help="SASRec max_seq_len (default: settings)"),
+    d_model: int = typer.Option(None, help="SASRec width"),
+    lr: float = typer.Option(None, help="AdamW learning rate"),
+    warm_start: str = typer.Option(None, help="Version number or @alias to warm-start from"),
+    promote: bool = typer.Option(None, "--promote/--no-promote", help="Override settings.auto_promote"),
+) -> None:
+    """Train a candidate (one MLflow run), evaluate it against champion + baselines, apply the gate."""
+    import httpx
+
+    from recloop.settings import get_settings
+
+    try:  # use the local Prefect server when it answers, else an ephemeral one
+        if httpx.get(get_settings().prefect_api_url.rstrip("/") + "/health", timeout=1.0).status_code == 200:
+            _prefect_env()
+    except httpx.HTTPError:
+        pass
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    from flows.evaluate import evaluate_flow
+    from flows.train import train_flow
+
+    model_params = {k: v for k, v in {"max_seq_len": max_len, "d_model": d_model}.items() if v is not None}
+    train_params = {k: v for k, v in {"epochs": epochs, "lr": lr}.items() if v is not None}
+    trained = train_flow(source=source, path=path, model_params=model_params, train_params=train_params,
+                         warm_start_from=warm_start)
+    result = evaluate_flow(trained["run_id"], auto_promote=promote)
+    console = Console()
+    console.print(f"run {result['run_id']} -> model version {result['version']} "
+                  f"(gate {'PASS' if result['passed'] else 'FAIL'}, promoted={result['promoted']})")
+    console.print(Markdown(result["report_md"]))
+
+
+@model_app.command("list")
+def model_list() -> None:
+    """List the registered versions with their aliases and gate results."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from flows.registry import list_versions
+    from recloop.settings import get_settings
+    from serving.model_store import configure_tracking
+
+    settings = get_settings()
+    rows = list_versions(configure_tracking(settings), settings.model_name)
+    table = Table(title=f"{settings.model_name} ({settings.mlflow_uri})")
+    for column in ("version", "aliases", "gate", "ndcg@10", "coverage@10", "run_id"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(row[c] for c in ("version", "aliases", "gate", "ndcg@10", "coverage@10", "run_id")))
+    Console().print(table)
+
+
+@model_app.command("promote")
+def model_promote(version: str = typer.Argument(..., help="The version to make champion")) -> None:
+    """Point the champion alias at VERSION (the previous champion is recorded for rollback)."""
+    from mlflow.exceptions import MlflowException
+
+    from flows.registry import promote
+    from recloop.settings import get_settings
+    from serving.model_store import configure_tracking
+
+    settings = get_settings()
+    try:
+        move = promote(configure_tracking(settings), settings.model_name, version, reason="cli")
+    except MlflowException as err:
+        typer.echo(f"promote failed: {err.message}", err=True)
+        raise typer.Exit(1) from err
+    typer.echo(f"champion: {move.previous} -> {move.version}")
+
+
+@model_app.command("rollback")
+def model_rollback() -> None:
+    """Move the champion alias back to the previous champion."""
+    from flows.registry import rollback
+    from recloop.settings import get_settings
+    from serving.model_store import configure_tracking
+
+    settings = get_settings()
+    try:
+        move = rollback(configure_tracking(settings), settings.model_name)
+    except LookupError as err:
+        typer.echo(f"rollback failed: {err}", err=True)
+        raise typer.Exit(1) from err
+    typer.echo(f"champion: {move.previous} -> {move.version}")
+
+
+@app.command("mlflow-ui")
+def mlflow_ui(port: int = typer.Option(None, help="Port (default settings.mlflow_port)")) -> None:
+    """Run the MLflow UI/server on 127.0.0.1 over the configured backend (foreground; Ctrl-C stops)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from recloop.settings import get_settings
+    from serving.model_store import configure_tracking
+
+    settings = get_settings()
+    configure_tracking(settings)  # creates the SQLite schema once, before the server's workers
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    cmd = [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port or settings.mlflow_port),
+           "--backend-store-uri", settings.mlflow_uri,
+           "--artifacts-destination", settings.mlflow_artifacts]
+    typer.echo(f"MLflow UI on http://127.0.0.1:{port or settings.mlflow_port} ({settings.mlflow_uri})")
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    raise typer.Exit(subprocess.run(cmd, env=env, check=False).returncode)
 
 
 def main() -> None:

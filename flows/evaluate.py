@@ -131,7 +131,8 @@ def top10_lists(model: Any, test: EvalSet, n_items: int) -> np.ndarray:
 
 @task(cache_policy=NO_CACHE)
 def score_models_task(split: Split, vocab: ItemVocabulary, candidate: Any, champion: Any | None,
-                      genres: list[list[str]] | None, baselines: Sequence[str]) -> dict[str, dict[str, float]]:
+                      genres: list[list[str]] | None, baselines: Sequence[str]
+                      ) -> dict[str, dict[str, float]]:
     """Evaluate every model on the test split (fails loudly)."""
     champ = MappedScorer(champion.model, champion.vocab, vocab) if champion is not None else None
     return evaluate_all(split, len(vocab), candidate, champ, genres, baselines)
@@ -212,7 +213,8 @@ def evaluate_flow(run_id: str, source: str | None = None, path: str | None = Non
         if settings.auto_promote if auto_promote is None else bool(auto_promote):
             registry.promote(client, settings.model_name, mv.version, reason="auto: gate passed")
             promoted = True
-    client.set_tag(run_id, "stage", "promoted" if promoted else ("challenger" if decision.passed else "rejected"))
+    stage = "promoted" if promoted else ("challenger" if decision.passed else "rejected")
+    client.set_tag(run_id, "stage", stage)
     client.set_tag(run_id, "model.version", str(mv.version))
     logger.info("evaluated run_id=%s version=%s passed=%s promoted=%s", run_id, mv.version, decision.passed,
                 promoted)
@@ -237,7 +239,7 @@ def _log_report(client: MlflowClient, run_id: str, results: dict[str, dict[str, 
         shown = {n: m for n, m in results.items() if n in ("candidate", "champion")}
         shown.update({n: m for n, m in results.items() if n not in shown})
         plots.model_comparison(shown, out / "model_comparison.png")
-        plots.popularity_distribution(item_counts(split.train, n_items), top10_lists(model, split.test, n_items),
-                                      out / "popularity.png")
+        plots.popularity_distribution(item_counts(split.train, n_items),
+                                      top10_lists(model, split.test, n_items), out / "popularity.png")
         client.log_artifact(run_id, str(out / "model_comparison.png"), artifact_path="plots")
         client.log_artifact(run_id, str(out / "popularity.png"), artifact_path="plots")

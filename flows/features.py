@@ -24,6 +24,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from prefect import flow, get_run_logger, task
 
@@ -83,9 +84,15 @@ def load_declarations(repo_dir: Path) -> list[Any]:
 
 
 def apply_repo(store: Any, repo_dir: Path) -> list[str]:
-    """Register the repo's objects in ``store``'s registry and create online tables. Returns names."""
+    """Register the repo's objects in ``store``'s registry and create online tables. Returns names.
+
+    Applies from several threads or processes on one home are serialised by ``registry_lock``.
+    """
+    from serving.online import registry_lock
+
     objects = load_declarations(repo_dir)
-    store.apply(objects)
+    with registry_lock(Path(store.repo_path)):
+        store.apply(objects)
     return sorted(f"{type(o).__name__}:{o.name}" for o in objects)
 
 
@@ -258,13 +265,26 @@ def training_entity_frame(events: pd.DataFrame) -> pd.DataFrame:
 
 
 def historical_features(store: Any, entity_df: pd.DataFrame, service_name: str) -> pd.DataFrame:
-    """Point-in-time correct features of ``service_name`` for ``entity_df`` (user_id, item_id,
-    event_timestamp): each row gets the latest feature row with ``event_ts <= event_timestamp``
-    within the view's TTL, never a later one."""
+    """Point-in-time correct features of ``service_name`` for ``entity_df``.
+
+    Each row gets, per view, the latest feature row with ``event_ts <= event_timestamp`` within
+    the view's TTL, never a later one (columns ``<view>__<feature>``; null when there is none).
+
+    Feast 0.67's file (dask) store DROPS an entity row whose entity has feature rows but all of
+    them later than its timestamp; this function restores such rows (with nulls) and keeps the
+    input order, so the result is aligned with ``entity_df`` row for row.
+
+    Args:
+        entity_df: ``user_id``, ``item_id`` str and ``event_timestamp`` (UTC); other columns kept.
+    Returns:
+        ``entity_df``'s rows and columns, in order, plus the service's feature columns.
+    """
     service = store.get_feature_service(service_name)
-    return store.get_historical_features(
-        entity_df=entity_df, features=service, full_feature_names=True
-    ).to_df()
+    keyed = entity_df.reset_index(drop=True).assign(_row=lambda d: np.arange(len(d)))
+    joined = store.get_historical_features(entity_df=keyed, features=service, full_feature_names=True).to_df()
+    features = joined[["_row"] + [c for c in joined.columns if "__" in c]]
+    out = keyed.merge(features, on="_row", how="left", validate="one_to_one")
+    return out.drop(columns="_row")
 
 
 def load_text_encoder(device: str = "cpu") -> F.TextEncoder:
@@ -276,22 +296,24 @@ def load_text_encoder(device: str = "cpu") -> F.TextEncoder:
 
 
 @task(retries=2, retry_delay_seconds=[2, 10])
-def refresh_features_task(events_uri: str, items_uri: str | None, overlap_s: float) -> dict[str, Any]:
-    """Read the lake and run ``refresh_features`` against the configured store."""
+def refresh_features_task(events_uri: str | None, items_uri: str | None, overlap_s: float) -> dict[str, Any]:
+    """Read the lake (or the given Parquet files) and run ``refresh_features`` on the configured store."""
+    from recloop.lake import Lake
     from serving.online import open_feature_store
 
     logger = get_run_logger()
     settings = get_settings()
     now = datetime.now(UTC)
-    events = pd.read_parquet(events_uri)
-    items = pd.read_parquet(items_uri) if items_uri and Path(items_uri).exists() else None
+    lake = Lake(settings.lake_path)
+    events = pd.read_parquet(events_uri) if events_uri else lake.events()  # ordered by (timestamp, seq)
+    items = pd.read_parquet(items_uri) if items_uri else lake.items()
+    items = items if len(items) else None
     future = int((events["timestamp"] > pd.Timestamp(now)).sum())
     if future:
         logger.warning("events stamped in the future kept offline only n=%d", future)
     encoder = load_text_encoder() if items is not None else None
-    summary = refresh_features(
-        open_feature_store(settings), settings, events, items, encoder, now, overlap_s=overlap_s
-    )
+    store = open_feature_store(settings)
+    summary = refresh_features(store, settings, events, items, encoder, now, overlap_s=overlap_s)
     logger.info("features materialised start=%s end=%s", summary["start"], summary["end"])
     return summary
 
@@ -299,9 +321,11 @@ def refresh_features_task(events_uri: str, items_uri: str | None, overlap_s: flo
 @flow(name="features")
 def features_flow(
     events_uri: str | None = None, items_uri: str | None = None, overlap_s: float = 3600.0
-) -> dict:
-    """Lake -> feature sources -> Feast apply -> incremental materialisation. Returns the summary."""
-    settings = get_settings()
-    events_uri = events_uri or str(settings.lake_path / "events")
-    items_uri = items_uri or str(settings.lake_path / "items")
+) -> dict[str, Any]:
+    """Lake -> feature sources -> Feast apply -> incremental materialisation. Returns the summary.
+
+    Args:
+        events_uri, items_uri: Parquet overrides of the lake's events/items (default: ``Lake``).
+        overlap_s: how far before the watermark each window starts (late events).
+    """
     return refresh_features_task(events_uri, items_uri, overlap_s)

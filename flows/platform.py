@@ -112,7 +112,8 @@ def demo(source: str = "synthetic", path: str | None = None, epochs: int | None 
 
     from flows.pipeline import pipeline_flow  # after PREFECT_API_URL points at our server
 
-    train_params = {"epochs": epochs} if epochs else None
+    # A bounded training budget keeps the demo within a few minutes on 2 cores.
+    train_params = {"epochs": epochs or 20, "max_train_seconds": 90.0}
     stages = pipeline_flow(source=source, path=path, train_params=train_params, deploy=True, start_service=True)
     evaluation = stages["evaluate"]
     console.print(evaluation.get("report_md", ""))

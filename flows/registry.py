@@ -121,10 +121,14 @@ def rollback(client: MlflowClient, name: str) -> AliasMove:
 def list_versions(client: MlflowClient, name: str) -> list[dict[str, str]]:
     """One dict per version, newest first: version, aliases, run_id, gate decision, ndcg@10, created."""
     rows = []
-    for mv in client.search_model_versions(filter_string=f"name = '{name}'", order_by=["version_number DESC"]):
+    by_version: dict[str, list[str]] = {}
+    for alias, version in (client.get_registered_model(name).aliases or {}).items():
+        by_version.setdefault(str(version), []).append(alias)
+    found = client.search_model_versions(filter_string=f"name = '{name}'", order_by=["version_number DESC"])
+    for mv in found:
         rows.append({
             "version": str(mv.version),
-            "aliases": ",".join(getattr(mv, "aliases", []) or []),
+            "aliases": ",".join(sorted(by_version.get(str(mv.version), []))),
             "run_id": mv.run_id or "",
             "gate": mv.tags.get("gate.decision", "-"),
             "ndcg@10": mv.tags.get("gate.candidate_ndcg", "-"),

@@ -217,8 +217,8 @@ def train_flow(source: str = "lake", path: str | None = None, model_params: dict
     init = None
     if warm_start_from:
         ref = warm_start_from.lstrip("@")
-        init = model_store.load_version(settings.model_name, client=client,
-                                        **({"alias": ref} if warm_start_from.startswith("@") else {"version": ref}))
+        which = {"alias": ref} if warm_start_from.startswith("@") else {"version": ref}
+        init = model_store.load_version(settings.model_name, client=client, **which)
     vocab, split = prepare_split(events, init.vocab if init is not None else None)
 
     tags = {**data_fingerprint(events, source, path, watermark), "git.commit": git_commit(),

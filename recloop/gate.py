@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 NDCG_KEY = "ndcg@10"
+EPS = 1e-12  # float rounding tolerance: a candidate exactly at a threshold passes
 COVERAGE_KEY = "coverage@10"
 
 
@@ -128,14 +129,14 @@ def decide(
         champ_cov = _metric(champion, COVERAGE_KEY, "champion")
         need = champ_ndcg * (1.0 + min_gain)
         required_ndcg = max(required_ndcg, need)
-        ok = cand_ndcg >= need
+        ok = cand_ndcg >= need - EPS
         passed &= ok
         reasons.append(
             f"{'PASS' if ok else 'FAIL'} ndcg@10 {cand_ndcg:.4f} vs champion {champ_ndcg:.4f} "
             f"x (1 + {min_gain:g}) = {need:.4f}"
         )
         required_cov = champ_cov * (1.0 - max_coverage_drop)
-        ok = cand_cov >= required_cov
+        ok = cand_cov >= required_cov - EPS
         passed &= ok
         reasons.append(
             f"{'PASS' if ok else 'FAIL'} coverage@10 {cand_cov:.4f} vs champion {champ_cov:.4f} "
@@ -148,7 +149,7 @@ def decide(
     best_ndcg = baseline_ndcg[best_name] if best_name is not None else None
     if best_name is not None and best_ndcg is not None:
         required_ndcg = max(required_ndcg, best_ndcg)
-        ok = cand_ndcg >= best_ndcg
+        ok = cand_ndcg >= best_ndcg - EPS
         passed &= ok
         reasons.append(
             f"{'PASS' if ok else 'FAIL'} ndcg@10 {cand_ndcg:.4f} vs best baseline {best_name} {best_ndcg:.4f}"

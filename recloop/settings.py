@@ -55,7 +55,11 @@ class Settings(BaseSettings):
     feature_repo_path: Path = Path("feature_repo")
     feast_project: str = Field(default="recloop", description="Feast project (also the Redis key suffix)")
     feature_service: str = Field(default="sasrec_v1", description="The model's feature contract")
-    online_freshness_s: float = Field(default=30 * 86400.0, ge=0, description="Max age of online rows")
+    online_freshness_s: float = Field(
+        default=float("inf"), ge=0,
+        description="Max age (s) of an online row before it reads as missing; inf = no limit (replayed "
+        "historical datasets such as MovieLens are years old). Production: e.g. 2592000 (30 days)",
+    )
 
     # Data and validation
     max_seq_len: int = Field(default=50, ge=2, le=4096, description="Items of history the model sees")

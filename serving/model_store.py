@@ -108,7 +108,7 @@ class SASRecPyfunc(mlflow.pyfunc.PythonModel):
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
                 ) -> pd.DataFrame:
-        """Top-k item ids per history. Input column ``history``: list[str]; output ``item_ids``, ``scores``."""
+        """Top-k item ids per history (column ``history``: list[str]) -> ``item_ids``, ``scores``."""
         if "history" not in model_input.columns:
             raise ValueError(f"model_input needs a 'history' column; got {list(model_input.columns)}")
         k = int((params or {}).get("k", 10))
@@ -142,6 +142,14 @@ def score_histories(model: Any, vocab: Any, histories: list[list[str]]) -> torch
     return scores
 
 
+def model_signature() -> Any:
+    """The pyfunc signature: input ``history`` (list of item ids), output ids and scores, param ``k``."""
+    from mlflow.models import infer_signature
+
+    return infer_signature(pd.DataFrame({"history": [["1", "2"]]}),
+                           pd.DataFrame({"item_ids": [["3"]], "scores": [[0.5]]}), params={"k": 10})
+
+
 def log_model(checkpoint_path: Path, *, name: str = MODEL_ARTIFACT_NAME,
               registered_model_name: str | None = None, tags: dict[str, str] | None = None,
               code_paths: list[str] | None = None) -> Any:
@@ -166,6 +174,7 @@ def log_model(checkpoint_path: Path, *, name: str = MODEL_ARTIFACT_NAME,
         python_model=SASRecPyfunc(),
         artifacts={CHECKPOINT_ARTIFACT: str(checkpoint_path)},
         pip_requirements=pip_requirements(),
+        signature=model_signature(),
         code_paths=code_paths,
         registered_model_name=registered_model_name,
         tags=tags,

@@ -11,12 +11,15 @@ The store's ``repo_path`` is the recloop home: the repo's FileSources use relati
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -68,11 +71,33 @@ def feature_store_config(settings: Settings, *, project: str | None = None) -> R
     return config
 
 
+@contextmanager
+def registry_lock(home: Path) -> Iterator[None]:
+    """An exclusive lock on ``home``'s Feast registry, across threads and processes (``flock``).
+
+    Two stores creating the SQL registry's tables at once race ("table projects already exists");
+    ``open_feature_store`` and ``flows.features.apply_repo`` hold this lock while they write.
+    """
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / "feast_registry.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def open_feature_store(settings: Settings | None = None, *, project: str | None = None) -> FeatureStore:
-    """A ``FeatureStore`` over ``settings`` (creates ``home`` if missing). Keep one per process."""
+    """A ``FeatureStore`` over ``settings``, its registry tables created (under the registry lock).
+
+    Creates ``home/features`` if missing. Keep one store per process.
+    """
     settings = settings or get_settings()
     (settings.home / "features").mkdir(parents=True, exist_ok=True)
-    return FeatureStore(config=feature_store_config(settings, project=project), repo_path=str(settings.home))
+    store = FeatureStore(config=feature_store_config(settings, project=project), repo_path=str(settings.home))
+    with registry_lock(settings.home):
+        _ = store.registry  # creates the SQL registry's tables on first use
+    return store
 
 
 @dataclass(frozen=True)

@@ -98,7 +98,9 @@ def env(request, lake, encoder, tmp_path_factory) -> SimpleNamespace:
     now = datetime.now(UTC)
     summary = refresh_features(store, settings, lake.events, lake.items, encoder, now)
     online = OnlineFeatures(store, settings=settings, freshness_s=math.inf)
-    yield SimpleNamespace(backend=backend, settings=settings, store=store, online=online, summary=summary, now=now)
+    yield SimpleNamespace(
+        backend=backend, settings=settings, store=store, online=online, summary=summary, now=now
+    )
     store.teardown()  # drops the SQLite tables / this project's Redis keys
 
 
@@ -154,7 +156,8 @@ def test_future_event_never_goes_online_nor_moves_the_watermark(env, lake):
 def test_item_features_online(env, lake):
     df = env.online.item_features(["1", "no-such-item"])
     toy = df.iloc[0]
-    assert toy["item_stats__popularity"] == (lake.events["item_id"] == "1").sum()
+    past = lake.events[lake.events["timestamp"] < FUTURE_TS]  # the 2100 event is not online
+    assert toy["item_stats__popularity"] == (past["item_id"] == "1").sum()
     emb = np.asarray(toy["item_content__embedding"], dtype=np.float32)
     assert emb.shape == (384,) and np.linalg.norm(emb) == pytest.approx(1.0, abs=1e-3)
     assert list(toy["item_content__genres"]) == ["Animation", "Children's", "Comedy"]
@@ -168,12 +171,13 @@ def test_point_in_time_rows_never_see_later_feature_values(env, lake):
     ev = ev.iloc[np.lexsort((np.arange(len(ev)), ev["timestamp"].to_numpy()))].reset_index(drop=True)
     targets = ev.iloc[[0, 60, 150, 271]]  # first event, middle, last
     frame = historical_features(env.store, training_entity_frame(targets), env.settings.feature_service)
-    frame = frame.sort_values("event_timestamp").reset_index(drop=True)
+    assert len(frame) == len(targets)  # aligned row for row, even the row with no earlier features
     for row, (_, target) in zip(frame.itertuples(), targets.iterrows(), strict=True):
         before = ev[ev["timestamp"] < target["timestamp"]]  # strictly earlier: no same-second ties
         got = row.user_recent_items__recent_item_ids
         if len(before) == 0:
-            assert got is None or (isinstance(got, float) and math.isnan(got))
+            assert not isinstance(got, list | np.ndarray) and pd.isna(got)
+            assert pd.isna(row.user_stats__n_events)
             continue
         assert list(got) == before["item_id"].tolist()[-N:]
         assert row.user_stats__n_events == len(before)  # later rows (up to 272) never joined

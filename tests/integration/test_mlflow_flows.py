@@ -30,6 +30,7 @@ N_USERS = 250  # ML-100K users 1..250: ~26k events, a few seconds per epoch on 2
 MODEL = {"d_model": 32, "n_layers": 1, "max_seq_len": 30, "dropout": 0.2}
 TINY = {"d_model": 8, "n_layers": 1, "max_seq_len": 30, "dropout": 0.2}
 FAST = {"device": "cpu", "batch_size": 128, "lr": 1e-2}
+PG = "postgresql://postgres@127.0.0.1:5432"
 BASELINES = ["MostPop"]  # the gate still compares with the best baseline; EASE/ItemKNN are unit-tested
 
 
@@ -88,6 +89,7 @@ def _run_scenario(home: Path, tracking_uri: str | None, events_file: Path) -> di
             seen["versions"] = registry.list_versions(client, name)
             seen["first_run_id"] = first["run_id"]
             seen["tracking_uri"] = get_settings().mlflow_uri
+            seen["home"] = home
             return seen
         finally:
             get_settings.cache_clear()
@@ -102,7 +104,8 @@ def _assert_scenario(seen: dict[str, object]) -> None:
     assert worse["metrics"]["candidate"]["ndcg@10"] < first["metrics"]["candidate"]["ndcg@10"]
     assert seen["champion_after_worse"] == first["version"]
     assert better["passed"] and better["promoted"], better["decision"]["reasons"]
-    assert better["decision"]["champion_ndcg"] == pytest.approx(first["metrics"]["candidate"]["ndcg@10"], abs=1e-9)
+    first_ndcg = first["metrics"]["candidate"]["ndcg@10"]
+    assert better["decision"]["champion_ndcg"] == pytest.approx(first_ndcg, abs=1e-9)  # champion re-scored
     assert seen["champion_after_better"] == better["version"]
     move = seen["rollback"]
     assert (move.previous, move.version) == (better["version"], first["version"])
@@ -147,9 +150,12 @@ def test_run_logs_params_metrics_fingerprint_and_artifacts(sqlite_scenario: dict
     assert {"training/checkpoint.pt", "training/vocab.json", "training/config.json",
             "plots/learning_curve.png", "plots/model_comparison.png", "plots/popularity.png",
             "evaluation/evaluation.json", "evaluation/evaluation.md"} <= artifacts
-    report = json.loads(Path(client.download_artifacts(run.info.run_id, "evaluation/evaluation.json")).read_text())
+    def read(artifact: str) -> str:
+        return Path(client.download_artifacts(run.info.run_id, artifact)).read_text()
+
+    report = json.loads(read("evaluation/evaluation.json"))
     assert report["gate"]["passed"] and report["protocol"]["ranking"] == "full"
-    assert "| candidate |" in Path(client.download_artifacts(run.info.run_id, "evaluation/evaluation.md")).read_text()
+    assert "| candidate |" in read("evaluation/evaluation.md")
     model = client.get_logged_model(tags["model.uri"].removeprefix("models:/"))
     assert model.source_run_id == run.info.run_id
 
@@ -195,7 +201,8 @@ def test_pyfunc_predict_returns_top_k_unseen_items(sqlite_scenario: dict) -> Non
     from serving import model_store
 
     mlflow.set_registry_uri(sqlite_scenario["tracking_uri"])
-    loaded = model_store.load_version(sqlite_scenario["name"], alias="champion", client=sqlite_scenario["client"])
+    name, client = sqlite_scenario["name"], sqlite_scenario["client"]
+    loaded = model_store.load_version(name, alias="champion", client=client)
     history = list(loaded.vocab.ids[:5])
     pyfunc = mlflow.pyfunc.load_model(f"models:/{sqlite_scenario['name']}/{loaded.version}")
     out = pyfunc.predict(pd.DataFrame({"history": [history, []]}), params={"k": 5})
@@ -203,18 +210,41 @@ def test_pyfunc_predict_returns_top_k_unseen_items(sqlite_scenario: dict) -> Non
     assert not set(out["item_ids"][0]) & set(history) and len(out["item_ids"][1]) == 5
 
 
+def test_cli_lists_promotes_and_rolls_back(sqlite_scenario: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from serving.model_store import get_alias_version
+
+    monkeypatch.setenv("RECLOOP_HOME", str(sqlite_scenario["home"]))
+    get_settings.cache_clear()
+    client, name = sqlite_scenario["client"], sqlite_scenario["name"]
+    runner = CliRunner()
+    listed = runner.invoke(app, ["model", "list"])
+    assert listed.exit_code == 0 and "champion" in listed.output and "fail" in listed.output
+    promoted = runner.invoke(app, ["model", "promote", "3"])
+    assert promoted.exit_code == 0 and promoted.output.strip() == "champion: 1 -> 3"
+    assert get_alias_version(client, name, "champion") == "3"
+    rolled = runner.invoke(app, ["model", "rollback"])
+    assert rolled.exit_code == 0 and rolled.output.strip() == "champion: 3 -> 1"
+    again = runner.invoke(app, ["model", "rollback"])  # nothing before version 1
+    assert again.exit_code == 1 and get_alias_version(client, name, "champion") == "1"
+    get_settings.cache_clear()
+
+
 @pytest.mark.postgres
 def test_same_registry_scenario_on_postgresql(harness: None, tmp_path: Path, events_file: Path) -> None:
     psycopg = pytest.importorskip("psycopg")
     db = f"recloop_mlflow_{uuid.uuid4().hex[:8]}"
     try:
-        admin = psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True, connect_timeout=5)
+        admin = psycopg.connect(f"{PG}/postgres", autocommit=True, connect_timeout=5)
     except psycopg.OperationalError as err:
         pytest.skip(f"PostgreSQL not reachable at 127.0.0.1:5432: {err}")
     with admin:
         admin.execute(f'CREATE DATABASE "{db}"')
         try:
-            seen = _run_scenario(tmp_path / "home", f"postgresql+psycopg://postgres@127.0.0.1:5432/{db}", events_file)
+            uri = f"postgresql+psycopg://{PG.split('://')[1]}/{db}"
+            seen = _run_scenario(tmp_path / "home", uri, events_file)
             assert seen["tracking_uri"].startswith("postgresql")
             _assert_scenario(seen)
         finally:
