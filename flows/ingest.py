@@ -16,9 +16,9 @@ from prefect.cache_policies import NO_CACHE
 from flows.validate import GateConfig, ValidationOutcome, validate_batch, validate_flow, write_outcome
 from recloop.lake import IngestReport, Lake
 from recloop.quarantine import DataValidationError
+from recloop.settings import get_settings
 from recloop.sources import SourceFrames
 from recloop.sources.base import empty_items, empty_users
-from recloop.settings import get_settings
 
 
 def accepted_frames(outcome: ValidationOutcome, source: str) -> SourceFrames:

@@ -6,6 +6,7 @@ Marked slow (several minutes: two trainings and a real `bentoml serve`); CI runs
 from __future__ import annotations
 
 import socket
+import time
 from pathlib import Path
 
 import httpx
@@ -57,6 +58,7 @@ def test_pipeline_then_feedback_then_loop(platform_env, ml100k_path: Path) -> No
     train = {"epochs": 12, "patience": 3}
 
     # Run 1: the whole pipeline → version 1 is champion and served.
+    t0 = time.monotonic()
     run1 = pipeline_flow(source="movielens-100k", path=str(ml100k_path), train_params=train)
     assert run1["ingest"]["new_events"] == 100_000
     assert run1["evaluate"]["passed"] and run1["evaluate"]["promoted"]
@@ -71,15 +73,18 @@ def test_pipeline_then_feedback_then_loop(platform_env, ml100k_path: Path) -> No
         for _ in range(5):
             rec = httpx.post(f"{url}/recommend", json={"user_id": user, "k": 5}, timeout=10).json()
             item = rec["items"][0]["item_id"]
-            ack = httpx.post(f"{url}/feedback", json={"user_id": user, "item_id": item, "event_type": "click"},
-                             timeout=10)
+            click = {"user_id": user, "item_id": item, "event_type": "click"}
+            ack = httpx.post(f"{url}/feedback", json=click, timeout=10)
             assert ack.status_code == 200, ack.text
             nxt = httpx.post(f"{url}/recommend", json={"user_id": user, "k": 5}, timeout=10).json()
-            assert item not in {it["item_id"] for it in nxt["items"]}  # the click shows in the very next answer
+            # the click shows in the very next answer
+            assert item not in {it["item_id"] for it in nxt["items"]}
             sent += 1
 
     # Run 2: the loop consumes exactly those events, warm-starts, gates, and the service follows the alias.
+    t1 = time.monotonic()
     run2 = loop_flow(train_params={"epochs": 4, "patience": 2})
+    print(f"wall_s pipeline={t1 - t0:.1f} loop={time.monotonic() - t1:.1f}")
     assert run2["status"] == "done"
     assert run2["new_events"] == sent
     assert run2["ingest"]["new_events"] == sent
@@ -94,7 +99,7 @@ def test_pipeline_then_feedback_then_loop(platform_env, ml100k_path: Path) -> No
     assert loop_flow()["status"] == "skipped"
 
     # MLflow lists both versions with their gate tags.
-    versions = {mv.version: mv for mv in client.search_model_versions(f"name='{settings.model_name}'")}
+    versions = {str(mv.version): mv for mv in client.search_model_versions(f"name='{settings.model_name}'")}
     assert set(versions) == {"1", "2"}
     for mv in versions.values():
         assert mv.tags.get("gate.decision") in ("pass", "fail")
