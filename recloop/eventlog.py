@@ -155,7 +155,9 @@ class EventLog:
         """Insert one event (timestamp defaults to now, UTC). Returns True if newly inserted."""
         return self.append([_event(user_id, item_id, event_type, value, timestamp, event_id, source)]) == 1
 
-    def append_and_recent(self, event_row: dict[str, Any], n: int) -> tuple[bool, list[str]]:
+    def append_and_recent(
+        self, event_row: dict[str, Any], n: int, after_ts: datetime | None = None
+    ) -> tuple[bool, list[str]]:
         """Atomically insert one event and read that user's last ``n`` item ids (oldest first).
 
         Concurrent calls for the same user are serialised, so every returned list reflects all
@@ -164,6 +166,7 @@ class EventLog:
         Args:
             event_row: one event (keys as in ``append``; ``timestamp`` defaults to now, UTC).
             n: how many items to return (>= 1).
+            after_ts: only events stamped after it (the part of the history the lake does not hold yet).
         Returns:
             (inserted, recent): whether the event was new; the last ``n`` item ids by (timestamp, seq).
         Raises:
@@ -177,7 +180,7 @@ class EventLog:
         with self.engine.begin() as conn:
             self._lock_users(conn, [rows[0]["user_id"]])
             inserted = self._insert(conn, rows)
-            recent = self._recent(conn, rows[0]["user_id"], n)
+            recent = self._recent(conn, rows[0]["user_id"], n, after_ts)
         return bool(inserted), recent
 
     def _rows(self, events: pd.DataFrame | Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -230,19 +233,20 @@ class EventLog:
         return inserted
 
     # ---- reads ---------------------------------------------------------------------------
-    def recent_items(self, user_id: str, n: int) -> list[str]:
-        """The user's last ``n`` item ids by (timestamp, seq), oldest first ([] for an unknown user)."""
-        with self.engine.connect().execution_options(sqlite_begin="BEGIN") as conn:
-            return self._recent(conn, str(user_id), n)
+    def recent_items(self, user_id: str, n: int, after_ts: datetime | None = None) -> list[str]:
+        """The user's last ``n`` item ids by (timestamp, seq), oldest first ([] for an unknown user).
 
-    def _recent(self, conn: Connection, user_id: str, n: int) -> list[str]:
+        ``after_ts`` keeps only events stamped after it.
+        """
+        with self.engine.connect().execution_options(sqlite_begin="BEGIN") as conn:
+            return self._recent(conn, str(user_id), n, after_ts)
+
+    def _recent(self, conn: Connection, user_id: str, n: int, after_ts: datetime | None = None) -> list[str]:
         t = self.table
-        q = (
-            select(t.c.item_id)
-            .where(t.c.user_id == user_id)
-            .order_by(t.c.timestamp.desc(), t.c.seq.desc())
-            .limit(n)
-        )
+        cond = t.c.user_id == user_id
+        if after_ts is not None:
+            cond = cond & (t.c.timestamp > pd.Timestamp(after_ts).tz_convert("UTC").to_pydatetime())
+        q = select(t.c.item_id).where(cond).order_by(t.c.timestamp.desc(), t.c.seq.desc()).limit(n)
         return [r[0] for r in conn.execute(q)][::-1]
 
     def since(

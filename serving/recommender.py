@@ -17,6 +17,8 @@ and pushed again until unchanged, so a stale push from another worker can never 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import logging
 import threading
 import uuid
@@ -43,9 +45,15 @@ class OnlineStore(Protocol):
 
 
 class EventStore(Protocol):
-    def append_and_recent(self, event: dict[str, Any], n: int) -> tuple[bool, list[str]]: ...
+    def append_and_recent(
+        self, event: dict[str, Any], n: int, after_ts: datetime | None = None
+    ) -> tuple[bool, list[str]]: ...
 
-    def recent_items(self, user_id: str, n: int) -> list[str]: ...
+    def recent_items(self, user_id: str, n: int, after_ts: datetime | None = None) -> list[str]: ...
+
+
+#: user_id -> (last items in the lake, oldest first; timestamp of the user's newest lake event)
+BaseHistory = Mapping[str, tuple[list[str], datetime]]
 
 
 class UnknownItemError(KeyError):
@@ -172,8 +180,10 @@ class RecommenderCore:
         max_seq_len: int = 50,
         variant: str = "champion",
         source: str = "api",
+        base_history: BaseHistory | None = None,
     ) -> None:
         self._served = served
+        self.base_history: BaseHistory = base_history or {}
         self.online = online
         self.events = events
         self.max_seq_len = max_seq_len
@@ -253,6 +263,11 @@ class RecommenderCore:
     ) -> dict[str, Any]:
         """Store one event, then refresh the user's online sequence from the log; return after both.
 
+        The sequence pushed online is the user's lake history (``base_history``, a snapshot taken at
+        start and at each model swap) followed by the log's events stamped after that snapshot's
+        newest event — so the history the model was trained on is never replaced by the feedback
+        tail, and events already ingested into the lake are not counted twice.
+
         Returns:
             dict with event_id, inserted (False on an idempotent replay), known_item, recent_items.
         """
@@ -268,9 +283,10 @@ class RecommenderCore:
             "timestamp": ts.astimezone(UTC),
             "source": self.source,
         }
+        base_items, base_ts = self.base_history.get(user_id, ([], None))
         with self._lock(user_id):
-            inserted, recent = self.events.append_and_recent(event, self.max_seq_len)
-            recent = self._refresh(user_id, list(recent))
+            inserted, tail = self.events.append_and_recent(event, self.max_seq_len, after_ts=base_ts)
+            recent = self._refresh(user_id, base_items, base_ts, list(tail))
         return {
             "event_id": event["event_id"],
             "inserted": bool(inserted),
@@ -278,16 +294,17 @@ class RecommenderCore:
             "recent_items": len(recent),
         }
 
-    def _refresh(self, user_id: str, recent: list[str]) -> list[str]:
-        """Push ``recent`` and re-read the log until what was pushed is the log's current tail."""
+    def _refresh(self, user_id: str, base: list[str], base_ts: datetime | None, tail: list[str]) -> list[str]:
+        """Push ``base + tail`` (last ``max_seq_len``) and re-read the log until the pushed tail is current."""
+        n = self.max_seq_len
         for _ in range(MAX_REFRESH_ROUNDS):
-            self.online.push_recent_items(user_id, recent, datetime.now(UTC))
-            latest = list(self.events.recent_items(user_id, self.max_seq_len))
-            if latest == recent:
-                return recent
-            recent = latest
-        self.online.push_recent_items(user_id, recent, datetime.now(UTC))
-        return recent
+            self.online.push_recent_items(user_id, (base + tail)[-n:], datetime.now(UTC))
+            latest = list(self.events.recent_items(user_id, n, after_ts=base_ts))
+            if latest == tail:
+                return (base + tail)[-n:]
+            tail = latest
+        self.online.push_recent_items(user_id, (base + tail)[-n:], datetime.now(UTC))
+        return (base + tail)[-n:]
 
     def similar_items(self, item_id: str, k: int = 10) -> dict[str, Any]:
         """The k items closest to ``item_id`` by cosine similarity of the model's item embeddings.

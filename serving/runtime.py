@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,28 +22,43 @@ from serving.schemas import ModelInfo
 logger = logging.getLogger(__name__)
 
 
-def load_catalogue(lake_path: Path) -> tuple[dict[str, str], dict[str, float]]:
-    """Item titles and event counts from the lake's Parquet tables (empty dicts when absent).
+@dataclass
+class Catalogue:
+    """What the service reads from the lake: titles, popularity and each user's lake history."""
 
-    Returns:
-        (item_id -> title, item_id -> number of events).
+    titles: dict[str, str] = field(default_factory=dict)
+    popularity: dict[str, float] = field(default_factory=dict)
+    base_history: dict[str, tuple[list[str], Any]] = field(default_factory=dict)
+
+
+def load_catalogue(lake_path: Path, max_seq_len: int = 50) -> Catalogue:
+    """Item titles, event counts and per-user lake histories from the lake (empty when absent).
+
+    ``base_history[user_id]`` is (the user's last ``max_seq_len`` item ids, oldest first; the
+    timestamp of the user's newest lake event): the feedback path appends the event log's newer
+    events to it.
     """
-    import pandas as pd
     import pyarrow
 
-    titles: dict[str, str] = {}
-    counts: dict[str, float] = {}
-    items_dir, events_dir = lake_path / "items", lake_path / "events"
+    from recloop.lake import Lake
+
+    cat = Catalogue()
+    lake = Lake(lake_path)  # committed batches only; latest version of each item
     try:
-        if items_dir.exists():
-            items = pd.read_parquet(items_dir, columns=["item_id", "title"])
-            titles = dict(zip(items["item_id"].astype(str), items["title"].astype(str), strict=True))
-        if events_dir.exists():
-            ids = pd.read_parquet(events_dir, columns=["item_id"])["item_id"].astype(str)
-            counts = {str(k): float(v) for k, v in ids.value_counts().items()}
+        items = lake.items()
+        if len(items):
+            cat.titles = dict(zip(items["item_id"].astype(str), items["title"].astype(str), strict=True))
+        events = lake.events()  # ordered by (timestamp, ingest order)
+        cat.popularity = {str(k): float(v) for k, v in events["item_id"].value_counts().items()}
+        tail = events.groupby("user_id", sort=False).tail(max_seq_len)
+        last_ts = events.groupby("user_id", sort=False)["timestamp"].max()
+        cat.base_history = {
+            str(u): (g["item_id"].astype(str).tolist(), last_ts[u].to_pydatetime())
+            for u, g in tail.groupby("user_id", sort=False)
+        }
     except (OSError, ValueError, KeyError, pyarrow.ArrowException) as err:
         logger.warning("catalogue not read from lake path=%s error=%s", lake_path, err)
-    return titles, counts
+    return cat
 
 
 @dataclass
@@ -86,12 +101,13 @@ def build_runtime(settings: Settings | None = None) -> Runtime:
     from serving.online import OnlineFeatures
 
     client = configure_tracking(settings)
-    titles, popularity = load_catalogue(settings.lake_path)
+    cat = load_catalogue(settings.lake_path, settings.max_seq_len)
+    titles, popularity = cat.titles, cat.popularity
     pinned = settings.serve_model_version or None
     served = served_from_registry(settings, client, pinned, titles, popularity)
     core = RecommenderCore(
         served, OnlineFeatures(settings=settings), EventLog(settings.event_log_uri),
-        max_seq_len=settings.max_seq_len, variant=settings.model_alias,
+        max_seq_len=settings.max_seq_len, variant=settings.model_alias, base_history=cat.base_history,
     )
     logger.info("service ready model=%s version=%s", settings.model_name, served.version)
     return Runtime(settings, client, core, titles, popularity)
@@ -126,12 +142,16 @@ class ChampionWatcher:
             version = get_alias_version(self.rt.client, s.model_name, s.model_alias)
             if version is None or version == self.rt.core.served.version:
                 return False
+            # A new version may know new items: refresh titles and popularity from the lake first.
+            cat = load_catalogue(s.lake_path, s.max_seq_len)
+            self.rt.titles, self.rt.popularity = cat.titles, cat.popularity
             served = served_from_registry(s, self.rt.client, version, self.rt.titles, self.rt.popularity)
         except Exception as err:  # noqa: BLE001 - any load failure must keep the old model serving
             self.last_error = f"{type(err).__name__}: {err}"[:500]
             logger.error("champion reload failed; keeping version=%s error=%s",
                          self.rt.core.served.version, self.last_error)
             return False
+        self.rt.core.base_history = cat.base_history  # one reference assignment, like the model swap
         self.rt.core.swap(served)
         self.last_error = None
         return True

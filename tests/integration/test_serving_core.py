@@ -22,20 +22,21 @@ class MemoryLog:
         self._ids: set[str] = set()
         self._lock = threading.Lock()
 
-    def append_and_recent(self, event: dict, n: int) -> tuple[bool, list[str]]:
+    def append_and_recent(self, event: dict, n: int, after_ts=None) -> tuple[bool, list[str]]:
         with self._lock:
             inserted = event["event_id"] not in self._ids
             if inserted:
                 self._ids.add(event["event_id"])
                 self.rows.append(event)
-            return inserted, self._recent(event["user_id"], n)
+            return inserted, self._recent(event["user_id"], n, after_ts)
 
-    def _recent(self, user_id: str, n: int) -> list[str]:
-        return [r["item_id"] for r in self.rows if r["user_id"] == user_id][-n:]
+    def _recent(self, user_id: str, n: int, after_ts=None) -> list[str]:
+        rows = [r for r in self.rows if r["user_id"] == user_id and (after_ts is None or r["timestamp"] > after_ts)]
+        return [r["item_id"] for r in rows][-n:]
 
-    def recent_items(self, user_id: str, n: int) -> list[str]:
+    def recent_items(self, user_id: str, n: int, after_ts=None) -> list[str]:
         with self._lock:
-            return self._recent(user_id, n)
+            return self._recent(user_id, n, after_ts)
 
 
 class MemoryOnline:
@@ -184,3 +185,20 @@ def test_bento_build_recipe_drops_torch_and_pins_the_version() -> None:
     assert "/work" not in text and "lock_packages: false" in text
     pinned = pin_bentofile(text, "7")
     assert 'model_version: "7"' in pinned and 'value: "7"' in pinned
+
+
+def test_feedback_appends_to_the_lake_history_instead_of_replacing_it() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    lake_ts = datetime(2024, 1, 1, tzinfo=UTC)
+    online = MemoryOnline({"u1": ["i1", "i2", "i3"]})
+    log = MemoryLog()
+    base = {"u1": (["i1", "i2", "i3"], lake_ts)}
+    core = RecommenderCore(tiny_served(), online, log, max_seq_len=4, base_history=base)
+    # An event the lake already holds (ingested by the loop) must not be counted twice.
+    log.append_and_recent({"event_id": "old", "user_id": "u1", "item_id": "i3", "timestamp": lake_ts}, 4)
+    core.feedback("u1", "i9", "click", timestamp=lake_ts + timedelta(days=1))
+    assert online.rows["u1"] == ["i1", "i2", "i3", "i9"]
+    core.feedback("u1", "i10", "click", timestamp=lake_ts + timedelta(days=2))
+    assert online.rows["u1"] == ["i2", "i3", "i9", "i10"]  # the last max_seq_len items, oldest first
+    assert "i10" not in {x["item_id"] for x in core.recommend("u1", k=10)["items"]}
