@@ -290,6 +290,12 @@ class EventLog:
         cols = list(EVENT_COLUMNS) + (["seq", "ingested_at"] if with_seq else [])
         return df[cols].reset_index(drop=True)
 
+    def get(self, event_id: str) -> dict[str, Any] | None:
+        """The stored event with ``event_id`` (contract fields plus ``seq``), or None."""
+        with self.engine.connect().execution_options(sqlite_begin="BEGIN") as conn:
+            row = conn.execute(select(self.table).where(self.table.c.event_id == str(event_id))).mappings().first()
+        return None if row is None else dict(row)
+
     def count(self) -> int:
         """Number of stored events."""
         return int(self._scalar_from(func.count()))

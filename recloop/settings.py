@@ -26,6 +26,10 @@ TELEMETRY_ENV: dict[str, str] = {
     "TRANSFORMERS_OFFLINE": "1",
     "GX_ANALYTICS_ENABLED": "false",
     "FEAST_USAGE": "False",
+    # Quiet consoles: no download/progress bars from the text encoder's libraries.
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "TQDM_DISABLE": "1",
 }
 
 

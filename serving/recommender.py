@@ -51,6 +51,8 @@ class EventStore(Protocol):
 
     def recent_items(self, user_id: str, n: int, after_ts: datetime | None = None) -> list[str]: ...
 
+    def get(self, event_id: str) -> dict[str, Any] | None: ...
+
 
 #: user_id -> (last items in the lake, oldest first; timestamp of the user's newest lake event)
 BaseHistory = Mapping[str, tuple[list[str], datetime]]
@@ -271,6 +273,10 @@ class RecommenderCore:
         Returns:
             dict with event_id, inserted (False on an idempotent replay), known_item, recent_items.
         """
+        if timestamp is None and event_id is not None:
+            # A client retry of the same event_id without a timestamp is the same event, not a conflict.
+            stored = self.events.get(event_id)
+            timestamp = stored["timestamp"] if stored is not None else None
         ts = timestamp or datetime.now(UTC)
         if ts.tzinfo is None:
             ts = ts.replace(tzinfo=UTC)

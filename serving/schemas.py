@@ -78,8 +78,9 @@ class FeedbackRequest(_Strict):
     timestamp: datetime | None = Field(default=None, description="Event time (ISO 8601); default: now, UTC")
     event_id: Annotated[str, StringConstraints(min_length=1, max_length=MAX_EVENT_ID_CHARS)] | None = Field(
         default=None,
-        description="Idempotency key (1-128 chars; default a new UUID). A retry must resend the same"
-        " timestamp: the same id with different content is refused (400)",
+        description="Idempotency key (1-128 chars; default a new UUID). A retry with the same id is"
+        " acknowledged once (without a timestamp it reuses the stored one); the same id with other"
+        " content is refused (400)",
     )
 
 

@@ -38,6 +38,10 @@ class MemoryLog:
         with self._lock:
             return self._recent(user_id, n, after_ts)
 
+    def get(self, event_id: str) -> dict | None:
+        with self._lock:
+            return next((r for r in self.rows if r["event_id"] == event_id), None)
+
 
 class MemoryOnline:
     def __init__(self, seed: dict[str, list[str]] | None = None) -> None:
@@ -202,3 +206,16 @@ def test_feedback_appends_to_the_lake_history_instead_of_replacing_it() -> None:
     core.feedback("u1", "i10", "click", timestamp=lake_ts + timedelta(days=2))
     assert online.rows["u1"] == ["i2", "i3", "i9", "i10"]  # the last max_seq_len items, oldest first
     assert "i10" not in {x["item_id"] for x in core.recommend("u1", k=10)["items"]}
+
+
+def test_feedback_retry_with_same_event_id_and_no_timestamp_is_idempotent(tmp_path) -> None:
+    from recloop.eventlog import EventLog
+
+    log = EventLog(f"sqlite:///{tmp_path / 'log.db'}")
+    core = RecommenderCore(tiny_served(), MemoryOnline(), log, max_seq_len=8)
+    first = core.feedback("u9", "i5", "click", event_id="retry-1")
+    again = core.feedback("u9", "i5", "click", event_id="retry-1")  # e.g. the client timed out and retried
+    assert first["inserted"] is True and again["inserted"] is False
+    assert log.count() == 1 and log.get("retry-1")["item_id"] == "i5"
+    with pytest.raises(ValueError, match="different content"):
+        core.feedback("u9", "i6", "click", event_id="retry-1")  # a real conflict is still refused
