@@ -17,12 +17,11 @@ and pushed again until unchanged, so a stale push from another worker can never 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import logging
 import threading
 import uuid
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
