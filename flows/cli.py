@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import httpx
 import typer
 
 from recloop import __version__
@@ -44,7 +45,7 @@ def ingest(
         report = ingest_source(
             source, Path(path) if path else None, get_settings().lake_path, batch_id=batch_id, **options
         )
-    except (ValueError, FileNotFoundError) as err:  # SourceError/ContractError are ValueErrors
+    except (ValueError, OSError, httpx.HTTPError) as err:  # SourceError/ContractError are ValueErrors
         typer.echo(f"ingest failed: {err}", err=True)
         raise typer.Exit(1) from err
     if as_json:
@@ -83,6 +84,9 @@ def validate(
         typer.echo(
             json.dumps({"passed": False, "stopped": True, "failing": err.failing}) if as_json else str(err)
         )
+        raise typer.Exit(1) from err
+    except (ValueError, OSError, httpx.HTTPError) as err:  # unknown source, missing file, failed download
+        typer.echo(f"validate failed: {err}", err=True)
         raise typer.Exit(1) from err
     outcome = write_outcome(outcome, get_settings().home, data_docs=data_docs)
     if as_json:
@@ -272,15 +276,13 @@ def pipeline(
     epochs: int = typer.Option(None, help="Training epochs"),
     deploy: bool = typer.Option(True, help="Make the service serve the champion afterwards"),
 ) -> None:
-    """Run the pipeline flow once (needs `recloop up --only prefect` or PREFECT_API_URL)."""
+    """Run the pipeline flow once against the local Prefect server (`recloop up --only prefect` first)."""
     _prefect_env()
-    import json
-
-    from flows.pipeline import pipeline_flow
+    from flows.pipeline import pipeline_flow, summary_markdown
 
     stages = pipeline_flow(source=source, path=path, train_params={"epochs": epochs} if epochs else None,
                            deploy=deploy)
-    typer.echo(json.dumps({k: v for k, v in stages.items() if k != "features"}, default=str, indent=1)[:4000])
+    typer.echo(summary_markdown("recloop pipeline", stages))
 
 
 @app.command()
@@ -291,12 +293,16 @@ def loop(
 ) -> None:
     """Run one turn of the continuous loop now (the deployment runs it on a schedule)."""
     _prefect_env()
-    import json
 
     from flows.loop import loop_flow
 
     stages = loop_flow(source=source, path=path, deploy=deploy)
-    typer.echo(json.dumps({k: v for k, v in stages.items() if k != "features"}, default=str, indent=1)[:4000])
+    typer.echo(f"status={stages['status']} new_events={stages['new_events']} "
+               f"watermark={stages['watermark_from']}->{stages['watermark_to']}")
+    if stages["status"] == "done":
+        from flows.pipeline import summary_markdown
+
+        typer.echo(summary_markdown("recloop continuous loop", stages))
 
 
 @app.command()
@@ -354,6 +360,8 @@ def model_list() -> None:
         table.add_column(column)
     for row in rows:
         table.add_row(*(row[c] for c in ("version", "aliases", "gate", "ndcg@10", "coverage@10", "run_id")))
+    table.caption = ("test metrics of each version on the data it was evaluated on (the gate compares a candidate "
+                     "with the champion on the same split)")
     Console().print(table)
 
 

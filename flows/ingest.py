@@ -76,7 +76,13 @@ def validate_frame_task(events: pd.DataFrame, source: str, batch_id: str) -> Val
     settings = get_settings()
     lake = Lake(settings.lake_path)
     items = lake.items()
+    # The API already accepted these events, and feedback may name items the catalogue does not know yet
+    # (they are used after the next retrain). So a feedback batch never stops on its bad-row share or on
+    # unknown items: bad rows are quarantined (kept, with their reason) and the rest continue. Structural
+    # failures (schema, types, empty batch) still stop.
+    config = GateConfig.from_settings(settings, None).model_copy(
+        update={"max_bad_row_share": 1.0, "unknown_item_max_share": 1.0}
+    )
     outcome = validate_batch(events, items if len(items) else None, None, source=source,
-                             as_of=datetime.now(UTC), config=GateConfig.from_settings(settings, None),
-                             batch_id=batch_id)
+                             as_of=datetime.now(UTC), config=config, batch_id=batch_id)
     return write_outcome(outcome, settings.home)

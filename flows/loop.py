@@ -26,6 +26,8 @@ from recloop.quarantine import DataValidationError
 from recloop.settings import get_settings
 
 FEEDBACK_SOURCE = "feedback"
+#: Training budget of a warm-started retrain (overridable per run through ``train_params``).
+WARM_TRAIN_PARAMS: dict[str, Any] = {"epochs": 10, "patience": 3}
 
 
 def state_path(home: Path) -> Path:
@@ -67,7 +69,7 @@ def loop_flow(source: str | None = None, path: str | None = None, train_params: 
 
     Args:
         source / path: an optional new source batch to ingest as well (e.g. a new export file).
-        train_params: ``TrainConfig`` overrides for the warm-started retrain.
+        train_params: ``TrainConfig`` overrides for the warm-started retrain (default ``WARM_TRAIN_PARAMS``).
         deploy / start_service: as in ``pipeline_flow``.
         min_new_events: skip retraining when fewer new events arrived (nothing is consumed then).
     Returns:
@@ -93,7 +95,9 @@ def loop_flow(source: str | None = None, path: str | None = None, train_params: 
         stages["ingest"] = {**report.model_dump(mode="json"), "rows_quarantined": outcome.rows_quarantined,
                             "bad_share": outcome.bad_share}
     batch = (stages.get("ingest") or stages.get("ingest_source") or {}).get("batch_id")
-    stages.update(run_training_stages(train_params, None, True, batch, deploy, start_service))
+    # Warm-started from the champion, a short budget is enough to absorb the new events.
+    warm_params = {**WARM_TRAIN_PARAMS, **(train_params or {})}
+    stages.update(run_training_stages(warm_params, None, True, batch, deploy, start_service))
     write_watermark(settings.home, high)
     stages.update(status="done", watermark_to=high)
     logger.info("loop done new_events=%d watermark=%d->%d", len(events), after, high)

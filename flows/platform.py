@@ -111,17 +111,22 @@ def demo(source: str = "synthetic", path: str | None = None, epochs: int | None 
     console.print(f"platform up in {time.monotonic() - t0:.0f} s")
 
     from flows.pipeline import pipeline_flow  # after PREFECT_API_URL points at our server
+    from recloop.lake import Lake
+
+    held = Lake(settings.lake_path).watermarks()
+    others = sorted(set(held) - {source})
+    if others:
+        console.print(f"[yellow]note: the lake in {settings.home} also holds sources {others}; training uses the "
+                      f"whole lake. Use a fresh RECLOOP_HOME (or `make clean`) to train on {source!r} alone.[/]")
 
     # A bounded training budget keeps the demo within a few minutes on 2 cores.
     train_params = {"epochs": epochs or 20, "max_train_seconds": 90.0}
     stages = pipeline_flow(source=source, path=path, train_params=train_params, deploy=True, start_service=True)
     evaluation = stages["evaluate"]
-    console.print(evaluation.get("report_md", ""))
+    console.print(evaluation.get("report_md", ""), soft_wrap=True, markup=False)
     console.print(f"gate passed={evaluation['passed']} promoted={evaluation['promoted']} "
                   f"version={evaluation['version']}; deployed={stages['deploy'] and stages['deploy']['version']}")
     up(settings, ("runner",))
-    from recloop.lake import Lake
-
     events = Lake(settings.lake_path).events()
     user = user_id or str(events["user_id"].iloc[-1])
     result = interact(settings, user)

@@ -52,6 +52,8 @@ def _bin(name: str) -> str:
 def service_env(settings: Settings) -> dict[str, str]:
     """Environment shared by every child: telemetry off, Prefect API and home set."""
     env = dict(os.environ)
+    # Importing Feast points prometheus at a temp dir it deletes on exit; children must not inherit it.
+    env.pop("PROMETHEUS_MULTIPROCESS_DIR", None)
     for key, value in TELEMETRY_ENV.items():
         env.setdefault(key, value)
     env["RECLOOP_HOME"] = str(settings.home)

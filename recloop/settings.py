@@ -43,8 +43,8 @@ class Settings(BaseSettings):
     seed: int = Field(default=42, description="Global seed recorded with every run")
 
     # Orchestration and registry
-    prefect_api_url: str = Field(default="http://127.0.0.1:4200/api", description="Prefect server API")
-    prefect_port: int = 4200
+    prefect_port: int = Field(default=4200, description="Port of the local Prefect server (`recloop up`)")
+    prefect_api_url: str = Field(default="", description="Prefect server API; default the local server's port")
     mlflow_tracking_uri: str | None = Field(default=None, description="Default: sqlite under home")
     mlflow_artifact_root: str | None = Field(default=None, description="Default: home/mlartifacts")
     mlflow_port: int = 5000
@@ -97,6 +97,8 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _resolve_home(self) -> Settings:
         object.__setattr__(self, "home", self.home.expanduser().resolve())
+        if not self.prefect_api_url:
+            object.__setattr__(self, "prefect_api_url", f"http://127.0.0.1:{self.prefect_port}/api")
         return self
 
     @property

@@ -156,6 +156,9 @@ class Recommender:
     def feedback(self, **request: Any) -> FeedbackResponse:
         """Store one event, refresh the user's online history from the log; ack after both."""
         req = FeedbackRequest.model_construct(**request)
+        lo, hi = self.settings.rating_min, self.settings.rating_max
+        if req.event_type == "rating" and req.value is not None and not lo <= req.value <= hi:
+            raise InvalidFeedback(f"value={req.value} outside the rating range [{lo}, {hi}]")
         try:
             out = self.core.feedback(
                 req.user_id, req.item_id, req.event_type, req.value, req.timestamp, req.event_id

@@ -113,6 +113,7 @@ BAD_REQUESTS = [
     ("feedback", {"user_id": "1", "item_id": "50", "event_type": "view", "timestamp": "yesterday"}, 400,
      "timestamp"),
     ("feedback", {"user_id": "1", "event_type": "view"}, 400, "item_id"),
+    ("feedback", {"user_id": "1", "item_id": "50", "event_type": "rating", "value": 99}, 400, "rating range"),
     ("similar_items", {"item_id": "no-such-item"}, 400, "item_id"),
     ("similar_items", {"item_id": "50", "k": -1}, 400, "k"),
 ]
