@@ -101,9 +101,9 @@ def ensure_service_task(start_if_down: bool) -> str:
 @task
 def build_bento_task(version: str) -> str:
     """Build a Bento pinned to ``version`` (offline recipe of flows/build_bento.py)."""
-    from flows.build_bento import build_bento
+    from flows.build_bento import build
 
-    return str(build_bento(model_version=version))
+    return build(version=version)
 
 
 @flow(name="deploy")
