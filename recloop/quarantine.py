@@ -143,34 +143,21 @@ def split_events(raw: pd.DataFrame, source: str) -> EventSplit:
     except ContractError as err:  # a check above missed a case: surface it as a gate failure
         raise DataValidationError([f"events.contract: {err}"]) from err
 
-    exact = good.duplicated(subset=list(EVENT_COLUMNS), keep="first").to_numpy()
-    if exact.any():
-        rows = good_rows[exact]
-        ids = good["event_id"].to_numpy()[exact]
-        rejected.append(
-            _rejects(
-                raw,
-                rows,
-                ["duplicate.event_id"] * len(rows),
-                [f"exact repeat of event_id={i!r}" for i in ids],
-                "deduplicated",
+    # Exact repeats are dropped (recorded as deduplicated); ids repeated with other content are quarantined.
+    duplicate_rules = (
+        (lambda g: g.duplicated(subset=list(EVENT_COLUMNS), keep="first"), "exact repeat of event_id={!r}",
+         "deduplicated"),
+        (lambda g: g["event_id"].duplicated(keep=False), "event_id={!r} repeated with different content",
+         "quarantined"),
+    )
+    for find, reason, action in duplicate_rules:
+        mask = find(good).to_numpy()
+        if mask.any():
+            rows, ids = good_rows[mask], good["event_id"].to_numpy()[mask]
+            rejected.append(
+                _rejects(raw, rows, ["duplicate.event_id"] * len(rows), [reason.format(i) for i in ids], action)
             )
-        )
-        good, good_rows = good[~exact].reset_index(drop=True), good_rows[~exact]
-    conflict = good["event_id"].duplicated(keep=False).to_numpy()
-    if conflict.any():
-        rows = good_rows[conflict]
-        ids = good["event_id"].to_numpy()[conflict]
-        rejected.append(
-            _rejects(
-                raw,
-                rows,
-                ["duplicate.event_id"] * len(rows),
-                [f"event_id={i!r} repeated with different content" for i in ids],
-                "quarantined",
-            )
-        )
-        good, good_rows = good[~conflict].reset_index(drop=True), good_rows[~conflict]
+            good, good_rows = good[~mask].reset_index(drop=True), good_rows[~mask]
     out = pd.concat(rejected, ignore_index=True) if len(rejected) > 1 else rejected[0]
     return EventSplit(good, out, good_rows.astype(np.int64))
 
