@@ -95,19 +95,8 @@ def read_ml100k(path: Path | None = None, **options: Any) -> SourceFrames:
         table="users",
         dtype={"zip_code": str},
     )
-    return SourceFrames(
-        events=_events(events, source),
-        items=items,
-        users=users,
-        meta={
-            "source": source,
-            "path": str(root),
-            "synthetic_timestamps": False,
-            "rating_range": (1.0, 5.0),
-            "files": {"events": root / "u.data", "items": root / "u.item", "users": root / "u.user"},
-            "first_line": {"events": 1, "items": 1, "users": 1},
-        },
-    )
+    files = {"events": root / "u.data", "items": root / "u.item", "users": root / "u.user"}
+    return _frames(events, items, users, source, root, (1.0, 5.0), files, first_line=1)
 
 
 @register("movielens-1m")
@@ -164,19 +153,7 @@ def read_ml1m(path: Path | None = None, **options: Any) -> SourceFrames:
     else:
         users = users_from_events(events)
     half = pd.to_numeric(events["value"], errors="coerce").mod(1).gt(0).any()
-    return SourceFrames(
-        events=_events(events, source),
-        items=items,
-        users=users,
-        meta={
-            "source": source,
-            "path": str(root),
-            "synthetic_timestamps": False,
-            "rating_range": (0.5 if half else 1.0, 5.0),
-            "files": files,
-            "first_line": {"events": 1, "items": 1, "users": 1},
-        },
-    )
+    return _frames(events, items, users, source, root, (0.5 if half else 1.0, 5.0), files, first_line=1)
 
 
 @register("movielens-latest")
@@ -218,17 +195,33 @@ def read_ml_latest(path: Path | None = None, **options: Any) -> SourceFrames:
             "text": _item_text(movies["title"], genres, tags),
         }
     )
+    files = {"events": root / "ratings.csv", "items": root / "movies.csv"}
+    return _frames(events, items, users_from_events(events), source, root, (0.5, 5.0), files, first_line=2)
+
+
+def _frames(
+    events: pd.DataFrame,
+    items: pd.DataFrame,
+    users: pd.DataFrame,
+    source: str,
+    root: Path,
+    rating_range: tuple[float, float],
+    files: dict[str, Path],
+    *,
+    first_line: int,
+) -> SourceFrames:
+    """The reader's frames with the meta every MovieLens layout records (``first_line``: 1 or 2 with a header)."""
     return SourceFrames(
         events=_events(events, source),
         items=items,
-        users=users_from_events(events),
+        users=users,
         meta={
             "source": source,
             "path": str(root),
             "synthetic_timestamps": False,
-            "rating_range": (0.5, 5.0),
-            "files": {"events": root / "ratings.csv", "items": root / "movies.csv"},
-            "first_line": {"events": 2, "items": 2},
+            "rating_range": rating_range,
+            "files": files,
+            "first_line": dict.fromkeys(files, first_line),
         },
     )
 
