@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import typer
 
@@ -31,30 +33,28 @@ def ingest(
     seed: int = typer.Option(None, help="Seed of the synthetic source"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table"),
 ) -> None:
-    """Read a source strictly and append it to the lake (re-ingesting the same rows adds nothing)."""
-    from pathlib import Path
+    """Read a source, pass it through the validation gate, append the accepted rows to the lake.
 
+    Bad rows are quarantined under <home>/quarantine/<batch>/; re-ingesting the same rows adds nothing.
+    """
     from rich.console import Console
     from rich.table import Table
 
-    from recloop.ingest import ingest_source
-    from recloop.settings import get_settings
+    from flows.ingest import validated_ingest
 
     options = {"seed": seed} if seed is not None else {}
     try:
-        report = ingest_source(
-            source, Path(path) if path else None, get_settings().lake_path, batch_id=batch_id, **options
-        )
-    except (ValueError, OSError, httpx.HTTPError) as err:  # SourceError/ContractError are ValueErrors
+        report = validated_ingest(source, path, batch_id=batch_id, **options)
+    except (ValueError, OSError, httpx.HTTPError) as err:  # DataValidationError/SourceError are ValueErrors
         typer.echo(f"ingest failed: {err}", err=True)
         raise typer.Exit(1) from err
     if as_json:
-        typer.echo(report.model_dump_json())
+        typer.echo(json.dumps(report))
         return
-    table = Table(title=f"ingest {source} batch {report.batch_id}")
+    table = Table(title=f"ingest {source} batch {report['batch_id']}")
     table.add_column("field")
     table.add_column("value", justify="right")
-    for key, value in report.model_dump(mode="json").items():
+    for key, value in report.items():
         table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
     Console().print(table)
 

@@ -13,7 +13,14 @@ import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.validate import GateConfig, ValidationOutcome, validate_batch, validate_flow, write_outcome
+from flows.validate import (
+    GateConfig,
+    ValidationOutcome,
+    read_and_validate,
+    validate_batch,
+    validate_flow,
+    write_outcome,
+)
 from recloop.lake import IngestReport, Lake
 from recloop.quarantine import DataValidationError
 from recloop.settings import get_settings
@@ -47,6 +54,29 @@ def lake_ingest_task(frames: SourceFrames, batch_id: str | None = None) -> Inges
     return Lake(get_settings().lake_path).ingest(frames, batch_id=batch_id)
 
 
+def ingest_summary(report: IngestReport, outcome: ValidationOutcome) -> dict[str, Any]:
+    """The lake's report plus the gate's counts, as one JSON-ready dict."""
+    return {
+        **report.model_dump(mode="json"),
+        "rows_quarantined": outcome.rows_quarantined,
+        "bad_share": outcome.bad_share,
+        "data_docs_path": outcome.data_docs_path,
+    }
+
+
+def validated_ingest(source: str, path: str | None, batch_id: str | None = None, **options: Any) -> dict[str, Any]:
+    """``ingest_flow`` without Prefect (the CLI's ``recloop ingest``): gate, quarantine, then the lake.
+
+    Raises:
+        DataValidationError: the gate stopped the batch (nothing is written to the lake).
+    """
+    settings = get_settings()
+    outcome = read_and_validate(source, path, datetime.now(UTC), batch_id, **options)
+    outcome = write_outcome(outcome, settings.home)
+    report = Lake(settings.lake_path).ingest(accepted_frames(outcome, source))
+    return ingest_summary(report, outcome)
+
+
 @flow(name="ingest")
 def ingest_flow(source: str = "synthetic", path: str | None = None, batch_id: str | None = None) -> dict[str, Any]:
     """Read ``source`` (at ``path``), validate it with the GX gate, append the accepted rows to the lake.
@@ -62,12 +92,7 @@ def ingest_flow(source: str = "synthetic", path: str | None = None, batch_id: st
     report = lake_ingest_task(accepted_frames(outcome, source), batch_id=None)
     logger.info("ingested source=%s new_events=%d quarantined=%d watermark=%s", source, report.new_events,
                 outcome.rows_quarantined, report.watermark)
-    return {
-        **report.model_dump(mode="json"),
-        "rows_quarantined": outcome.rows_quarantined,
-        "bad_share": outcome.bad_share,
-        "data_docs_path": outcome.data_docs_path,
-    }
+    return ingest_summary(report, outcome)
 
 
 @task(name="validate-feedback", cache_policy=NO_CACHE)

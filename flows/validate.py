@@ -254,9 +254,11 @@ def write_outcome(outcome: ValidationOutcome, home: Path, data_docs: bool = True
 
 
 def read_and_validate(
-    source: str, path: str | None, as_of: datetime, batch_id: str | None = None
+    source: str, path: str | None, as_of: datetime, batch_id: str | None = None, **options: Any
 ) -> ValidationOutcome:
     """Read ``source`` with ``recloop.sources.read_source`` and run the gate with the settings' thresholds.
+
+    ``options`` go to the source reader (e.g. ``seed`` of the synthetic source).
 
     Raises:
         DataValidationError: the source cannot be read as its format promises (e.g. a renamed or
@@ -265,7 +267,7 @@ def read_and_validate(
     from recloop.sources import SourceError, read_source
 
     try:
-        frames = read_source(source, Path(path) if path else None)
+        frames = read_source(source, Path(path) if path else None, **options)
     except SourceError as err:
         raise DataValidationError([f"source.read: {err}"]) from err
     cfg = GateConfig.from_settings(get_settings(), frames.meta.get("rating_range"))
