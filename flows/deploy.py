@@ -128,8 +128,8 @@ def deploy_flow(version: str | None = None, smoke_user: str | None = None, start
     logger = get_run_logger()
     settings = get_settings()
     client = configure_tracking(settings)
-    version = str(version or get_alias_version(client, settings.model_name, settings.model_alias))
-    if version in ("None", ""):
+    version = version or get_alias_version(client, settings.model_name, settings.model_alias)
+    if not version:
         raise DeployError(f"no {settings.model_alias!r} alias on model {settings.model_name!r}: nothing to deploy")
     url = ensure_service_task(start_if_down)
     headers = _headers(settings)
