@@ -63,11 +63,12 @@ def run_training_stages(train_params: dict[str, Any] | None, model_params: dict[
     stages["train"] = train_flow(source="lake", model_params=model_params, train_params=train_params,
                                  warm_start_from=warm_from, data_version=data_version)
     stages["evaluate"] = evaluate_flow(stages["train"]["run_id"])
-    if deploy and champion_version() is not None:
+    champion = champion_version()  # after the gate: the new version if it was promoted
+    if deploy and champion is not None:
         stages["deploy"] = deploy_flow(start_if_down=start_service)
     else:
         stages["deploy"] = None
-        logger.info("deploy skipped deploy=%s champion=%s", deploy, champion_version())
+        logger.info("deploy skipped deploy=%s champion=%s", deploy, champion)
     return stages
 
 
