@@ -2,7 +2,7 @@
 
 Paths are RELATIVE on purpose. Feast resolves a relative FileSource path against the store's
 ``repo_path``; recloop builds the store with ``repo_path = RECLOOP_HOME`` (flows/features.py,
-``serving/online.py``), so the files live in ``$RECLOOP_HOME/features/`` and never in this repo.
+``featurestore/online.py``), so the files live in ``$RECLOOP_HOME/features/`` and never in this repo.
 With the ``feast`` CLI, run it from the home: ``feast -c "$RECLOOP_HOME" -f <repo>/feature_store.yaml``.
 
 Every source has ``event_ts`` (when the value became true) and ``created_ts`` (when the row was

@@ -6,7 +6,7 @@ every retrain would force a full re-materialisation. Strings survive vocabulary 
 maps them to indices with the vocabulary of the model that answers (unknown ids are dropped).
 
 TTL: Feast applies it to point-in-time joins only; online reads are checked by recloop
-(``serving/online.py``, ``settings.online_freshness_s``).
+(``featurestore/online.py``, ``settings.online_freshness_s``).
 """
 
 from datetime import timedelta

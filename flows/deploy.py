@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wait_fixed
 
 from recloop.settings import Settings, get_settings
 
@@ -58,14 +59,17 @@ def wait_for_version(base_url: str, version: str, timeout_s: float, headers: dic
     Raises:
         DeployError: not served within ``timeout_s`` (the message gives the version last seen).
     """
+    poll = Retrying(stop=stop_after_delay(timeout_s), wait=wait_fixed(poll_s),
+                    retry=retry_if_result(lambda seen: seen != version))
     start = time.monotonic()
-    seen: str | None = None
-    while time.monotonic() - start < timeout_s:
-        seen = served_version(base_url, headers)
-        if seen == version:
-            return time.monotonic() - start
-        time.sleep(poll_s)
-    raise DeployError(f"service at {base_url} serves version {seen!r}, expected {version!r} after {timeout_s:.0f} s")
+    try:
+        poll(served_version, base_url, headers)
+    except RetryError as err:
+        seen = err.last_attempt.result()
+        raise DeployError(
+            f"service at {base_url} serves version {seen!r}, expected {version!r} after {timeout_s:.0f} s"
+        ) from None
+    return time.monotonic() - start
 
 
 def smoke_test(base_url: str, user_id: str, k: int = 10, headers: dict[str, str] | None = None) -> dict[str, Any]:
@@ -88,7 +92,7 @@ def smoke_test(base_url: str, user_id: str, k: int = 10, headers: dict[str, str]
 @task(retries=2, retry_delay_seconds=[2, 10])
 def ensure_service_task(start_if_down: bool) -> str:
     """Make sure the recommender answers; start it (``recloop up`` style) when allowed."""
-    from flows import services
+    from supervisor import services
 
     settings = get_settings()
     url = service_url(settings)
@@ -100,8 +104,8 @@ def ensure_service_task(start_if_down: bool) -> str:
 
 @task
 def build_bento_task(version: str) -> str:
-    """Build a Bento pinned to ``version`` (offline recipe of flows/build_bento.py)."""
-    from flows.build_bento import build
+    """Build a Bento pinned to ``version`` (offline recipe of serving/bento_build.py)."""
+    from serving.bento_build import build
 
     return build(version=version)
 
@@ -122,8 +126,8 @@ def deploy_flow(version: str | None = None, smoke_user: str | None = None, start
     Raises:
         DeployError: the version was not served or the smoke test failed; the alias was rolled back.
     """
-    from flows.registry import rollback
-    from serving.model_store import configure_tracking, get_alias_version
+    from registry.aliases import get_alias_version, rollback
+    from registry.tracking import configure_tracking
 
     logger = get_run_logger()
     settings = get_settings()
@@ -139,7 +143,7 @@ def deploy_flow(version: str | None = None, smoke_user: str | None = None, start
     except DeployError:
         logger.error("deploy failed version=%s; rolling the alias back", version)
         if get_alias_version(client, settings.model_name, settings.model_alias) == version:
-            rollback(client, settings.model_name)
+            rollback(client, settings.model_name, alias=settings.model_alias)
         raise
     bento = build_bento_task(version) if build_bento else None
     logger.info("deployed version=%s url=%s swap_wait_s=%.1f", version, url, waited)

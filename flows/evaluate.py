@@ -4,7 +4,7 @@ The candidate's run says which data it trained on (``data.source``/``data.path``
 re-read, checked against the run's fingerprint, and split exactly as in training (leave-one-out
 with the candidate's own vocabulary). Every model is ranked over the full catalogue on that one
 test split. The champion may know fewer items: its inputs and scores are mapped by item id
-(``MappedScorer``), items it does not know get ``-inf``.
+(``models.ranking.MappedScorer``), items it does not know get ``-inf``.
 
 Outputs: test metrics on the run (``test.<metric>``, ``test.<model>.<metric>``), the report
 (JSON + markdown) and plots as artifacts, the gate decision and its numbers as tags on the run and on
@@ -16,58 +16,29 @@ from __future__ import annotations
 import json
 import math
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import prefect  # noqa: F401  (before mlflow, STACK_NOTES.md)
-import torch
+import prefect  # noqa: F401  (before mlflow: keeps Prefect's console log format)
 from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows import plots, registry
 from flows.train import data_fingerprint, load_events, mlflow_key
-from models.baselines import EASE, ItemKNN, Markov1, MostPop
-from models.metrics import evaluate, mask_scores, score_histories, seen_mask, top_k
+from models.baselines import BASELINES
+from models.metrics import evaluate
+from models.ranking import MappedScorer, mask_scores, score_histories, seen_mask, top_k
 from models.sequences import EvalSet, Split, build_sequences, leave_one_out
 from models.vocab import ItemVocabulary
 from recloop.gate import GateDecision, decide
 from recloop.settings import get_settings
-from serving import model_store
+from registry import aliases, plots, store, tracking
 
 REPORT_KEYS = ("ndcg@10", "hr@10", "recall@10", "mrr@10", "coverage@10", "novelty@10", "mean_pop@10",
                "ild@10")
-BASELINES: dict[str, Callable[[], Any]] = {"MostPop": MostPop, "ItemKNN": ItemKNN, "EASE": EASE,
-                                           "Markov1": Markov1}
-
-
-class MappedScorer:
-    """Scores a model trained on another vocabulary in this split's index space.
-
-    Inputs (candidate indices) are mapped by item id to the model's indices (unknown items dropped,
-    histories re-packed to the left); output columns are mapped back, unknown items get -inf.
-    """
-
-    def __init__(self, model: Any, model_vocab: ItemVocabulary, vocab: ItemVocabulary) -> None:
-        self.model = model
-        to_model = np.zeros(len(vocab) + 1, dtype=np.int64)
-        to_model[1:] = model_vocab.encode(vocab.ids, unknown="pad")  # (n_items,) 0 where unknown
-        self.to_model = torch.from_numpy(to_model)  # (n_items + 1,)
-        self.known = torch.from_numpy(np.flatnonzero(to_model > 0))  # this vocab's idx known to the model
-
-    @torch.inference_mode()
-    def score(self, item_idx: torch.Tensor, candidate_idx: torch.Tensor | None = None) -> torch.Tensor:
-        """(batch, seq_len) item_idx in this vocabulary -> (batch, n_items + 1) scores."""
-        mapped = self.to_model[item_idx]  # (batch, seq_len), 0 where unknown
-        order = torch.argsort((mapped > 0).int(), dim=1, stable=True)  # zeros first: left padding
-        mapped = torch.gather(mapped, 1, order)
-        inner = self.model.score(mapped).float()  # (batch, model n_items + 1)
-        out = torch.full((item_idx.shape[0], len(self.to_model)), -torch.inf)
-        out[:, self.known] = inner[:, self.to_model[self.known]]
-        return out if candidate_idx is None else out.gather(1, torch.as_tensor(candidate_idx).long())
 
 
 def item_counts(train: dict[str, np.ndarray], n_items: int) -> np.ndarray:
@@ -170,7 +141,7 @@ def evaluate_flow(run_id: str, source: str | None = None, path: str | None = Non
     settings = get_settings()
     logger = get_run_logger()
     baselines = list(BASELINES) if baselines is None else baselines
-    client = model_store.configure_tracking(settings)
+    client = tracking.configure_tracking(settings)
     run = client.get_run(run_id)
     source = source or run.data.tags["data.source"]
     path = path or run.data.tags.get("data.path") or None
@@ -181,8 +152,8 @@ def evaluate_flow(run_id: str, source: str | None = None, path: str | None = Non
                          f"{run_id} trained on {run.data.tags.get('data.sha256', '?')[:12]}")
     model, vocab, _ = _load_candidate(client, run_id)
     split = leave_one_out(build_sequences(events, vocab))
-    champion_version = model_store.get_alias_version(client, settings.model_name, registry.CHAMPION)
-    champion = (model_store.load_version(settings.model_name, version=champion_version, client=client)
+    champion_version = aliases.get_alias_version(client, settings.model_name, settings.model_alias)
+    champion = (store.load_version(settings.model_name, version=champion_version, client=client)
                 if champion_version is not None else None)
 
     results = score_models_task(split, vocab, model, champion, _genres(items, vocab), list(baselines))
@@ -206,12 +177,13 @@ def evaluate_flow(run_id: str, source: str | None = None, path: str | None = Non
     model_uri = run.data.tags["model.uri"]
     version_tags = {**gate_tags, "run_id": run_id, "data.sha256": sha,
                     **{f"test.{mlflow_key(k)}": f"{v:.6f}" for k, v in results["candidate"].items()}}
-    mv = registry.register_version(client, settings.model_name, model_uri, run_id, version_tags)
+    mv = aliases.register_version(client, settings.model_name, model_uri, run_id, version_tags)
     promoted = False
     if decision.passed:
-        registry.set_challenger(client, settings.model_name, mv.version)
+        aliases.set_challenger(client, settings.model_name, mv.version)
         if settings.auto_promote if auto_promote is None else bool(auto_promote):
-            registry.promote(client, settings.model_name, mv.version, reason="auto: gate passed")
+            aliases.promote(client, settings.model_name, mv.version, alias=settings.model_alias,
+                            reason="auto: gate passed")
             promoted = True
     stage = "promoted" if promoted else ("challenger" if decision.passed else "rejected")
     client.set_tag(run_id, "stage", stage)

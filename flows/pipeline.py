@@ -22,7 +22,8 @@ from recloop.settings import get_settings
 
 def champion_version() -> str | None:
     """The version the ``champion`` alias points at, or None when there is no champion yet."""
-    from serving.model_store import configure_tracking, get_alias_version
+    from registry.aliases import get_alias_version
+    from registry.tracking import configure_tracking
 
     settings = get_settings()
     return get_alias_version(configure_tracking(settings), settings.model_name, settings.model_alias)

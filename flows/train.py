@@ -1,10 +1,13 @@
-"""The ``train`` flow: events -> sequences -> SASRec+ -> one MLflow run with everything to explain it.
+"""The ``train`` flow: events -> sequences -> a sequential model -> one MLflow run with everything to explain it.
+
+The model is any class registered in ``models.factory`` (``sasrec`` by default, ``settings.model_class``);
+the flow uses only the model contract.
 
 The run records: params (model config, train config, seed, data source), per-epoch metrics
 (``loss``, ``val.ndcg_at_10``, ``val.hr_at_10``, ``seq_per_s`` with ``step=epoch``), system tags
 (device, torch version, CPU/GPU name), a data fingerprint (sha256 of event ids and timestamps,
 counts, time range, source, watermark), the git commit, artifacts (vocabulary, configs, checkpoint,
-learning curve) and the model itself as a pyfunc (``serving.model_store.log_model``). Evaluation
+learning curve) and the model itself as a pyfunc (``registry.store.log_model``). Evaluation
 and registration happen in ``flows.evaluate``; training never promotes anything.
 """
 
@@ -21,23 +24,28 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import prefect  # noqa: F401  (import before mlflow: keeps Prefect's console log format, STACK_NOTES.md)
+import prefect  # noqa: F401  (import before mlflow: keeps Prefect's console log format)
 import torch
 from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows import plots
+from models.factory import build_config, model_class
 from models.sequences import Split, build_sequences, leave_one_out
+from models.trainer import val_keys
 from models.vocab import ItemVocabulary
 from recloop.contract import coerce_events, coerce_items
 from recloop.settings import get_settings
-from serving import model_store
+from registry import plots, store, tracking
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# models.trainer history key -> MLflow metric name (logged with step=epoch)
-EPOCH_METRICS = {"loss": "loss", "val_ndcg10": "val.ndcg_at_10", "val_hr10": "val.hr_at_10",
-                 "seqs_per_s": "seq_per_s", "seconds": "epoch_seconds"}
+
+
+def epoch_metrics(k: int) -> dict[str, str]:
+    """models.trainer history key -> MLflow metric name (logged with step=epoch), for validation K = k."""
+    ndcg, hr = val_keys(k)
+    return {"loss": "loss", ndcg: f"val.ndcg_at_{k}", hr: f"val.hr_at_{k}", "seqs_per_s": "seq_per_s",
+            "seconds": "epoch_seconds"}
 
 
 def mlflow_key(name: str) -> str:
@@ -161,70 +169,84 @@ def load_events_task(source: str, path: str | None) -> tuple[pd.DataFrame, pd.Da
 
 
 @task(cache_policy=NO_CACHE)
-def fit_task(run_id: str, split: Split, vocab: ItemVocabulary, model_params: dict[str, Any],
+def fit_task(run_id: str, split: Split, vocab: ItemVocabulary, model: str, model_params: dict[str, Any],
              train_params: dict[str, Any], init_model: Any | None = None,
              init_vocab: ItemVocabulary | None = None) -> Any:
-    """Train SASRec+ and stream per-epoch metrics into the run (fails loudly, no retries)."""
+    """Train model ``model`` and stream per-epoch metrics into the run (fails loudly, no retries)."""
     from models.checkpoint import checkpoint_dict
-    from models.sasrec import SASRecConfig
-    from models.trainer import TrainConfig, train_sasrec
+    from models.trainer import TrainConfig, train_model
 
     client = MlflowClient()
     logger = get_run_logger()
-    model_config = SASRecConfig(n_items=len(vocab), **model_params)
+    model_config = build_config(model, n_items=len(vocab), **model_params)
     train_config = TrainConfig(**train_params)
+    names = epoch_metrics(train_config.eval_k)
+    ndcg_key = val_keys(train_config.eval_k)[0]
 
     def on_epoch(record: Mapping[str, Any]) -> None:
         step = int(record["epoch"])
-        for key, name in EPOCH_METRICS.items():
+        for key, name in names.items():
             value = record.get(key)
             if isinstance(value, int | float) and math.isfinite(value):
                 client.log_metric(run_id, name, float(value), step=step)
-        logger.info("epoch done epoch=%d loss=%.4f val_ndcg10=%.4f seqs_per_s=%.0f", step,
-                    record.get("loss", math.nan), record.get("val_ndcg10", math.nan),
+        logger.info("epoch done model=%s epoch=%d loss=%.4f %s=%.4f seqs_per_s=%.0f", model, step,
+                    record.get("loss", math.nan), ndcg_key, record.get(ndcg_key, math.nan),
                     record.get("seqs_per_s", math.nan))
 
     init_state = checkpoint_dict(init_model, init_vocab) if init_model is not None else None
-    return train_sasrec(split, vocab, model_config, train_config, init_state=init_state,
-                        progress=False, on_epoch=on_epoch)
+    return train_model(split, vocab, model_config, train_config, init_state=init_state,
+                       progress=False, on_epoch=on_epoch)
 
 
 @flow(name="train")
 def train_flow(source: str = "lake", path: str | None = None, model_params: dict[str, Any] | None = None,
                train_params: dict[str, Any] | None = None, warm_start_from: str | None = None,
-               data_version: str | None = None, experiment: str = model_store.DEFAULT_EXPERIMENT
-               ) -> dict[str, str]:
+               data_version: str | None = None, experiment: str = tracking.DEFAULT_EXPERIMENT,
+               model: str | None = None) -> dict[str, str]:
     """Train a candidate and log one MLflow run. Returns ids to evaluate it (nothing is promoted).
 
     Args:
         source / path: where the events come from (see ``load_events``).
-        model_params: ``SASRecConfig`` fields except ``n_items`` (default ``max_seq_len`` from settings).
-        train_params: ``TrainConfig`` fields (lr, epochs, seed, ...).
+        model_params: config fields of the model except ``n_items`` (default ``max_seq_len`` from
+            settings; when warm-starting, the initial model's architecture).
+        train_params: ``TrainConfig`` fields (lr, epochs, seed, ...) over the model's ``train_defaults``.
         warm_start_from: a registered version number or ``@alias`` to initialise from (e.g. ``@champion``).
         data_version: a label recorded with the run (e.g. the lake batch id).
         experiment: MLflow experiment name.
+        model: a name in ``models.factory.MODELS`` (default: the warm-start model's class, else
+            ``settings.model_class``).
     Returns:
         ``{"run_id", "model_uri", "model_id", "checkpoint_uri"}``.
+    Raises:
+        ValueError: unknown model name or a parameter the model does not take.
     """
     settings = get_settings()
     logger = get_run_logger()
-    client = model_store.configure_tracking(settings)
-    experiment_id = model_store.ensure_experiment(client, experiment, settings)
-    model_params = {"max_seq_len": settings.max_seq_len, **(model_params or {})}
-    train_params = {"seed": settings.seed, **(train_params or {})}
+    client = tracking.configure_tracking(settings)
+    experiment_id = tracking.ensure_experiment(client, experiment, settings)
 
-    events, _, watermark = load_events_task(source, path)
     init = None
     if warm_start_from:
         ref = warm_start_from.lstrip("@")
         which = {"alias": ref} if warm_start_from.startswith("@") else {"version": ref}
-        init = model_store.load_version(settings.model_name, client=client, **which)
+        init = store.load_version(settings.model_name, client=client, **which)
+    architecture: dict[str, Any] = {"max_seq_len": settings.max_seq_len}
+    if model is None and init is not None:
+        model = init.model.name
+        architecture = {k: v for k, v in init.model.config_dict().items() if k != "n_items"}
+    model = model or settings.model_class
+    cls = model_class(model)  # fails here, before any data is read, on an unknown name
+    model_params = {**architecture, **(model_params or {})}
+    train_params = {"seed": settings.seed, **cls.train_defaults, **(train_params or {})}
+
+    events, _, watermark = load_events_task(source, path)
     vocab, split = prepare_split(events, init.vocab if init is not None else None)
 
     tags = {**data_fingerprint(events, source, path, watermark), "git.commit": git_commit(),
             "data.version": data_version or "", "vocab.version": vocab.version, "stage": "trained",
+            "model.class": model,
             "warm_start_from": f"{settings.model_name}/{init.version}" if init is not None else "none"}
-    run = client.create_run(experiment_id, tags=tags, run_name=f"sasrec-{tags['data.sha256'][:8]}")
+    run = client.create_run(experiment_id, tags=tags, run_name=f"{model}-{tags['data.sha256'][:8]}")
     run_id = run.info.run_id
     params = {**flat_params("model", model_params), **flat_params("train", train_params),
               **flat_params("split", split.protocol), "model.n_items": str(len(vocab))}
@@ -232,7 +254,7 @@ def train_flow(source: str = "lake", path: str | None = None, model_params: dict
         client.log_param(run_id, key, value)
 
     try:
-        result = fit_task(run_id, split, vocab, model_params, train_params,
+        result = fit_task(run_id, split, vocab, model, model_params, train_params,
                           init.model if init else None, init.vocab if init else None)
         info = _log_training_outputs(client, run_id, result, vocab, model_params, train_params)
     except BaseException:
@@ -262,6 +284,7 @@ def _log_training_outputs(client: MlflowClient, run_id: str, result: Any, vocab:
                                                     "history": history, "seed": result.seed})
         (out / "vocab.json").write_text(json.dumps(vocab.to_dict()))
         (out / "config.json").write_text(json.dumps({"model": {**model_params, "n_items": len(vocab)},
+                                                     "model_class": result.model.name,
                                                      "train": train_params}, indent=2, default=str))
         (out / "history.json").write_text(json.dumps(history, indent=2, default=str))
         for name in ("checkpoint.pt", "vocab.json", "config.json", "history.json"):
@@ -270,7 +293,7 @@ def _log_training_outputs(client: MlflowClient, run_id: str, result: Any, vocab:
             plots.learning_curve(history, out / "learning_curve.png", getattr(result, "best_epoch", None))
             client.log_artifact(run_id, str(out / "learning_curve.png"), artifact_path="plots")
         with mlflow.start_run(run_id=run_id):
-            info = model_store.log_model(ckpt, tags={"vocab.version": vocab.version})
+            info = store.log_model(ckpt, tags={"vocab.version": vocab.version, "model.class": result.model.name})
         client.set_tag(run_id, "model.uri", info.model_uri)
     return {"model_uri": info.model_uri, "model_id": str(info.model_id),
             "checkpoint_uri": f"runs:/{run_id}/training/checkpoint.pt"}

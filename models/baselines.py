@@ -19,7 +19,7 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor
 
-from models.sasrec import select_candidates
+from models.contract import select_candidates
 from models.vocab import PAD_IDX
 
 SeqInput = dict[str, np.ndarray] | list[np.ndarray]
@@ -159,3 +159,8 @@ class Markov1(_Baseline):
         last = idx[:, -1]  # left padding: the last column is the most recent item (0 if empty)
         rows = self.transitions[last].toarray()  # (batch, n_items + 1)
         return self._finish(rows + self.prior[None, :], candidate_idx)
+
+
+#: The baselines every evaluation and benchmark runs beside the candidate, with their default settings
+#: (ItemKNN k_neighbours=100, EASE l2=500; MostPop and Markov1 have none). The one table of them.
+BASELINES: dict[str, type[_Baseline]] = {"MostPop": MostPop, "ItemKNN": ItemKNN, "EASE": EASE, "Markov1": Markov1}

@@ -1,8 +1,7 @@
-"""Checkpoints (config + weights + vocabulary), warm starts, and the top-k helper serving reuses."""
+"""Checkpoints (model class + config + weights + vocabulary) and warm starts, for any registered model."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -10,17 +9,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.sasrec import SASRec, SASRecConfig
-from models.sequences import pad_left
+from models.contract import ItemSequenceModel
+from models.factory import LEGACY_MODEL, model_class
 from models.vocab import PAD_IDX, ItemVocabulary
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: records "model_class"; a payload without it is SASRec (format 1)
 
 
 def checkpoint_dict(
-    model: SASRec, vocab: ItemVocabulary, extra: dict[str, Any] | None = None
+    model: ItemSequenceModel, vocab: ItemVocabulary, extra: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """The checkpoint payload: ``{"format_version", "config", "state_dict", "vocab",
+    """The checkpoint payload: ``{"format_version", "model_class", "config", "state_dict", "vocab",
     "item_vocab_version", "extra"}``; tensors are moved to CPU.
 
     Raises:
@@ -30,6 +29,7 @@ def checkpoint_dict(
         raise ValueError(f"model n_items={model.config.n_items} but len(vocab)={len(vocab)}")
     return {
         "format_version": FORMAT_VERSION,
+        "model_class": model.name,
         "config": asdict(model.config),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "vocab": vocab.to_dict(),
@@ -40,22 +40,27 @@ def checkpoint_dict(
 
 def model_from_dict(
     payload: dict[str, Any], map_location: str | torch.device = "cpu"
-) -> tuple[SASRec, ItemVocabulary]:
+) -> tuple[ItemSequenceModel, ItemVocabulary]:
     """Rebuild (model in eval mode, vocab) from a ``checkpoint_dict`` payload.
+
+    The class comes from ``payload["model_class"]`` (``models.factory.MODELS``); a payload without
+    it (format 1) is SASRec.
 
     Raises:
         KeyError: a required key is missing (names it).
+        ValueError: the recorded class is not registered.
     """
     for key in ("config", "state_dict", "vocab"):
         if key not in payload:
             raise KeyError(f"checkpoint lacks {key!r}; has {sorted(payload)}")
-    model = SASRec(SASRecConfig(**payload["config"]))
+    cls = model_class(str(payload.get("model_class") or LEGACY_MODEL))
+    model = cls(cls.config_class(**payload["config"]))
     model.load_state_dict(payload["state_dict"])
     return model.to(map_location).eval(), ItemVocabulary.from_dict(payload["vocab"])
 
 
 def save_checkpoint(
-    path: str | Path, model: SASRec, vocab: ItemVocabulary, extra: dict[str, Any] | None = None
+    path: str | Path, model: ItemSequenceModel, vocab: ItemVocabulary, extra: dict[str, Any] | None = None
 ) -> Path:
     """Write the checkpoint to ``path`` (torch.save; ``extra`` must hold plain Python values)."""
     path = Path(path)
@@ -66,7 +71,7 @@ def save_checkpoint(
 
 def load_checkpoint(
     path: str | Path, map_location: str | torch.device = "cpu"
-) -> tuple[SASRec, ItemVocabulary, dict[str, Any]]:
+) -> tuple[ItemSequenceModel, ItemVocabulary, dict[str, Any]]:
     """Load ``(model, vocab, extra)``; works on a CPU-only host (``weights_only`` unpickling).
 
     Raises:
@@ -81,13 +86,14 @@ def load_checkpoint(
 
 
 def warm_start_state(
-    init_state: dict[str, Any], model: SASRec, vocab: ItemVocabulary
+    init_state: dict[str, Any], model: ItemSequenceModel, vocab: ItemVocabulary
 ) -> dict[str, torch.Tensor]:
     """A state dict for ``model`` (built for ``vocab``) initialised from an older checkpoint payload.
 
     Item embedding rows are copied by item id (so new items keep their fresh initialisation and
     dropped items are ignored); position rows are copied right-aligned (the most recent position
-    matches); every other tensor with the same shape is copied.
+    matches); every other tensor with the same shape is copied. A checkpoint of another model
+    class shares only what matches by name and shape.
 
     Raises:
         KeyError: ``init_state`` lacks "state_dict" or "vocab".
@@ -111,46 +117,3 @@ def warm_start_state(
         elif name in new and new[name].shape == tensor.shape:
             new[name] = tensor.to(new[name].dtype).clone()
     return new
-
-
-def recommend_topk(
-    model: Any,
-    vocab: ItemVocabulary,
-    history_ids: Iterable[object],
-    k: int = 10,
-    exclude: Iterable[object] = (),
-    exclude_seen: bool = True,
-    max_len: int | None = None,
-) -> list[tuple[str, float]]:
-    """Top-k (item_id, score) for one history, best first. Pure; serving reuses it.
-
-    Args:
-        model: anything with ``score(item_idx) -> (1, n_items + 1)`` (SASRec or a baseline).
-        vocab: the model's vocabulary.
-        history_ids: raw item ids, oldest first; ids unknown to ``vocab`` are ignored.
-        k: number of items (fewer if the catalogue runs out).
-        exclude: item ids never to return (unknown ones ignored).
-        exclude_seen: also exclude the history items.
-        max_len: keep only the last ``max_len`` history items (default: model.config.max_seq_len if any).
-    Returns:
-        Up to k pairs; padding and excluded items are never returned.
-    Raises:
-        ValueError: k < 1.
-    """
-    if k < 1:
-        raise ValueError(f"k={k}; expected >= 1")
-    hist = vocab.encode(list(history_ids), unknown="pad")
-    hist = hist[hist != PAD_IDX]
-    cfg = getattr(model, "config", None)
-    max_len = max_len or getattr(cfg, "max_seq_len", None) or max(len(hist), 1)
-    item_idx = torch.from_numpy(pad_left([hist], max_len))  # (1, max_len)
-    with torch.inference_mode():
-        scores = model.score(item_idx)[0].float().cpu().numpy().astype(np.float64)  # (n_items + 1,)
-    banned = vocab.encode(list(exclude), unknown="pad")
-    scores[PAD_IDX] = -np.inf
-    scores[banned] = -np.inf
-    if exclude_seen:
-        scores[hist] = -np.inf
-    allowed = np.flatnonzero(np.isfinite(scores))
-    order = allowed[np.lexsort((allowed, -scores[allowed]))][:k]
-    return list(zip(vocab.decode(order), scores[order].tolist(), strict=True))

@@ -3,10 +3,8 @@
 Protocol: every item of the catalogue is ranked (no sampled negatives). Items in the user's
 history are excluded through an explicit mask (``exclude_seen=True``) by setting their score to
 -inf; a target that is itself in the history then counts as a miss. Column 0 (padding) is never
-ranked.
-
-Tie rule (pessimistic, never favours the target): rank = 1 + #{items with score > target score}
-+ #{other items with score == target score}. A constant scorer therefore ranks the target last.
+ranked. Scoring, masking, top-k and the pessimistic tie rule of the target's rank are
+``models.ranking``'s (the one ranking path); this module turns ranks and lists into metrics.
 
 Each user has exactly one held-out target, so Recall@K == HR@K, Precision@K == HR@K / K and
 F1@K == 2 * P * R / (P + R). Formulas, per user with rank r:
@@ -16,62 +14,14 @@ HR@K = [r <= K]; NDCG@K = [r <= K] / log2(r + 1) (ideal DCG is 1); MRR@K = [r <=
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
-import torch
-from torch import Tensor
 
-from models.sequences import EvalSet, pad_left
+from models.contract import Scorer
+from models.ranking import mask_scores, score_histories, seen_mask, target_ranks, top_k
+from models.sequences import EvalSet
 from models.vocab import PAD_IDX
-
-
-class Scorer(Protocol):
-    """Anything with the models/ scoring contract (SASRec and every baseline)."""
-
-    def score(self, item_idx: Tensor, candidate_idx: Tensor | None = None) -> Tensor: ...
-
-
-def seen_mask(histories: Sequence[np.ndarray], n_items: int) -> np.ndarray:
-    """(n_users, n_items + 1) bool, True where the item is in the user's history."""
-    mask = np.zeros((len(histories), n_items + 1), dtype=bool)
-    for row, hist in enumerate(histories):
-        mask[row, np.asarray(hist, dtype=np.int64)] = True
-    mask[:, PAD_IDX] = False
-    return mask
-
-
-def mask_scores(scores: np.ndarray, seen: np.ndarray | None = None) -> np.ndarray:
-    """Copy of (n_users, n_items + 1) scores with padding and (optionally) seen items set to -inf."""
-    out = np.array(scores, dtype=np.float64, copy=True)
-    out[:, PAD_IDX] = -np.inf
-    if seen is not None:
-        out[seen] = -np.inf
-    return out
-
-
-def target_ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Pessimistic 1-based rank of each target (see the module's tie rule).
-
-    Args:
-        scores: (n_users, n_items + 1) already masked scores (``mask_scores``).
-        targets: (n_users,) int64 item_idx in 1..n_items.
-    Returns:
-        (n_users,) int64 ranks.
-    Raises:
-        ValueError: shapes disagree or a target is padding / out of range.
-    """
-    targets = np.asarray(targets, dtype=np.int64)
-    if scores.ndim != 2 or scores.shape[0] != len(targets):
-        raise ValueError(f"scores {scores.shape} and targets {targets.shape} disagree on n_users")
-    if len(targets) and (targets.min() < 1 or targets.max() >= scores.shape[1]):
-        raise ValueError(
-            f"targets must be in 1..{scores.shape[1] - 1}; got range {targets.min()}..{targets.max()}"
-        )
-    t = scores[np.arange(len(targets)), targets][:, None]  # (n_users, 1)
-    greater = (scores > t).sum(axis=1)
-    ties = (scores == t).sum(axis=1) - 1  # other items tied with the target
-    return (1 + greater + ties).astype(np.int64)
 
 
 def hit_rate(ranks: np.ndarray, k: int) -> np.ndarray:
@@ -103,14 +53,6 @@ def f1(ranks: np.ndarray, k: int) -> np.ndarray:
     """Per-user F1@K = 2PR / (P + R), 0 when there is no hit."""
     p, r = precision(ranks, k), recall(ranks, k)
     return np.where(p + r > 0, 2 * p * r / np.maximum(p + r, 1e-12), 0.0)
-
-
-def top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """(n_users, k) item_idx of the k best masked scores, best first (ties: lower index first)."""
-    k = min(k, scores.shape[1])
-    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    order = np.lexsort((part, -np.take_along_axis(scores, part, axis=1)), axis=1)
-    return np.take_along_axis(part, order, axis=1)
 
 
 def coverage(topk: np.ndarray, n_items: int) -> float:
@@ -166,25 +108,6 @@ def _genres_of(item_genres: Mapping[int, Sequence[str]] | Sequence, i: int) -> S
     return item_genres[i] if i < len(item_genres) and item_genres[i] is not None else ()
 
 
-def score_histories(
-    scorer: Scorer, histories: Sequence[np.ndarray], batch_size: int = 512, max_len: int | None = None
-) -> np.ndarray:
-    """(n_users, n_items + 1) float32 scores of each left-padded history, in batches.
-
-    Histories are cut to their last ``max_len`` items (default: ``scorer.config.max_seq_len`` when
-    the scorer has one, else the full history).
-    """
-    cfg = getattr(scorer, "config", None)
-    max_len = max_len or getattr(cfg, "max_seq_len", None)
-    parts = []
-    for start in range(0, len(histories), batch_size):
-        chunk = list(histories[start : start + batch_size])
-        chunk = pad_left(chunk, min(max_len, max(len(h) for h in chunk)) if max_len else None)
-        with torch.inference_mode():
-            parts.append(scorer.score(torch.from_numpy(chunk)).float().cpu().numpy())
-    return np.concatenate(parts, axis=0)
-
-
 def evaluate(
     scorer: Scorer,
     eval_set: EvalSet,
@@ -213,7 +136,7 @@ def evaluate(
         names like ``ndcg@10``, ``hr@10``, ``recall@10``, ``precision@10``, ``mrr@10``, ``f1@10``,
         ``coverage@10``, ``novelty@10``, ``ild@10``, ``mean_pop@10``.
     """
-    scores = score_histories(scorer, eval_set.histories, batch_size)
+    scores = score_histories(scorer, eval_set.histories, batch_size=batch_size)
     if scores.shape[1] != n_items + 1:
         raise ValueError(f"scorer returned {scores.shape[1]} columns; expected n_items + 1 = {n_items + 1}")
     masked = mask_scores(scores, seen_mask(eval_set.histories, n_items) if exclude_seen else None)

@@ -4,7 +4,8 @@ Follows Kang & McAuley, "Self-Attentive Sequential Recommendation", ICDM 2018, t
 full-softmax cross-entropy of Klenitskiy & Vasilev, "Turning Dross Into Gold Loss: is BERT4Rec
 really better than SASRec?", RecSys 2023 ("SASRec+"). Deviations: pre-LayerNorm blocks with GELU and
 nn.Linear feed-forward (equivalent to 1x1 Conv1d); no dropout on the attention weights (it
-doubled CPU step time), only on embeddings and block outputs; learned positions are anchored at
+doubled CPU step time), only on the embeddings, the feed-forward hidden layer and the block outputs;
+learned positions are anchored at
 the most recent item (position ``max_seq_len - 1`` is always the last input), so any left-padded
 length works.
 """
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.losses import full_softmax_ce, sampled_softmax_ce  # noqa: F401  (re-exported)
+from models.contract import ItemSequenceModel, check_config
 from models.vocab import PAD_IDX
 
 
@@ -28,15 +29,16 @@ class SASRecConfig:
 
     Attributes:
         n_items: catalogue size, padding excluded (embedding rows = n_items + 1).
-        max_seq_len: most recent items the model sees.
+        max_seq_len: most recent items the model sees (the platform passes ``settings.max_seq_len``).
         d_model: embedding / hidden width. n_heads must divide it.
         n_heads, n_layers: attention heads per block and number of blocks.
-        dropout: dropout on embeddings, attention weights and feed-forward outputs.
+        dropout: dropout on the embeddings, the feed-forward hidden layer and the block outputs
+            (not on the attention weights, see the module docstring).
         ff_mult: feed-forward width = ff_mult * d_model.
     """
 
     n_items: int
-    max_seq_len: int = 200
+    max_seq_len: int
     d_model: int = 64
     n_heads: int = 1
     n_layers: int = 2
@@ -44,14 +46,9 @@ class SASRecConfig:
     ff_mult: int = 1
 
     def __post_init__(self) -> None:
-        if self.n_items < 1:
-            raise ValueError(f"n_items={self.n_items}; expected >= 1")
-        if self.max_seq_len < 1:
-            raise ValueError(f"max_seq_len={self.max_seq_len}; expected >= 1")
+        check_config(self.n_items, self.max_seq_len, self.dropout)
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout={self.dropout}; expected in [0, 1)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,12 +83,14 @@ class _Block(nn.Module):
         return h + self.drop(self.ff(self.ff_norm(h)))
 
 
-class SASRec(nn.Module):
+class SASRec(ItemSequenceModel):
     """Causal self-attentive sequential recommender (see module docstring for the source)."""
 
+    name = "sasrec"
+    config_class = SASRecConfig
+
     def __init__(self, config: SASRecConfig) -> None:
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.item_emb = nn.Embedding(config.n_items + 1, config.d_model, padding_idx=PAD_IDX)
         self.pos_emb = nn.Embedding(config.max_seq_len, config.d_model)
         self.emb_drop = nn.Dropout(config.dropout)
@@ -109,7 +108,7 @@ class SASRec(nn.Module):
         with torch.no_grad():
             self.item_emb.weight[PAD_IDX].zero_()
 
-    def forward(self, item_idx: Tensor) -> Tensor:
+    def encode(self, item_idx: Tensor) -> Tensor:
         """Encode item histories with causal self-attention.
 
         Args:
@@ -140,35 +139,3 @@ class SASRec(nn.Module):
         for block in self.blocks:
             h = block(h, attn_mask) * keep.unsqueeze(-1)
         return self.final_norm(h) * keep.unsqueeze(-1)
-
-    def logits(self, hidden: Tensor) -> Tensor:
-        """Tied output layer: (..., d_model) -> (..., n_items + 1); column 0 (padding) is -inf."""
-        out = hidden @ self.item_emb.weight.T  # (..., n_items + 1)
-        out[..., PAD_IDX] = float("-inf")
-        return out
-
-    @torch.inference_mode()
-    def score(self, item_idx: Tensor, candidate_idx: Tensor | None = None) -> Tensor:
-        """Next-item scores after each history (the shared scoring contract of models/).
-
-        Args:
-            item_idx: (batch, seq_len) int64 left-padded histories; only the last max_seq_len are used.
-            candidate_idx: optional (n_candidates,) or (batch, n_candidates) item_idx to score.
-        Returns:
-            (batch, n_items + 1) float32 scores with column 0 = -inf, or (batch, n_candidates).
-        """
-        item_idx = torch.as_tensor(item_idx, dtype=torch.long, device=self.item_emb.weight.device)
-        item_idx = item_idx[:, -self.config.max_seq_len :]
-        last = self.forward(item_idx)[:, -1, :]  # (batch, d_model)
-        scores = self.logits(last).float()  # (batch, n_items + 1)
-        return select_candidates(scores, candidate_idx)
-
-
-def select_candidates(scores: Tensor, candidate_idx: Tensor | None) -> Tensor:
-    """Gather (batch, n_candidates) from (batch, n_items + 1) scores; None returns all columns."""
-    if candidate_idx is None:
-        return scores
-    cand = torch.as_tensor(candidate_idx, dtype=torch.long, device=scores.device)
-    if cand.dim() == 1:
-        cand = cand.unsqueeze(0).expand(scores.shape[0], -1)  # (batch, n_candidates)
-    return scores.gather(1, cand)

@@ -1,4 +1,5 @@
-"""Training loop for SASRec: AdamW, early stopping on validation NDCG@10, seeds, device auto, warm start."""
+"""Training loop for any registered sequential model: AdamW, early stopping on validation NDCG@K,
+seeds, device auto, warm start. It uses only the model contract (``models.contract``)."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ from pydantic import BaseModel, Field
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from models.checkpoint import warm_start_state
-from models.losses import full_softmax_ce, sampled_softmax_ce
+from models.contract import Batch, ItemSequenceModel
+from models.factory import build_model
 from models.metrics import evaluate
-from models.sasrec import SASRec, SASRecConfig
 from models.sequences import SequenceDataset, Split
 from models.vocab import ItemVocabulary
 
@@ -33,7 +34,7 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW decoupled weight decay")
     batch_size: int = Field(default=64, ge=1, description="Training windows per step")
     epochs: int = Field(default=100, ge=1, description="Upper bound on epochs")
-    patience: int = Field(default=8, ge=1, description="Epochs without val NDCG@10 gain before stopping")
+    patience: int = Field(default=8, ge=1, description="Epochs without val NDCG@K gain before stopping")
     eval_every: int = Field(default=1, ge=1, description="Validate every N epochs")
     seed: int = Field(default=42, description="Seeds torch, numpy and random")
     device: str = Field(default="auto", description="'auto' (CUDA if present), 'cpu' or 'cuda[:n]'")
@@ -48,18 +49,19 @@ class TrainConfig(BaseModel):
 
 @dataclass
 class TrainResult:
-    """The best model (by validation NDCG@K) and how it got there."""
+    """The best model (by validation NDCG@K, K = ``eval_k``) and how it got there."""
 
-    model: SASRec
+    model: ItemSequenceModel
     history: list[dict[str, Any]]
     best_epoch: int
-    best_val_ndcg10: float
+    best_val_ndcg: float
+    eval_k: int
     seed: int
     device: str
     train_seconds: float
     seconds_to_best: float
     seqs_per_s: float
-    config: SASRecConfig
+    config: Any
     train_config: dict[str, Any] = field(default_factory=dict)
 
 
@@ -86,6 +88,11 @@ def resolve_device(device: str, num_threads: int | None = None) -> torch.device:
     return dev
 
 
+def val_keys(k: int) -> tuple[str, str]:
+    """The history keys of the validation metrics at cut-off k: (``val_ndcg@k``, ``val_hr@k``)."""
+    return f"val_ndcg@{k}", f"val_hr@{k}"
+
+
 def _progress(enabled: bool) -> Progress:
     return Progress(
         TextColumn("epoch {task.fields[epoch]}"),
@@ -100,24 +107,26 @@ def _progress(enabled: bool) -> Progress:
     )
 
 
-def train_sasrec(
+def train_model(
     split: Split,
     vocab: ItemVocabulary,
-    model_config: SASRecConfig,
+    model_config: Any,
     train_config: TrainConfig | None = None,
     init_state: dict[str, Any] | None = None,
     progress: bool = True,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainResult:
-    """Train SASRec+ on ``split.train`` and keep the epoch with the best validation NDCG@10.
+    """Train the model ``model_config`` describes on ``split.train``; keep the epoch with the best
+    validation NDCG@K (K = ``train_config.eval_k``).
 
-    Every position of every training sequence is a next-item target (``SequenceDataset``). On CUDA
-    the forward pass runs under bf16 autocast; on CPU in fp32 with all cores.
+    Every position of every training sequence is a next-item target (``SequenceDataset``); the loss
+    is the model's own ``loss(Batch)`` (full softmax, or sampled with ``train_config.loss='sampled'``).
+    On CUDA the forward pass runs under bf16 autocast; on CPU in fp32 with all cores.
 
     Args:
         split: from ``leave_one_out`` / ``temporal_split``; indices refer to ``vocab``.
         vocab: the item vocabulary; ``model_config.n_items`` must equal ``len(vocab)``.
-        model_config: architecture.
+        model_config: a registered model's frozen config (``models.factory``), the architecture.
         train_config: training knobs (defaults if None).
         init_state: a checkpoint dict (``{"config", "state_dict", "vocab"}``) to warm-start from;
             items new in ``vocab`` get fresh embedding rows, known items keep theirs.
@@ -125,16 +134,17 @@ def train_sasrec(
         on_epoch: called with each epoch's history dict (e.g. to log metrics).
     Returns:
         ``TrainResult`` with the best model (eval mode, on the training device) and per-epoch history
-        dicts ``{epoch, loss, val_ndcg10, val_hr10, seqs_per_s, seconds}``.
+        dicts ``{epoch, loss, val_ndcg@K, val_hr@K, seqs_per_s, seconds}``.
     Raises:
         ValueError: vocabulary / config size mismatch or no training windows.
+        TypeError: ``model_config`` belongs to no registered model.
     """
     cfg = train_config or TrainConfig()
     if model_config.n_items != len(vocab):
         raise ValueError(f"model_config.n_items={model_config.n_items} but len(vocab)={len(vocab)}")
     set_seed(cfg.seed)
     device = resolve_device(cfg.device, cfg.num_threads)
-    model = SASRec(model_config)
+    model = build_model(model_config)
     if init_state is not None:
         model.load_state_dict(warm_start_state(init_state, model, vocab))
     model.to(device)
@@ -144,6 +154,8 @@ def train_sasrec(
     optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     use_bf16 = device.type == "cuda"
+    n_negatives = None if cfg.loss == "full" else cfg.n_negatives
+    ndcg_key, hr_key = val_keys(cfg.eval_k)
     inputs, targets = data.inputs.to(device), data.targets.to(device)
     history: list[dict[str, Any]] = []
     best = {"ndcg": -1.0, "epoch": 0, "state": None, "elapsed": 0.0}
@@ -159,13 +171,7 @@ def train_sasrec(
             for b in range(0, len(data), cfg.batch_size):
                 idx = order[b : b + cfg.batch_size]
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    hidden = model(inputs[idx])  # (batch, seq_len, d_model)
-                    if cfg.loss == "full":
-                        loss = full_softmax_ce(hidden, targets[idx], model.item_emb.weight)
-                    else:
-                        loss = sampled_softmax_ce(
-                            hidden, targets[idx], model.item_emb.weight, cfg.n_negatives, gen
-                        )
+                    loss = model.loss(Batch(inputs[idx], targets[idx], n_negatives, gen))
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip:
@@ -179,27 +185,29 @@ def train_sasrec(
                 "loss": total / max(n_batches, 1),
                 "seqs_per_s": len(data) / max(seconds, 1e-9),
                 "seconds": seconds,
-                "val_ndcg10": float("nan"),
-                "val_hr10": float("nan"),
+                ndcg_key: float("nan"),
+                hr_key: float("nan"),
             }
             if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
                 model.eval()
                 val = evaluate(model, split.valid, n_items=len(vocab), k=cfg.eval_k)[
                     "metrics"
                 ]  # fp32: no bf16 ties
-                row["val_ndcg10"], row["val_hr10"] = val[f"ndcg@{cfg.eval_k}"], val[f"hr@{cfg.eval_k}"]
-                if row["val_ndcg10"] > best["ndcg"]:
-                    best.update(ndcg=row["val_ndcg10"], epoch=epoch, elapsed=time.perf_counter() - start)
+                row[ndcg_key], row[hr_key] = val[f"ndcg@{cfg.eval_k}"], val[f"hr@{cfg.eval_k}"]
+                if row[ndcg_key] > best["ndcg"]:
+                    best.update(ndcg=row[ndcg_key], epoch=epoch, elapsed=time.perf_counter() - start)
                     best["state"] = copy.deepcopy(model.state_dict())
                     stale = 0
                 else:
                     stale += cfg.eval_every
             history.append(row)
             logger.info(
-                "epoch done epoch=%d loss=%.4f val_ndcg10=%.4f seqs_per_s=%.0f",
+                "epoch done model=%s epoch=%d loss=%.4f %s=%.4f seqs_per_s=%.0f",
+                model.name,
                 epoch,
                 row["loss"],
-                row["val_ndcg10"],
+                ndcg_key,
+                row[ndcg_key],
                 row["seqs_per_s"],
             )
             if on_epoch is not None:
@@ -222,7 +230,8 @@ def train_sasrec(
         model=model,
         history=history,
         best_epoch=int(best["epoch"]),
-        best_val_ndcg10=float(best["ndcg"]),
+        best_val_ndcg=float(best["ndcg"]),
+        eval_k=cfg.eval_k,
         seed=cfg.seed,
         device=str(device),
         train_seconds=elapsed,

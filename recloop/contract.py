@@ -9,17 +9,38 @@
 
 External ids are strings. The coercion functions are pure: they return a new frame and never
 mutate their input.
+
+The row rules of events (which ids, event types, values and timestamps are valid) are defined
+here once, as the ``*_violations`` functions, and used by every place that checks events: the
+strict loaders (``recloop.sources``), the quarantine of the validation gate (``recloop.quarantine``),
+the event log (``recloop.eventlog``), the synthetic source and the API schemas (``serving.schemas``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable
+from typing import Literal, get_args
 
 import numpy as np
 import pandas as pd
 
-EVENT_TYPES: tuple[str, ...] = ("view", "click", "like", "rating", "purchase", "skip")
+#: The event types, defined once (the API schema uses this Literal; everything else EVENT_TYPES).
+EventType = Literal["view", "click", "like", "rating", "purchase", "skip"]
+EVENT_TYPES: tuple[str, ...] = get_args(EventType)
+MAX_ID_CHARS = 255  # user_id / item_id: the event log's column width
+MAX_EVENT_ID_CHARS = 128  # event_id: the event log's column width
+
+# The rules, as the text every checker reports (a rule is "<column> <rule>" in quarantine reasons).
+RULE_NULL = "must not be null"
+RULE_EMPTY = "must not be empty"
+RULE_NEGATIVE = "numeric ids must be >= 0"
+RULE_FRACTIONAL = "numeric ids must be whole numbers"
+RULE_TOO_LONG = f"must be at most {MAX_ID_CHARS} characters"
+RULE_EVENT_TYPE = f"must be one of {list(EVENT_TYPES)}"
+RULE_VALUE = "must be numeric or null"
+RULE_TIMESTAMP = "unparsable timestamp"
 EVENT_COLUMNS: tuple[str, ...] = ("event_id", "user_id", "item_id", "event_type", "value", "timestamp", "source")
 ITEM_COLUMNS: tuple[str, ...] = ("item_id", "title", "genres", "text", "created_at")
 USER_COLUMNS: tuple[str, ...] = ("user_id",)
@@ -37,6 +58,129 @@ class ContractError(ValueError):
         self.table, self.column, self.rule = table, column, rule
 
 
+def _is_null(value: object) -> bool:
+    return value is None or value is pd.NA or value is pd.NaT or (isinstance(value, float) and math.isnan(value))
+
+
+def id_violation(value: object) -> str:
+    """The rule a raw user/item id breaks ('' when valid): null, empty, numeric < 0 or fractional, too long.
+
+    Numbers, and strings that parse as numbers, must be whole and >= 0; any id is at most
+    ``MAX_ID_CHARS`` characters once stripped. Valid ids become ``normalise_id(value)``.
+    """
+    if _is_null(value):
+        return RULE_NULL
+    if isinstance(value, bool):
+        return ""
+    try:
+        number = float(value) if isinstance(value, int | float | np.integer | np.floating | str) else None
+    except ValueError:
+        number = None
+    if number is not None and not math.isnan(number):
+        if number < 0:
+            return RULE_NEGATIVE
+        if number % 1 != 0:
+            return RULE_FRACTIONAL
+    text = str(value).strip()
+    if not text:
+        return RULE_EMPTY
+    if len(text) > MAX_ID_CHARS:
+        return RULE_TOO_LONG
+    return ""
+
+
+def normalise_id(value: object) -> str:
+    """A valid raw id as the contract's string: whole floats lose their ``.0``, whitespace is stripped."""
+    if isinstance(value, float | np.floating):
+        value = int(value)
+    return str(value).strip()
+
+
+def id_violations(series: pd.Series) -> pd.Series:
+    """``id_violation`` per row ('' = valid), same index."""
+    return series.map(id_violation).astype(object)
+
+
+def normalise_event_type(value: object) -> str:
+    """The contract's spelling of an event type: stripped, lower case (valid only if in ``EVENT_TYPES``)."""
+    return str(value).strip().lower()
+
+
+def event_type_violation(value: object) -> str:
+    """'' if the event type (case and surrounding spaces ignored) is in ``EVENT_TYPES``, else the rule."""
+    return "" if not _is_null(value) and normalise_event_type(value) in EVENT_TYPES else RULE_EVENT_TYPE
+
+
+def event_type_violations(series: pd.Series) -> pd.Series:
+    """``event_type_violation`` per row ('' = valid), same index."""
+    return series.map(event_type_violation).astype(object)
+
+
+def value_violation(value: object) -> str:
+    """'' if the value is null or numeric (a number or a numeric string), else the rule."""
+    if _is_null(value):
+        return ""
+    try:
+        float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return RULE_VALUE
+    return ""
+
+
+def value_violations(series: pd.Series) -> pd.Series:
+    """``value_violation`` per row ('' = valid), same index."""
+    return series.map(value_violation).astype(object)
+
+
+def parse_timestamps(series: pd.Series, unit: str = "s") -> pd.Series:
+    """Parse raw timestamps to ``datetime64[ns, UTC]``; unparsable values become NaT.
+
+    Numbers (and numeric strings) are Unix time in ``unit``; other strings are ISO-like dates
+    (naive ones taken as UTC); datetimes are converted to UTC.
+    """
+    if isinstance(series.dtype, pd.DatetimeTZDtype):
+        return series.dt.tz_convert("UTC").astype("datetime64[ns, UTC]")
+    if pd.api.types.is_datetime64_dtype(series):
+        return series.dt.tz_localize("UTC").astype("datetime64[ns, UTC]")
+    num = (
+        pd.to_numeric(series, errors="coerce") if not pd.api.types.is_bool_dtype(series) else series * np.nan
+    )
+    out = pd.Series(pd.NaT, index=series.index, dtype="datetime64[ns, UTC]")
+    numeric = num.notna()
+    if numeric.any():  # only real numbers: pandas' unit cast of an all-NaN array can raise under np.seterr
+        out.loc[numeric] = pd.to_datetime(num[numeric], unit=unit, utc=True, errors="coerce")
+    rest = num.isna() & series.notna()
+    if rest.any():
+        text = series[rest].astype(str)
+        out.loc[rest] = pd.to_datetime(text, utc=True, errors="coerce", format="mixed")
+    return out.astype("datetime64[ns, UTC]")
+
+
+def timestamp_violations(series: pd.Series, unit: str = "s") -> pd.Series:
+    """Per row: '' if the timestamp is present and parses (``parse_timestamps``)."""
+    parsed = parse_timestamps(series, unit)
+    out = np.where(series.isna(), RULE_NULL, np.where(parsed.isna(), RULE_TIMESTAMP, ""))
+    return pd.Series(out, index=series.index, dtype=object)
+
+
+def event_violations(df: pd.DataFrame, *, timestamp_unit: str = "s") -> pd.DataFrame:
+    """The row rules of raw events: one column per checked contract column, '' where the cell is valid.
+
+    Columns that are absent are not checked (the schema check reports them).
+
+    Returns:
+        (n_rows, n_checked_columns) frame of rule texts, same index as ``df``.
+    """
+    checks = {
+        "user_id": id_violations,
+        "item_id": id_violations,
+        "event_type": event_type_violations,
+        "value": value_violations,
+        "timestamp": lambda s: timestamp_violations(s, timestamp_unit),
+    }
+    return pd.DataFrame({c: fn(df[c]) for c, fn in checks.items() if c in df.columns}, index=df.index)
+
+
 def _require_columns(df: pd.DataFrame, table: str, required: Iterable[str]) -> None:
     missing = [c for c in required if c not in df.columns]
     if missing:
@@ -44,43 +188,38 @@ def _require_columns(df: pd.DataFrame, table: str, required: Iterable[str]) -> N
 
 
 def _as_id(series: pd.Series, table: str, column: str) -> pd.Series:
-    """Coerce an id column to non-empty strings; integers become their decimal string."""
-    if series.isna().any():
-        bad = series.index[series.isna()][:5].tolist()
-        raise ContractError(table, column, "must not be null; null at rows", bad)
-    if pd.api.types.is_float_dtype(series):
-        frac = series[(series % 1) != 0]
-        if len(frac):
-            raise ContractError(table, column, "float ids must be whole numbers", frac.tolist())
-        series = series.astype(np.int64)
+    """Coerce an id column to the contract's strings (``id_violation`` / ``normalise_id``).
+
+    Raises:
+        ContractError: naming the first rule broken and up to five offending values (row numbers for nulls).
+    """
+    problems = id_violations(series)
+    bad = problems != ""
+    if bad.any():
+        rule = problems[bad].iloc[0]
+        rows = bad & (problems == rule)
+        shown = series.index[rows].tolist() if rule in (RULE_NULL, RULE_EMPTY) else series[rows].tolist()
+        suffix = "; at rows" if rule in (RULE_NULL, RULE_EMPTY) else ""
+        raise ContractError(table, column, rule + suffix, shown)
     if pd.api.types.is_integer_dtype(series):
-        neg = series[series < 0]
-        if len(neg):
-            raise ContractError(table, column, "numeric ids must be >= 0", neg.tolist())
-    out = series.astype(str).str.strip()
-    empty = out[out == ""]
-    if len(empty):
-        raise ContractError(table, column, "must not be empty; empty at rows", empty.index.tolist())
-    return out
+        return series.astype(str)  # fast path, same result as normalise_id
+    return series.map(normalise_id).astype(object)
 
 
 def to_utc(series: pd.Series, table: str, column: str, *, unit: str | None = None) -> pd.Series:
     """Parse timestamps to ``datetime64[ns, UTC]``.
 
-    Numbers are read as Unix time in ``unit`` (default seconds); naive datetimes are taken as UTC.
-    Null stays NaT (callers decide whether that is allowed).
+    The rules of ``parse_timestamps``: numbers are Unix time in ``unit`` (default seconds); naive
+    datetimes are taken as UTC. Null stays NaT (callers decide whether that is allowed).
 
     Raises:
         ContractError: a value cannot be parsed (the message shows examples).
     """
-    if pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series):
-        out = pd.to_datetime(series, unit=unit or "s", utc=True, errors="coerce")
-    else:
-        out = pd.to_datetime(series, utc=True, errors="coerce", format="mixed")
+    out = parse_timestamps(series, unit or "s")
     bad = series[out.isna() & series.notna()]
     if len(bad):
-        raise ContractError(table, column, "unparsable timestamp", bad.tolist())
-    return out.astype("datetime64[ns, UTC]")
+        raise ContractError(table, column, RULE_TIMESTAMP, bad.tolist())
+    return out
 
 
 def derive_event_id(source: str, user_id: str, item_id: str, event_type: str, ts_ns: int, seq: int) -> str:
@@ -135,16 +274,14 @@ def coerce_events(df: pd.DataFrame, *, default_source: str | None = None) -> pd.
     out = pd.DataFrame(index=df.index)
     out["user_id"] = _as_id(df["user_id"], table, "user_id")
     out["item_id"] = _as_id(df["item_id"], table, "item_id")
-    etype = df["event_type"].astype(str).str.strip().str.lower()
-    bad = etype[~etype.isin(EVENT_TYPES)]
+    bad = df["event_type"][event_type_violations(df["event_type"]) != ""]
     if len(bad):
-        raise ContractError(table, "event_type", f"must be one of {list(EVENT_TYPES)}", bad.unique().tolist())
-    out["event_type"] = etype
-    value = pd.to_numeric(df["value"], errors="coerce")
-    bad = df["value"][value.isna() & df["value"].notna()]
+        raise ContractError(table, "event_type", RULE_EVENT_TYPE, bad.unique().tolist())
+    out["event_type"] = df["event_type"].astype(str).str.strip().str.lower()
+    bad = df["value"][value_violations(df["value"]) != ""]
     if len(bad):
-        raise ContractError(table, "value", "must be numeric or null", bad.tolist())
-    out["value"] = value.astype("float64")
+        raise ContractError(table, "value", RULE_VALUE, bad.tolist())
+    out["value"] = pd.to_numeric(df["value"], errors="coerce").astype("float64")
     ts = to_utc(df["timestamp"], table, "timestamp")
     if ts.isna().any():
         raise ContractError(table, "timestamp", "must not be null; null at rows", ts.index[ts.isna()][:5].tolist())

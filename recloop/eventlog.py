@@ -47,11 +47,19 @@ from sqlalchemy.types import TypeDecorator
 
 from recloop.contract import (
     EVENT_COLUMNS,
-    EVENT_TYPES,
+    RULE_EVENT_TYPE,
+    RULE_TIMESTAMP,
+    RULE_VALUE,
     ContractError,
     coerce_events,
     derive_event_id,
     empty_events,
+    event_type_violation,
+    id_violation,
+    normalise_event_type,
+    normalise_id,
+    parse_timestamps,
+    value_violation,
 )
 
 logger = logging.getLogger(__name__)
@@ -364,7 +372,7 @@ def _event(
 
 
 def _coerce_dicts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The rules of ``recloop.contract.coerce_events`` for a few dict rows, without pandas.
+    """The contract's row rules (``recloop.contract``) for a few dict rows, without building a frame.
 
     Raises:
         ContractError: naming the column, rule and value, as ``coerce_events`` does.
@@ -377,26 +385,19 @@ def _coerce_dicts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             raise ContractError("events", missing[0], f"must not be null (row {k})")
         r = {c: raw.get(c) for c in CONTENT}
         for c in ("user_id", "item_id"):
-            value = r[c]
-            if isinstance(value, int | float) and (value < 0 or value != int(value)):
-                raise ContractError("events", c, "numeric ids must be whole and >= 0", [value])
-            r[c] = str(int(value) if isinstance(value, float) else value).strip()
-            if not r[c]:
-                raise ContractError("events", c, f"must not be empty (row {k})")
-        r["event_type"] = str(r["event_type"]).strip().lower()
-        if r["event_type"] not in EVENT_TYPES:
-            raise ContractError(
-                "events", "event_type", f"must be one of {list(EVENT_TYPES)}", [raw["event_type"]]
-            )
-        try:
-            r["value"] = None if r["value"] is None or r["value"] != r["value"] else float(r["value"])
-        except (TypeError, ValueError) as err:
-            raise ContractError("events", "value", "must be numeric or null", [raw["value"]]) from err
-        try:
-            ts = pd.Timestamp(r["timestamp"])
-        except (TypeError, ValueError) as err:
-            raise ContractError("events", "timestamp", "unparsable timestamp", [raw["timestamp"]]) from err
-        ts = ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+            rule = id_violation(r[c])
+            if rule:
+                raise ContractError("events", c, f"{rule} (row {k})", [raw[c]])
+            r[c] = normalise_id(r[c])
+        if event_type_violation(r["event_type"]):
+            raise ContractError("events", "event_type", RULE_EVENT_TYPE, [raw["event_type"]])
+        r["event_type"] = normalise_event_type(r["event_type"])
+        if value_violation(r["value"]):
+            raise ContractError("events", "value", RULE_VALUE, [raw["value"]])
+        r["value"] = None if r["value"] is None or r["value"] != r["value"] else float(r["value"])
+        ts = parse_timestamps(pd.Series([r["timestamp"]], dtype=object))[0]
+        if pd.isna(ts):
+            raise ContractError("events", "timestamp", RULE_TIMESTAMP, [raw["timestamp"]])
         r["timestamp"] = ts.floor("us")  # the stored precision
         r["source"] = str(r["source"] or "feedback")
         event_id = raw.get("event_id")

@@ -84,13 +84,18 @@ def _finite(x: float) -> bool:
     return isinstance(x, float) and math.isfinite(x)
 
 
+#: The gate's thresholds (``RECLOOP_GATE_MIN_GAIN`` / ``RECLOOP_GATE_MAX_COVERAGE_DROP`` override them).
+DEFAULT_MIN_GAIN = 0.0
+DEFAULT_MAX_COVERAGE_DROP = 0.2
+
+
 def decide(
     candidate: Mapping[str, float],
     champion: Mapping[str, float] | None,
     baselines: Mapping[str, Mapping[str, float]],
     *,
-    min_gain: float = 0.0,
-    max_coverage_drop: float = 0.2,
+    min_gain: float = DEFAULT_MIN_GAIN,
+    max_coverage_drop: float = DEFAULT_MAX_COVERAGE_DROP,
 ) -> GateDecision:
     """Decide whether ``candidate`` may become the champion.
 

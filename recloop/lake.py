@@ -19,7 +19,6 @@ the recorded event order, and the tie-break for equal timestamps, is (timestamp,
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -34,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from filelock import FileLock
 from pydantic import BaseModel
 
 from recloop.contract import EVENT_COLUMNS, ITEM_COLUMNS, empty_events
@@ -104,13 +104,10 @@ class Lake:
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
+        """An exclusive lock on the lake (``root/.lock``), across threads and processes (``filelock``)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "w") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        with FileLock(self.root / ".lock"):
+            yield
 
     def _read(self, table: str, batches: list[str]) -> pd.DataFrame | None:
         files = [self.root / table / b / "part-0.parquet" for b in batches]

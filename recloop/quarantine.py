@@ -14,7 +14,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from recloop.contract import EVENT_COLUMNS, EVENT_TYPES, ContractError, coerce_events
+from recloop.contract import EVENT_COLUMNS, ContractError, coerce_events, event_violations
 
 REQUIRED_EVENT_COLUMNS: tuple[str, ...] = ("user_id", "item_id", "event_type", "timestamp")
 REJECT_COLUMNS: tuple[str, ...] = ("row", "check", "reason", "action")
@@ -45,52 +45,13 @@ class EventSplit(NamedTuple):
     good_rows: np.ndarray
 
 
-def _id_problems(series: pd.Series, column: str) -> pd.Series:
-    """Per row: '' if the id is usable, else the reason (null, empty, negative, fractional)."""
-    out = pd.Series("", index=series.index, dtype=object)
-    out[series.isna()] = f"{column} is null"
-    present = series.notna()
-    num = pd.to_numeric(series.where(present), errors="coerce")
-    out[present & (num < 0)] = f"{column} is negative"
-    out[present & num.notna() & (num % 1 != 0)] = f"{column} is not a whole number"
-    if not pd.api.types.is_numeric_dtype(series):
-        text = series.where(present).astype(str).str.strip()
-        out[present & (text == "")] = f"{column} is empty"
-    return out
-
-
-def _timestamp_problems(series: pd.Series) -> pd.Series:
-    out = pd.Series("", index=series.index, dtype=object)
-    if pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series):
-        parsed = pd.to_datetime(series, unit="s", utc=True, errors="coerce")
-    else:
-        parsed = pd.to_datetime(series, utc=True, errors="coerce", format="mixed")
-    out[series.isna()] = "timestamp is null"
-    out[series.notna() & parsed.isna()] = "timestamp is unparsable"
-    return out
-
-
 def _row_problems(df: pd.DataFrame) -> pd.DataFrame:
-    """(n_rows, n_checks) frame of reasons ('' = ok), one column per contract check."""
-    checks = {
-        "contract.user_id": _id_problems(df["user_id"], "user_id"),
-        "contract.item_id": _id_problems(df["item_id"], "item_id"),
-    }
-    etype = df["event_type"].astype(str).str.strip().str.lower()
-    checks["contract.event_type"] = pd.Series(
-        np.where(
-            df["event_type"].isna() | ~etype.isin(EVENT_TYPES),
-            "event_type not in " + str(list(EVENT_TYPES)),
-            "",
-        ),
+    """(n_rows, n_checks) frame of reasons ('' = ok), one column per contract check (the contract's rules)."""
+    rules = event_violations(df)
+    return pd.DataFrame(
+        {f"contract.{c}": np.where(rules[c] != "", c + ": " + rules[c], "") for c in rules.columns},
         index=df.index,
     )
-    value = pd.to_numeric(df["value"], errors="coerce")
-    checks["contract.value"] = pd.Series(
-        np.where(value.isna() & df["value"].notna(), "value is not numeric", ""), index=df.index
-    )
-    checks["contract.timestamp"] = _timestamp_problems(df["timestamp"])
-    return pd.DataFrame(checks)
 
 
 def _rejects(

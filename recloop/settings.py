@@ -15,6 +15,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from recloop.gate import DEFAULT_MAX_COVERAGE_DROP, DEFAULT_MIN_GAIN
+
 # Telemetry and network opt-outs (STACK_NOTES.md): the platform must never phone home.
 TELEMETRY_ENV: dict[str, str] = {
     "DO_NOT_TRACK": "true",  # MLflow accepts only the exact string "true"
@@ -49,7 +51,8 @@ class Settings(BaseSettings):
     mlflow_artifact_root: str | None = Field(default=None, description="Default: home/mlartifacts")
     mlflow_port: int = 5000
     model_name: str = Field(default="recloop-sasrec", description="MLflow registered model name")
-    model_alias: str = Field(default="champion", description="The alias serving follows")
+    model_alias: str = Field(default="champion", description="The alias serving follows and promotion moves")
+    model_class: str = Field(default="sasrec", description="The sequential model trained (models/factory.py)")
 
     # Event log and feature store
     event_log_url: str | None = Field(default=None, description="SQLAlchemy URL; default sqlite under home")
@@ -77,9 +80,10 @@ class Settings(BaseSettings):
     unknown_item_max_share: float = Field(default=0.05, ge=0, le=1, description="Events naming new items")
 
     # Evaluation gate
-    gate_min_gain: float = Field(default=0.0, description="Candidate NDCG@10 >= champion * (1 + min_gain)")
-    gate_max_coverage_drop: float = Field(default=0.2, ge=0, le=1, description="Allowed coverage@10 drop")
-    auto_promote: bool = Field(default=True, description="Move 'champion' automatically when the gate passes")
+    gate_min_gain: float = Field(default=DEFAULT_MIN_GAIN, description="Candidate NDCG@10 >= champion * (1 + min_gain)")
+    gate_max_coverage_drop: float = Field(default=DEFAULT_MAX_COVERAGE_DROP, ge=0, le=1,
+                                          description="Allowed coverage@10 drop")
+    auto_promote: bool = Field(default=True, description="Move model_alias automatically when the gate passes")
 
     # Serving
     serve_host: str = "127.0.0.1"

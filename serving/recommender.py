@@ -4,10 +4,12 @@ Framework-free (no BentoML): ``serving/service.py`` is a thin HTTP adapter over 
 and tests drive this class directly. Collaborators are passed in and only need these methods:
 
 - online store: ``recent_items(user_id) -> list[str] | None`` and
-  ``push_recent_items(user_id, items, event_ts)`` (``serving/online.py``, Feast);
+  ``push_recent_items(user_id, items, event_ts)`` (``featurestore/online.py``, Feast);
 - event log: ``append_and_recent(event, n) -> (inserted, recent_items)`` atomic per user and
   ``recent_items(user_id, n)`` (``recloop/eventlog.py``);
-- model: ``score(item_idx) -> (batch, n_items + 1)`` (``models/sasrec.py``).
+- model: any registered sequential model (``models.contract``: ``score``, ``item_embeddings``).
+
+Ranking (scoring, masking, top-k, ties) is ``models.ranking``'s, the one ranking path.
 
 Read-your-writes: ``feedback`` returns only after the event is in the log and the user's online
 sequence has been overwritten with the last ``max_seq_len`` items *read back from the log*. Pushes
@@ -29,6 +31,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from models.ranking import encode_history, score_histories, top_k_items
 from models.vocab import PAD_IDX, ItemVocabulary
 
 logger = logging.getLogger(__name__)
@@ -61,21 +64,6 @@ class UnknownItemError(KeyError):
     """An item id the served model does not know (``similar_items``)."""
 
 
-def item_embeddings(model: Any) -> torch.Tensor:
-    """The model's item embedding table, (n_items + 1, d_model); row 0 is padding.
-
-    Raises:
-        TypeError: the model exposes no item embedding table.
-    """
-    for name in ("item_emb", "item_embedding", "item_embeddings"):
-        emb = getattr(model, name, None)
-        if isinstance(emb, torch.nn.Embedding):
-            return emb.weight.detach()
-        if callable(emb):
-            return emb().detach()
-    raise TypeError(f"{type(model).__name__} has no item embedding table (item_emb)")
-
-
 @dataclass(frozen=True)
 class ServedModel:
     """Everything one model version needs to answer requests; swapped in as one reference.
@@ -101,24 +89,15 @@ class ServedModel:
     loaded_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
 
 
-def _history_idx(vocab: ItemVocabulary, item_ids: list[str]) -> np.ndarray:
-    """Known item indices of ``item_ids`` (unknown ids dropped), oldest first, (n,) int64."""
-    idx = vocab.encode(item_ids, unknown="pad")
-    return idx[idx != PAD_IDX]
-
-
-@torch.inference_mode()
 def score_history(model: Any, seq_len: int, idx: np.ndarray) -> np.ndarray:
-    """Score the whole catalogue after a history.
+    """Score the whole catalogue after one history (``models.ranking.score_histories``).
 
     Args:
         idx: (n,) int64 item_idx, oldest first; only the last ``seq_len`` are used.
     Returns:
-        (n_items + 1,) float32 scores; column 0 (padding) is -inf.
+        (n_items + 1,) float64 scores; column 0 (padding) is -inf.
     """
-    tail = idx[-seq_len:]
-    seq = tail[None, :] if len(tail) else np.zeros((1, 1), dtype=np.int64)  # (1, <= seq_len)
-    scores = model.score(torch.from_numpy(seq))[0].float().numpy().copy()  # (n_items + 1,)
+    scores = score_histories(model, [idx], max_len=seq_len)[0].astype(np.float64)  # (n_items + 1,)
     scores[PAD_IDX] = -np.inf
     return scores
 
@@ -131,7 +110,6 @@ def build_served(
     extra: dict[str, Any] | None = None,
     titles: dict[str, str] | None = None,
     popularity: dict[str, float] | None = None,
-    default_seq_len: int = 50,
 ) -> ServedModel:
     """Prepare a loaded model for serving and smoke-score it (raises if it cannot answer).
 
@@ -145,15 +123,14 @@ def build_served(
     extra = extra or {}
     if hasattr(model, "eval"):
         model.eval()
-    config = getattr(model, "config", None)
-    seq_len = int(getattr(config, "max_seq_len", default_seq_len))
+    seq_len = int(model.config.max_seq_len)
     smoke = score_history(model, seq_len, np.arange(1, min(len(vocab), 3) + 1, dtype=np.int64))
     if smoke.shape != (len(vocab) + 1,) or not np.isfinite(smoke[1:]).all():
         raise ValueError(
             f"smoke score failed for version {version}: shape {smoke.shape}, expected ({len(vocab) + 1},)"
             " with finite values"
         )
-    emb = item_embeddings(model).float()  # (n_items + 1, d_model)
+    emb = model.item_embeddings().detach().float()  # (n_items + 1, d_model)
     unit = torch.nn.functional.normalize(emb, dim=1)
     unit[PAD_IDX] = 0.0
     counts = popularity or extra.get("item_popularity")
@@ -207,12 +184,7 @@ class RecommenderCore:
 
     def _items(self, served: ServedModel, scores: np.ndarray, k: int) -> list[dict[str, Any]]:
         """Top-k of ``scores`` ((n_items + 1,), -inf = excluded) as response items, best first."""
-        n_valid = int(np.isfinite(scores).sum())
-        k = min(k, n_valid)
-        if k <= 0:
-            return []
-        top = np.argpartition(-scores, k - 1)[:k]
-        top = top[np.argsort(-scores[top], kind="stable")]
+        top = top_k_items(scores, k)
         ids = served.vocab.decode(top)
         return [
             {"item_id": i, "score": float(scores[t]), "title": served.titles.get(i, i)}
@@ -235,7 +207,7 @@ class RecommenderCore:
         stored = self.online.recent_items(user_id)
         cold_start = not stored
         hist_ids = history if history is not None else (stored or [])
-        idx = _history_idx(served.vocab, hist_ids)
+        idx = encode_history(served.vocab, hist_ids)
         if len(idx):
             scores = score_history(served.model, served.seq_len, idx)
             strategy = "history" if history is not None else "sequential"

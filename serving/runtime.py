@@ -75,7 +75,7 @@ class Runtime:
 def served_from_registry(rt_settings: Settings, client: Any, version: str | None,
                          titles: dict[str, str], popularity: dict[str, float]) -> ServedModel:
     """Load a registered version (or the alias when ``version`` is None) and prepare it (smoke-scored)."""
-    from serving.model_store import load_version
+    from registry.store import load_version
 
     if version is None:
         loaded = load_version(rt_settings.model_name, alias=rt_settings.model_alias, client=client)
@@ -83,7 +83,7 @@ def served_from_registry(rt_settings: Settings, client: Any, version: str | None
         loaded = load_version(rt_settings.model_name, version=version, client=client)
     return build_served(
         loaded.model, loaded.vocab, loaded.version, loaded.run_id, loaded.extra,
-        titles=titles or None, popularity=popularity or None, default_seq_len=rt_settings.max_seq_len,
+        titles=titles or None, popularity=popularity or None,
     )
 
 
@@ -96,9 +96,9 @@ def build_runtime(settings: Settings | None = None) -> Runtime:
     configure_environment()
     torch.set_num_threads(1)  # one request = one tiny forward pass; threads only add contention
     settings = settings or get_settings()
+    from featurestore.online import OnlineFeatures
     from recloop.eventlog import EventLog
-    from serving.model_store import configure_tracking
-    from serving.online import OnlineFeatures
+    from registry.tracking import configure_tracking
 
     client = configure_tracking(settings)
     cat = load_catalogue(settings.lake_path, settings.max_seq_len)
@@ -132,7 +132,7 @@ class ChampionWatcher:
         A failure (registry unreachable, broken artifact, smoke score) is logged and kept in
         ``last_error``; the current model keeps serving.
         """
-        from serving.model_store import get_alias_version
+        from registry.aliases import get_alias_version
 
         s = self.rt.settings
         self.last_poll_at = datetime.now(UTC).isoformat()

@@ -16,16 +16,12 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from recloop.contract import EVENT_TYPES
+from recloop.contract import EVENT_TYPES, MAX_EVENT_ID_CHARS, MAX_ID_CHARS, EventType
 
-MAX_ID_CHARS = 255  # event log column width
-MAX_EVENT_ID_CHARS = 128
 MAX_HISTORY = 200
 MAX_K = 200  # hard schema bound; settings.max_k may lower it (checked in the service)
 
 Id = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_CHARS, strip_whitespace=True)]
-EventType = Literal["view", "click", "like", "rating", "purchase", "skip"]
-assert set(EventType.__args__) == set(EVENT_TYPES)  # internal invariant: schema follows the contract
 
 
 class _Strict(BaseModel):

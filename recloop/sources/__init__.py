@@ -15,10 +15,10 @@ from typing import Any
 
 import pandas as pd
 
-from recloop.contract import ContractError, coerce_events, coerce_items, coerce_users
+from recloop.contract import ContractError, coerce_events, coerce_items, coerce_users, parse_timestamps
 from recloop.sources import movielens, synthetic, tabular  # noqa: F401  (registers the readers)
 from recloop.sources.base import SOURCES, SourceError, SourceFrames
-from recloop.sources.checks import conflicting_event_ids, event_problems, parse_timestamps
+from recloop.sources.checks import conflicting_event_ids, event_problems
 
 __all__ = ["SOURCES", "SourceError", "SourceFrames", "event_problems", "load_source", "read_source"]
 

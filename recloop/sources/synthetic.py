@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from recloop.contract import EventType
 from recloop.sources.base import SourceFrames, register
 
 GENRES = (
@@ -91,8 +92,8 @@ _BLURB = {
     "Sci-Fi": "a distant future",
     "Thriller": "a race against time",
 }
-EVENT_TYPES = ("view", "click", "like", "purchase")
-EVENT_TYPE_P = (0.5, 0.35, 0.1, 0.05)
+#: The positive interaction types the synthetic users generate, with their shares (contract names).
+EVENT_TYPE_P: dict[EventType, float] = {"view": 0.5, "click": 0.35, "like": 0.1, "purchase": 0.05}
 
 
 @register("synthetic")
@@ -143,7 +144,7 @@ def read_synthetic(path: Path | None = None, **options: Any) -> SourceFrames:
         {
             "user_id": user_col,
             "item_id": item_col,
-            "event_type": rng.choice(EVENT_TYPES, size=len(item_col), p=EVENT_TYPE_P),
+            "event_type": rng.choice(list(EVENT_TYPE_P), size=len(item_col), p=list(EVENT_TYPE_P.values())),
             "value": np.nan,
             "timestamp": start + pd.to_timedelta(seconds, unit="s"),
             "source": source,

@@ -7,11 +7,11 @@ import pandas as pd
 import pytest
 
 from models.baselines import MostPop
-from models.checkpoint import recommend_topk
 from models.metrics import evaluate
+from models.ranking import recommend
 from models.sasrec import SASRecConfig
 from models.sequences import build_sequences, leave_one_out
-from models.trainer import TrainConfig, train_sasrec
+from models.trainer import TrainConfig, train_model
 from models.vocab import ItemVocabulary
 from recloop.contract import coerce_events
 
@@ -28,7 +28,7 @@ def chain_model():
     vocab = ItemVocabulary([f"i{k}" for k in range(1, N_ITEMS + 1)])
     cfg = SASRecConfig(n_items=N_ITEMS, max_seq_len=8, d_model=16, n_heads=1, n_layers=1, dropout=0.1)
     tcfg = TrainConfig(epochs=15, batch_size=16, lr=1e-2, seed=0, patience=15, device="cpu", num_threads=1)
-    return train_sasrec(leave_one_out(seqs), vocab, cfg, tcfg, progress=False).model, vocab
+    return train_model(leave_one_out(seqs), vocab, cfg, tcfg, progress=False).model, vocab
 
 
 def test_minimum_functionality_next_item_of_a_chain(chain_model) -> None:
@@ -36,20 +36,20 @@ def test_minimum_functionality_next_item_of_a_chain(chain_model) -> None:
     hits = 0
     for start in range(1, N_ITEMS - 3):
         history = [f"i{start}", f"i{start + 1}", f"i{start + 2}"]
-        hits += recommend_topk(model, vocab, history, k=1)[0][0] == f"i{start + 3}"
+        hits += recommend(model, vocab, [history], k=1)[0][0][0] == f"i{start + 3}"
     assert hits / (N_ITEMS - 4) > 0.8
 
 
 def test_invariance_to_unknown_history_ids(chain_model) -> None:
     model, vocab = chain_model
-    base = recommend_topk(model, vocab, ["i3", "i4"], k=5)
-    noisy = recommend_topk(model, vocab, ["never-seen", "i3", "also-unknown", "i4"], k=5)
+    base = recommend(model, vocab, [["i3", "i4"]], k=5)[0]
+    noisy = recommend(model, vocab, [["never-seen", "i3", "also-unknown", "i4"]], k=5)[0]
     assert [i for i, _ in base] == [i for i, _ in noisy]
 
 
 def test_directional_last_item_drives_the_top_recommendation(chain_model) -> None:
     model, vocab = chain_model
-    assert recommend_topk(model, vocab, ["i10", "i11", "i20"], k=1)[0][0] == "i21"
+    assert recommend(model, vocab, [["i10", "i11", "i20"]], k=1)[0][0][0] == "i21"
 
 
 @pytest.mark.slow
@@ -61,7 +61,7 @@ def test_brief_training_on_ml100k_beats_mostpop(ml100k_path) -> None:
     split = leave_one_out(build_sequences(events, vocab))
     cfg = SASRecConfig(n_items=len(vocab), max_seq_len=50, d_model=64, n_heads=1, n_layers=2, dropout=0.3)
     tcfg = TrainConfig(epochs=3, batch_size=64, lr=2e-3, seed=0, max_train_seconds=120)
-    result = train_sasrec(split, vocab, cfg, tcfg, progress=False)
+    result = train_model(split, vocab, cfg, tcfg, progress=False)
     sasrec = evaluate(result.model, split.test, n_items=len(vocab))["metrics"]["ndcg@10"]
     pop = evaluate(MostPop().fit(split.train, len(vocab)), split.test, n_items=len(vocab))["metrics"][
         "ndcg@10"

@@ -110,10 +110,10 @@ def test_split_events_keeps_original_values_and_reasons() -> None:
     assert good["user_id"].tolist() == ["1"] and rows.tolist() == [0]
     assert rejected["row"].tolist() == [1, 2, 3, 4]
     assert rejected["reason"].tolist() == [
-        "user_id is null",
-        "user_id is negative; value is not numeric",
-        "event_type not in ['view', 'click', 'like', 'rating', 'purchase', 'skip']",
-        "timestamp is unparsable",
+        "user_id: must not be null",
+        "user_id: numeric ids must be >= 0; value: must be numeric or null",
+        "event_type: must be one of ['view', 'click', 'like', 'rating', 'purchase', 'skip']",
+        "timestamp: unparsable timestamp",
     ]
     assert rejected["value"].tolist() == [3, "x", 2, 1]  # original values, not coerced
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.build_bento import build, pin_bentofile, requirements_without_torch
+from serving.bento_build import build, pin_bentofile, requirements_without_torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

@@ -38,7 +38,7 @@ def platform_env(tmp_path_factory: pytest.TempPathFactory, ml100k_path: Path):
     settings = get_settings()
     with prefect_test_harness(server_startup_timeout=120):
         yield settings
-    from flows import services
+    from supervisor import services
 
     services.stop(settings, "serving")
     mp.undo()
@@ -52,7 +52,8 @@ def test_pipeline_then_feedback_then_loop(platform_env, ml100k_path: Path) -> No
     from flows.deploy import served_version, service_url
     from flows.loop import loop_flow, read_watermark
     from flows.pipeline import pipeline_flow
-    from serving.model_store import configure_tracking, get_alias_version
+    from registry.aliases import get_alias_version
+    from registry.tracking import configure_tracking
 
     settings = platform_env
     train = {"epochs": 12, "patience": 3}

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from feast.repo_config import load_repo_config
 
-from flows.features import (
+from featurestore.materialize import (
     apply_repo,
     feature_repo_dir,
     load_declarations,
@@ -19,9 +19,9 @@ from flows.features import (
     read_watermark,
     refresh_features,
 )
+from featurestore.online import OnlineFeatures, feature_store_config, open_feature_store
 from recloop.contract import coerce_events
 from recloop.settings import Settings
-from serving.online import OnlineFeatures, feature_store_config, open_feature_store
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 

@@ -15,17 +15,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flows.features import (
+from featurestore.materialize import (
     historical_features,
     load_text_encoder,
     read_watermark,
     refresh_features,
     training_entity_frame,
 )
+from featurestore.online import OnlineFeatures, open_feature_store
 from recloop.contract import coerce_events
 from recloop.settings import Settings
 from recloop.sources import load_source
-from serving.online import OnlineFeatures, open_feature_store
 
 N = 50
 FUTURE_TS = pd.Timestamp("2100-01-01", tz="UTC")

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pandas as pd
 
-from flows.features import materialize_window
+from featurestore.materialize import materialize_window
 from recloop import features as F
 from recloop.contract import coerce_events
 

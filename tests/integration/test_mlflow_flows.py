@@ -51,10 +51,9 @@ def events_file(tmp_path_factory: pytest.TempPathFactory, ml100k_path: Path) -> 
 
 def _run_scenario(home: Path, tracking_uri: str | None, events_file: Path) -> dict[str, object]:
     """Run the four-step registry scenario with the given backend; return what was observed."""
-    from flows import registry
     from flows.evaluate import evaluate_flow
     from flows.train import train_flow
-    from serving import model_store
+    from registry import aliases, tracking
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RECLOOP_HOME", str(home))
@@ -66,27 +65,27 @@ def _run_scenario(home: Path, tracking_uri: str | None, events_file: Path) -> di
         get_settings.cache_clear()
         try:
             name = get_settings().model_name
-            client = model_store.configure_tracking()
+            client = tracking.configure_tracking()
             src = {"source": "parquet", "path": str(events_file)}
             seen: dict[str, object] = {"client": client, "name": name}
 
             first = train_flow(**src, model_params=MODEL, train_params={**FAST, "epochs": 3})
             seen["first"] = evaluate_flow(first["run_id"], baselines=BASELINES)
-            seen["champion_after_first"] = model_store.get_alias_version(client, name, "champion")
+            seen["champion_after_first"] = aliases.get_alias_version(client, name, "champion")
 
             worse = train_flow(**src, model_params=TINY, train_params={**FAST, "epochs": 1, "lr": 1e-4})
             seen["worse"] = evaluate_flow(worse["run_id"], baselines=BASELINES)
-            seen["champion_after_worse"] = model_store.get_alias_version(client, name, "champion")
+            seen["champion_after_worse"] = aliases.get_alias_version(client, name, "champion")
 
             better = train_flow(**src, model_params=MODEL, train_params={**FAST, "epochs": 3},
                                 warm_start_from="@champion")
             seen["better"] = evaluate_flow(better["run_id"], baselines=BASELINES)
-            seen["champion_after_better"] = model_store.get_alias_version(client, name, "champion")
+            seen["champion_after_better"] = aliases.get_alias_version(client, name, "champion")
             seen["better_run"] = better
 
-            seen["rollback"] = registry.rollback(client, name)
-            seen["champion_after_rollback"] = model_store.get_alias_version(client, name, "champion")
-            seen["versions"] = registry.list_versions(client, name)
+            seen["rollback"] = aliases.rollback(client, name, alias="champion")
+            seen["champion_after_rollback"] = aliases.get_alias_version(client, name, "champion")
+            seen["versions"] = aliases.list_versions(client, name)
             seen["first_run_id"] = first["run_id"]
             seen["tracking_uri"] = get_settings().mlflow_uri
             seen["home"] = home
@@ -162,7 +161,7 @@ def test_run_logs_params_metrics_fingerprint_and_artifacts(sqlite_scenario: dict
 
 def test_champion_scores_identically_in_a_fresh_cpu_process(sqlite_scenario: dict, tmp_path: Path) -> None:
     from models.checkpoint import load_checkpoint
-    from serving import model_store
+    from registry import store as model_store
 
     client, name = sqlite_scenario["client"], sqlite_scenario["name"]
     loaded = model_store.load_version(name, alias="champion", client=client)
@@ -197,8 +196,8 @@ def test_champion_scores_identically_in_a_fresh_cpu_process(sqlite_scenario: dic
 def test_pyfunc_predict_returns_top_k_unseen_items(sqlite_scenario: dict) -> None:
     import mlflow
 
-    from models.checkpoint import recommend_topk
-    from serving import model_store
+    from models.ranking import recommend
+    from registry import store as model_store
 
     mlflow.set_registry_uri(sqlite_scenario["tracking_uri"])
     name, client = sqlite_scenario["name"], sqlite_scenario["client"]
@@ -206,15 +205,15 @@ def test_pyfunc_predict_returns_top_k_unseen_items(sqlite_scenario: dict) -> Non
     history = list(loaded.vocab.ids[:5])
     pyfunc = mlflow.pyfunc.load_model(f"models:/{sqlite_scenario['name']}/{loaded.version}")
     out = pyfunc.predict(pd.DataFrame({"history": [history, []]}), params={"k": 5})
-    assert out["item_ids"][0] == [i for i, _ in recommend_topk(loaded.model, loaded.vocab, history, k=5)]
+    assert out["item_ids"][0] == [i for i, _ in recommend(loaded.model, loaded.vocab, [history], k=5)[0]]
     assert not set(out["item_ids"][0]) & set(history) and len(out["item_ids"][1]) == 5
 
 
 def test_cli_lists_promotes_and_rolls_back(sqlite_scenario: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
-    from flows.cli import app
-    from serving.model_store import get_alias_version
+    from cli.main import app
+    from registry.aliases import get_alias_version
 
     monkeypatch.setenv("RECLOOP_HOME", str(sqlite_scenario["home"]))
     get_settings.cache_clear()

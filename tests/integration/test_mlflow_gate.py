@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from flows import plots
-from flows.evaluate import MappedScorer, markdown_table
+from flows.evaluate import markdown_table
+from models.ranking import MappedScorer
 from models.sasrec import SASRec, SASRecConfig
 from models.vocab import ItemVocabulary
 from recloop.gate import decide
+from registry import plots
 
 CAND = {"ndcg@10": 0.10, "coverage@10": 0.30}
 BASE = {"MostPop": {"ndcg@10": 0.045}, "EASE": {"ndcg@10": 0.072}}
@@ -79,7 +80,7 @@ def test_champion_with_smaller_vocab_is_scored_by_item_id() -> None:
 
 
 def test_plots_and_report_render(tmp_path: Path) -> None:
-    history = [{"epoch": e, "loss": 7 - e, "val_ndcg10": 0.01 * e, "val_hr10": 0.02 * e} for e in (1, 2, 3)]
+    history = [{"epoch": e, "loss": 7 - e, "val_ndcg@10": 0.01 * e, "val_hr@10": 0.02 * e} for e in (1, 2, 3)]
     results = {"candidate": {"ndcg@10": 0.1, "hr@10": 0.2, "coverage@10": 0.3}, "MostPop": {"ndcg@10": 0.04}}
     counts = np.r_[0, np.arange(50, 0, -1)]
     recs = np.tile(np.arange(1, 11), (5, 1))

@@ -7,7 +7,7 @@ import socket
 import httpx
 import pytest
 
-from flows import services
+from supervisor import services
 from recloop.settings import get_settings
 
 
@@ -27,7 +27,7 @@ def test_up_writes_pid_and_log_and_down_stops(recloop_home, monkeypatch: pytest.
     monkeypatch.setenv("RECLOOP_PREFECT_PORT", str(port))
     get_settings.cache_clear()
     settings = get_settings()
-    from flows import platform
+    from cli import platform
 
     try:
         pids = platform.up(settings, ("prefect",))

@@ -181,14 +181,17 @@ def test_request_guard_checks_api_key_and_body_size(monkeypatch: pytest.MonkeyPa
 
 
 def test_bento_build_recipe_drops_torch_and_pins_the_version() -> None:
-    from flows.build_bento import BENTOFILE, PROJECT_ROOT, pin_bentofile, requirements_without_torch
+    import yaml
+
+    from serving.bento_build import BENTOFILE, PROJECT_ROOT, pin_bentofile, requirements_without_torch
 
     reqs = requirements_without_torch("a==1\n    # via x\ntorch==2.13.0+cpu\ntorchvision==0.1\nb==2\n")
     assert reqs.split() == ["a==1", "torchvision==0.1", "b==2"]
     text = (PROJECT_ROOT / BENTOFILE).read_text()
     assert "/work" not in text and "lock_packages: false" in text
-    pinned = pin_bentofile(text, "7")
-    assert 'model_version: "7"' in pinned and 'value: "7"' in pinned
+    pinned = yaml.safe_load(pin_bentofile(text, "7"))
+    assert pinned["labels"]["model_version"] == "7"
+    assert {"name": "RECLOOP_SERVE_MODEL_VERSION", "value": "7"} in pinned["envs"]
 
 
 def test_feedback_appends_to_the_lake_history_instead_of_replacing_it() -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from flows.bench_serving import free_port, prepare_home, running_server, serving_env, train_and_register
+from bench.serving import free_port, prepare_home, running_server, serving_env, train_and_register
 from recloop.settings import get_settings
 
 pytestmark = pytest.mark.slow
@@ -62,7 +62,7 @@ def test_feedback_is_reflected_by_the_very_next_recommend(server) -> None:
 
 
 def test_800_concurrent_feedback_events_lose_no_update(server) -> None:
-    from serving.online import OnlineFeatures
+    from featurestore.online import OnlineFeatures
 
     user = f"hammer-{uuid.uuid4().hex[:8]}"
     items = [str(i) for i in range(1, 200)]

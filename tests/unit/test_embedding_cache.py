@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from flows.embedding_cache import CachedEncoder
+from featurestore.embedding_cache import CachedEncoder
 
 
 class CountingEncoder:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.gpu_check import gpu_throughput
+from bench.gpu_check import gpu_throughput
 
 
 @pytest.mark.gpu

@@ -129,7 +129,7 @@ def test_uncoerced_frames_and_bad_batch_ids_are_refused(tmp_path: Path, ml100k_p
 
 
 def test_cli_ingest_json(recloop_home: Path, ml100k_path: Path) -> None:
-    from flows.cli import app
+    from cli.main import app
 
     runner = CliRunner()
     args = ["ingest", "--source", "movielens-100k", "--path", str(ml100k_path), "--json"]

@@ -14,17 +14,14 @@ from models.metrics import (
     f1,
     hit_rate,
     intra_list_diversity,
-    mask_scores,
     mean_popularity,
     mrr,
     ndcg,
     novelty,
     precision,
     recall,
-    seen_mask,
-    target_ranks,
-    top_k,
 )
+from models.ranking import mask_scores, seen_mask, target_ranks, top_k
 from models.sequences import EvalSet
 
 

@@ -98,4 +98,4 @@ def test_full_softmax_matches_cross_entropy_by_hand() -> None:
 
 def test_config_validation_names_the_value() -> None:
     with pytest.raises(ValueError, match="d_model=10 is not divisible by n_heads=3"):
-        SASRecConfig(n_items=5, d_model=10, n_heads=3)
+        SASRecConfig(n_items=5, max_seq_len=8, d_model=10, n_heads=3)

@@ -16,7 +16,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from flows import services
+from supervisor import services
 from recloop.settings import Settings, get_settings
 
 console = Console()
@@ -46,7 +46,8 @@ def up(settings: Settings, names: tuple[str, ...] = services.SERVICE_ORDER, wait
 
 def has_champion(settings: Settings) -> bool:
     """Whether the registry has a version under the serving alias."""
-    from serving.model_store import configure_tracking, get_alias_version
+    from registry.aliases import get_alias_version
+    from registry.tracking import configure_tracking
 
     return get_alias_version(configure_tracking(settings), settings.model_name, settings.model_alias) is not None
 

@@ -1,9 +1,11 @@
-"""``recloop bench quality``: SASRec+ against every baseline on one leave-one-out split.
+"""``recloop bench quality``: every registered sequential model against every baseline on one split.
 
-Reads the dataset (through ``recloop.sources.load_source`` when available, else the raw MovieLens
-files), trains and evaluates each model with the same full-ranking protocol, and returns one
-JSON-serialisable report: the protocol and, per model, test/validation metrics (seen items
-filtered and unfiltered), train seconds, best epoch and sequences/s.
+Reads the dataset through ``recloop.sources.load_source``, trains each model of ``models.factory``
+(SASRec+, GRU4Rec, ...) with its validation-tuned defaults and fits each baseline of
+``models.baselines.BASELINES``, evaluates all with the same full-ranking leave-one-out protocol, and
+returns one JSON-serialisable report: the protocol and, per model, test/validation metrics (seen
+items filtered and unfiltered), train seconds, best epoch and sequences/s. Keys are stable:
+``{"protocol": {...}, "models": {name: {...}}}``; later issues add models and keys, never rename.
 """
 
 from __future__ import annotations
@@ -17,62 +19,38 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from models.baselines import EASE, ItemKNN, Markov1, MostPop
+from models.baselines import BASELINES
+from models.factory import MODELS, build_config, model_class
 from models.metrics import evaluate
-from models.sasrec import SASRecConfig
 from models.sequences import build_sequences, leave_one_out
-from models.trainer import TrainConfig, train_sasrec
+from models.trainer import TrainConfig, train_model
 from models.vocab import ItemVocabulary
-from recloop.contract import coerce_events
+from recloop.settings import get_settings
+from recloop.sources import load_source
 
 logger = logging.getLogger(__name__)
 
-# Tuned on ML-100K validation NDCG@10 (not test): small, regularised, fast on 2 CPU cores.
-DEFAULT_MODEL: dict[str, Any] = {"d_model": 64, "n_heads": 1, "n_layers": 2, "dropout": 0.3}
-DEFAULT_TRAIN: dict[str, Any] = {"lr": 3e-3, "batch_size": 64, "patience": 8}
+#: How each sequential model is named in the report (the field's names; SASRec with full CE is "SASRec+").
+DISPLAY_NAMES = {"sasrec": "SASRec+", "gru4rec": "GRU4Rec"}
 
 
 def load_dataset(source: str, path: Path) -> tuple[pd.DataFrame, dict[str, list[str]]]:
     """Contract events and item_id -> genres for ``source`` at ``path`` (a local copy).
 
-    Uses ``recloop.sources.load_source``; falls back to reading raw MovieLens files when that
-    module is not installed.
-
     Raises:
-        ValueError: unknown source; FileNotFoundError: the ratings file is missing.
+        ValueError: unknown source; FileNotFoundError: the data is missing.
     """
-    try:
-        from recloop.sources import load_source
-    except ImportError:
-        load_source = None
-    if load_source is not None:
-        frames = load_source(source, path)
-        genres = {
-            str(i): list(g) for i, g in zip(frames.items["item_id"], frames.items["genres"], strict=True)
-        }
-        return frames.events, genres
-    if source == "movielens-100k":
-        raw = pd.read_csv(path / "u.data", sep="\t", names=["user_id", "item_id", "value", "timestamp"])
-        names = pd.read_csv(path / "u.genre", sep="|", names=["name", "id"], encoding="latin-1")[
-            "name"
-        ].tolist()
-        items = pd.read_csv(path / "u.item", sep="|", header=None, encoding="latin-1")
-        flags = items.iloc[:, 5 : 5 + len(names)].to_numpy().astype(bool)
-        genres = {
-            str(i): [g for g, f in zip(names, row, strict=True) if f]
-            for i, row in zip(items[0], flags, strict=True)
-        }
-    else:
-        raise ValueError(f"source={source!r}; without recloop.sources only 'movielens-100k' is readable")
-    raw["event_type"] = "rating"
-    return coerce_events(raw, default_source=source), genres
+    frames = load_source(source, path)
+    genres = {str(i): list(g) for i, g in zip(frames.items["item_id"], frames.items["genres"], strict=True)}
+    return frames.events, genres
 
 
 def run_bench(
     source: str,
     path: Path,
     *,
-    max_len: int = 50,
+    models: list[str] | None = None,
+    max_len: int | None = None,
     epochs: int = 200,
     seed: int = 42,
     k: int = 10,
@@ -80,12 +58,24 @@ def run_bench(
     model_config: dict[str, Any] | None = None,
     train_config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train/evaluate SASRec+ and MostPop, ItemKNN, EASE, Markov1 on a leave-one-out split.
+    """Train/evaluate the sequential models and MostPop, ItemKNN, EASE, Markov1 on a leave-one-out split.
 
+    Args:
+        source / path: the dataset (``recloop.sources``).
+        models: names in ``models.factory.MODELS`` (default: all of them).
+        max_len: every model's ``max_seq_len`` (default ``settings.max_seq_len``).
+        epochs / seed / k: training bound, seed, cut-off K.
+        model_config / train_config: overrides applied to every sequential model.
     Returns:
         ``{"protocol": {...}, "models": {name: {"test": metrics, "valid": metrics,
         "test_unfiltered": metrics, "valid_unfiltered": metrics, "train_seconds", ...}}}``.
+    Raises:
+        ValueError: an unknown model name.
     """
+    names = list(MODELS) if models is None else models
+    for name in names:
+        model_class(name)  # fails before any training on an unknown name
+    max_len = max_len or get_settings().max_seq_len
     events, genre_of = load_dataset(source, Path(path))
     vocab = ItemVocabulary.from_ids(events["item_id"])
     split = leave_one_out(build_sequences(events, vocab))
@@ -112,32 +102,29 @@ def run_bench(
         return out
 
     report: dict[str, Any] = {}
-    baselines = {
-        "MostPop": lambda: MostPop(),
-        "ItemKNN": lambda: ItemKNN(k_neighbours=100),
-        "EASE": lambda: EASE(l2=500.0),
-        "Markov1": lambda: Markov1(),
-    }
-    for name, make in baselines.items():
+    for name, make in BASELINES.items():
         t0 = time.perf_counter()
         model = make().fit(split.train, n_items)
         report[name] = {"train_seconds": time.perf_counter() - t0, **measure(model)}
         logger.info("baseline done model=%s test_ndcg=%.4f", name, report[name]["test"][f"ndcg@{k}"])
 
-    mcfg = SASRecConfig(n_items=n_items, **{**DEFAULT_MODEL, "max_seq_len": max_len, **(model_config or {})})
-    tcfg = TrainConfig(**{**DEFAULT_TRAIN, "epochs": epochs, "seed": seed, **(train_config or {})})
-    result = train_sasrec(split, vocab, mcfg, tcfg, progress=progress)
-    report["SASRec+"] = {
-        "train_seconds": result.train_seconds,
-        "seconds_to_best_epoch": result.seconds_to_best,
-        "best_epoch": result.best_epoch,
-        "epochs_run": len(result.history),
-        "seqs_per_s": result.seqs_per_s,
-        "device": result.device,
-        "config": mcfg.to_dict(),
-        "train_config": result.train_config,
-        **measure(result.model),
-    }
+    for name in names:
+        cls = model_class(name)
+        mcfg = build_config(name, **{"n_items": n_items, "max_seq_len": max_len, **(model_config or {})})
+        tcfg = TrainConfig(**{**cls.train_defaults, "epochs": epochs, "seed": seed, **(train_config or {})})
+        result = train_model(split, vocab, mcfg, tcfg, progress=progress)
+        report[DISPLAY_NAMES.get(name, name)] = {
+            "model_class": name,
+            "train_seconds": result.train_seconds,
+            "seconds_to_best_epoch": result.seconds_to_best,
+            "best_epoch": result.best_epoch,
+            "epochs_run": len(result.history),
+            "seqs_per_s": result.seqs_per_s,
+            "device": result.device,
+            "config": result.model.config_dict(),
+            "train_config": result.train_config,
+            **measure(result.model),
+        }
     protocol = {
         **split.protocol,
         "k": k,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 
 import httpx
 import typer
@@ -117,6 +119,7 @@ def validate(
 def bench_validate(
     source: str = typer.Option("movielens-100k", help="Source name"),
     path: str = typer.Option(..., help="File or folder of the data"),
+    as_json: bool = typer.Option(True, "--json/--no-json", help="One JSON document on stdout (the only output)"),
 ) -> None:
     """Time the gate in a fresh process, `import great_expectations` included; prints JSON."""
     import subprocess
@@ -149,17 +152,19 @@ def bench_serving_cmd(
     home: str = typer.Option("", help="Scratch RECLOOP_HOME (default: a new temp dir)"),
     requests: int = typer.Option(2000, help="Recommends at concurrency 8 (a quarter at concurrency 1)"),
     feedbacks: int = typer.Option(200, help="feedback -> recommend rounds"),
+    as_json: bool = typer.Option(True, "--json/--no-json", help="One JSON document on stdout (the only output)"),
 ) -> None:
     """Train a short ml-100k champion, run `bentoml serve`, print latency/throughput JSON."""
     import json
     import tempfile
     from pathlib import Path
 
-    from flows.bench_serving import bench_serving
+    from bench.serving import bench_serving
 
     scratch = Path(home) if home else Path(tempfile.mkdtemp(prefix="recloop-bench-")) / "home"
-    out = bench_serving(Path(path).resolve(), scratch.resolve(), n_requests=requests, n_feedback=feedbacks)
-    typer.echo(json.dumps(out, indent=2))
+    with _stdout_to_stderr():
+        out = bench_serving(Path(path).resolve(), scratch.resolve(), n_requests=requests, n_feedback=feedbacks)
+    typer.echo(json.dumps(out, indent=2 if not as_json else None))
 
 
 @bench_app.command("features")
@@ -168,46 +173,51 @@ def bench_features_cmd(
     stores: str = typer.Option("sqlite,redis", help="Online stores to measure, comma separated"),
     reads: int = typer.Option(1000, help="Single-user online reads per store"),
     feast_engine: bool = typer.Option(False, help="Also time Feast's own materialize (dask, slow)"),
+    as_json: bool = typer.Option(True, "--json/--no-json", help="One JSON document on stdout (the only output)"),
 ) -> None:
     """Online read p50/p99 (SQLite, Redis), ml-100k materialisation and catalogue embedding; JSON."""
     import json
     from pathlib import Path
 
-    from flows.bench_features import run_feature_benchmark
+    from bench.features import run_feature_benchmark
 
     backends = tuple(s.strip() for s in stores.split(",") if s.strip())
     try:
-        out = run_feature_benchmark(Path(path) if path else None, backends, n_reads=reads,
-                                    feast_engine=feast_engine)
+        with _stdout_to_stderr():
+            out = run_feature_benchmark(Path(path) if path else None, backends, n_reads=reads,
+                                        feast_engine=feast_engine)
     except (ValueError, FileNotFoundError) as err:
         typer.echo(f"bench features failed: {err}", err=True)
         raise typer.Exit(1) from err
-    typer.echo(json.dumps(out, indent=2))
+    typer.echo(json.dumps(out, indent=2 if not as_json else None))
 
 
 @bench_app.command("quality")
 def bench_quality_cmd(
     source: str = typer.Option("movielens-100k", help="Source name, e.g. movielens-100k"),
     path: str = typer.Option(..., help="Folder of the data, e.g. ../shared/data/ml-100k"),
-    max_len: int = typer.Option(None, "--max-len", help="SASRec max_seq_len (default: the tuned one)"),
-    epochs: int = typer.Option(None, help="Max SASRec epochs (early stopping on val NDCG@10)"),
-    seed: int = typer.Option(42, help="Seed of the SASRec training"),
-    max_train_seconds: float = typer.Option(None, help="Wall-clock budget of the SASRec training"),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table"),
+    models: str = typer.Option("all", help="Sequential models to train, comma separated (default: every "
+                               "registered one: sasrec, gru4rec)"),
+    max_len: int = typer.Option(None, "--max-len", help="Models' max_seq_len (default: settings.max_seq_len)"),
+    epochs: int = typer.Option(None, help="Max epochs (early stopping on val NDCG@10)"),
+    seed: int = typer.Option(42, help="Seed of the trainings"),
+    max_train_seconds: float = typer.Option(None, help="Wall-clock budget of each training"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document instead of a table"),
     progress: bool = typer.Option(True, help="Show the training progress bar (table mode only)"),
 ) -> None:
-    """Train SASRec+ and MostPop/ItemKNN/EASE/Markov1 on one leave-one-out split; full-ranking metrics."""
+    """Train every sequential model and MostPop/ItemKNN/EASE/Markov1 on one leave-one-out split; full ranking."""
     import json
     from pathlib import Path
 
-    from flows.bench_quality import print_table, run_bench
+    from bench.quality import print_table, run_bench
 
     options = {k: v for k, v in {"max_len": max_len, "epochs": epochs}.items() if v is not None}
     budget = {"max_train_seconds": max_train_seconds} if max_train_seconds else None
+    names = None if models == "all" else [m.strip() for m in models.split(",") if m.strip()]
     try:
-        report = run_bench(
-            source, Path(path), seed=seed, progress=progress and not as_json, train_config=budget, **options
-        )
+        with _stdout_to_stderr(as_json):
+            report = run_bench(source, Path(path), seed=seed, progress=progress and not as_json,
+                               train_config=budget, models=names, **options)
     except (ValueError, FileNotFoundError) as err:
         typer.echo(f"bench quality failed: {err}", err=True)
         raise typer.Exit(1) from err
@@ -217,9 +227,14 @@ def bench_quality_cmd(
         print_table(report)
 
 
+def _stdout_to_stderr(enabled: bool = True) -> contextlib.AbstractContextManager:
+    """While a ``--json`` command works, library chatter (e.g. Feast's "Materializing ...") goes to stderr."""
+    return contextlib.redirect_stdout(sys.stderr) if enabled else contextlib.nullcontext()
+
+
 def _prefect_env() -> None:
     """Point this process's Prefect client at the local server before any flow import."""
-    from flows.platform import point_prefect_at_server
+    from cli.platform import point_prefect_at_server
     from recloop.settings import get_settings
 
     point_prefect_at_server(get_settings())
@@ -230,7 +245,8 @@ def up(
     only: list[str] = typer.Option(None, "--only", help="Start only these services (prefect, mlflow, serving, runner)"),
 ) -> None:
     """Start the Prefect server, MLflow UI, BentoML recommender and the deployment runner on loopback."""
-    from flows import platform, services
+    from cli import platform
+    from supervisor import services
     from recloop.settings import get_settings
 
     settings = get_settings()
@@ -248,7 +264,7 @@ def up(
 @app.command()
 def down() -> None:
     """Stop every service started by `recloop up` / `recloop demo`."""
-    from flows import platform
+    from cli import platform
     from recloop.settings import get_settings
 
     stopped = platform.down(get_settings())
@@ -264,7 +280,7 @@ def demo(
 ) -> None:
     """The main job: platform up, the whole pipeline, a served model answering, a click changing the next answer."""
     _prefect_env()
-    from flows.platform import demo as run_demo
+    from cli.platform import demo as run_demo
 
     run_demo(source=source, path=path, epochs=epochs, user_id=user)
 
@@ -309,9 +325,11 @@ def loop(
 def train(
     source: str = typer.Option("lake", help="'lake', 'parquet' or a source name, e.g. movielens-100k"),
     path: str = typer.Option(None, help="File or folder of the data (lake: default <home>/lake)"),
+    model: str = typer.Option(None, "--model", help="Model class: sasrec, gru4rec (default: settings.model_class, "
+                              "or the warm-start model's)"),
     epochs: int = typer.Option(None, help="Max epochs (early stopping on val NDCG@10)"),
-    max_len: int = typer.Option(None, "--max-len", help="SASRec max_seq_len (default: settings)"),
-    d_model: int = typer.Option(None, help="SASRec width"),
+    max_len: int = typer.Option(None, "--max-len", help="The model's max_seq_len (default: settings)"),
+    d_model: int = typer.Option(None, help="The model's width"),
     lr: float = typer.Option(None, help="AdamW learning rate"),
     warm_start: str = typer.Option(None, help="Version number or @alias to warm-start from"),
     promote: bool = typer.Option(None, "--promote/--no-promote", help="Override settings.auto_promote"),
@@ -334,8 +352,13 @@ def train(
 
     model_params = {k: v for k, v in {"max_seq_len": max_len, "d_model": d_model}.items() if v is not None}
     train_params = {k: v for k, v in {"epochs": epochs, "lr": lr}.items() if v is not None}
+    from models.factory import MODELS
+
+    if model is not None and model not in MODELS:
+        typer.echo(f"train failed: --model={model!r}; expected one of {sorted(MODELS)}", err=True)
+        raise typer.Exit(2)
     trained = train_flow(source=source, path=path, model_params=model_params, train_params=train_params,
-                         warm_start_from=warm_start)
+                         warm_start_from=warm_start, model=model)
     result = evaluate_flow(trained["run_id"], auto_promote=promote)
     console = Console()
     console.print(f"run {result['run_id']} -> model version {result['version']} "
@@ -349,9 +372,9 @@ def model_list() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from flows.registry import list_versions
     from recloop.settings import get_settings
-    from serving.model_store import configure_tracking
+    from registry.aliases import list_versions
+    from registry.tracking import configure_tracking
 
     settings = get_settings()
     rows = list_versions(configure_tracking(settings), settings.model_name)
@@ -366,37 +389,38 @@ def model_list() -> None:
 
 
 @model_app.command("promote")
-def model_promote(version: str = typer.Argument(..., help="The version to make champion")) -> None:
-    """Point the champion alias at VERSION (the previous champion is recorded for rollback)."""
+def model_promote(version: str = typer.Argument(..., help="The version to serve")) -> None:
+    """Point the served alias (RECLOOP_MODEL_ALIAS, default champion) at VERSION (the previous one is kept)."""
     from mlflow.exceptions import MlflowException
 
-    from flows.registry import promote
     from recloop.settings import get_settings
-    from serving.model_store import configure_tracking
+    from registry.aliases import promote
+    from registry.tracking import configure_tracking
 
     settings = get_settings()
     try:
-        move = promote(configure_tracking(settings), settings.model_name, version, reason="cli")
+        move = promote(configure_tracking(settings), settings.model_name, version, alias=settings.model_alias,
+                       reason="cli")
     except MlflowException as err:
         typer.echo(f"promote failed: {err.message}", err=True)
         raise typer.Exit(1) from err
-    typer.echo(f"champion: {move.previous} -> {move.version}")
+    typer.echo(f"{move.alias}: {move.previous} -> {move.version}")
 
 
 @model_app.command("rollback")
 def model_rollback() -> None:
-    """Move the champion alias back to the previous champion."""
-    from flows.registry import rollback
+    """Move the served alias (RECLOOP_MODEL_ALIAS, default champion) back to its previous version."""
     from recloop.settings import get_settings
-    from serving.model_store import configure_tracking
+    from registry.aliases import rollback
+    from registry.tracking import configure_tracking
 
     settings = get_settings()
     try:
-        move = rollback(configure_tracking(settings), settings.model_name)
+        move = rollback(configure_tracking(settings), settings.model_name, alias=settings.model_alias)
     except LookupError as err:
         typer.echo(f"rollback failed: {err}", err=True)
         raise typer.Exit(1) from err
-    typer.echo(f"champion: {move.previous} -> {move.version}")
+    typer.echo(f"{move.alias}: {move.previous} -> {move.version}")
 
 
 @app.command("mlflow-ui")
@@ -404,20 +428,15 @@ def mlflow_ui(port: int = typer.Option(None, help="Port (default settings.mlflow
     """Run the MLflow UI/server on 127.0.0.1 over the configured backend (foreground; Ctrl-C stops)."""
     import os
     import subprocess
-    import sys
-    from pathlib import Path
 
     from recloop.settings import get_settings
-    from serving.model_store import configure_tracking
+    from registry.tracking import SERVER_ENV, configure_tracking, server_command
 
     settings = get_settings()
     configure_tracking(settings)  # creates the SQLite schema once, before the server's workers
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
-    cmd = [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port or settings.mlflow_port),
-           "--backend-store-uri", settings.mlflow_uri,
-           "--artifacts-destination", settings.mlflow_artifacts]
+    cmd = server_command(settings, port)
     typer.echo(f"MLflow UI on http://127.0.0.1:{port or settings.mlflow_port} ({settings.mlflow_uri})")
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env = {**os.environ, **SERVER_ENV}
     raise typer.Exit(subprocess.run(cmd, env=env, check=False).returncode)
 
 

@@ -6,7 +6,7 @@ build locally); then ``bentoml build -f <bentofile> .`` from the project root. W
 a copy of ``infra/bentofile.yaml`` is written to ``build/bento/bentofile.yaml`` with the label
 ``model_version`` and the env ``RECLOOP_SERVE_MODEL_VERSION`` set to N, and that copy is built.
 
-Run: ``python -m flows.build_bento [--version N]``.
+Run: ``python -m serving.bento_build [--version N]``.
 """
 
 from __future__ import annotations
@@ -18,10 +18,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 BUILD_DIR = Path("build/bento")  # relative to the project root, as the bentofile refers to it
 TORCH_PIN = "torch==2.13.0"
 BENTOFILE = Path("infra/bentofile.yaml")
+VERSION_ENV = "RECLOOP_SERVE_MODEL_VERSION"  # the env the service reads its pinned model version from
 
 logger = logging.getLogger(__name__)
 
@@ -42,16 +45,21 @@ def requirements_without_torch(lock_text: str) -> str:
 def pin_bentofile(text: str, version: str) -> str:
     """``bentofile.yaml`` text with the model version pinned (label and env). Pure.
 
+    The YAML is parsed and dumped again (keys keep their order; comments are dropped).
+
     Raises:
         ValueError: the bentofile lacks the ``model_version`` label or the env entry.
     """
-    out, n_label = re.subn(r"(?m)^(\s*model_version:\s*).*$", rf'\g<1>"{version}"', text)
-    env_line = r'(?m)(name: RECLOOP_SERVE_MODEL_VERSION\n\s*value:\s*).*$'
-    out, n_env = re.subn(env_line, rf'\g<1>"{version}"', out)
-    if n_label != 1 or n_env != 1:
-        raise ValueError(f"bentofile needs one model_version label and one RECLOOP_SERVE_MODEL_VERSION env; "
-                         f"found {n_label} and {n_env}")
-    return out
+    config = yaml.safe_load(text) or {}
+    labels = config.get("labels") or {}
+    envs = [e for e in config.get("envs") or [] if e.get("name") == VERSION_ENV]
+    has_label = "model_version" in labels
+    if not has_label or len(envs) != 1:
+        raise ValueError(f"bentofile needs one model_version label and one {VERSION_ENV} env; "
+                         f"found {int(has_label)} and {len(envs)}")
+    labels["model_version"] = str(version)
+    envs[0]["value"] = str(version)
+    return yaml.safe_dump(config, sort_keys=False)
 
 
 def prepare(root: Path = PROJECT_ROOT) -> Path:

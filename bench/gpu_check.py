@@ -1,6 +1,6 @@
 """GPU smoke check: one epoch of SASRec+ with bf16 autocast on synthetic sequences, with throughput.
 
-Run on a machine with CUDA: ``python -m models.gpu_check [--users N] [--items N] [--seq-len N]``.
+Run on a machine with CUDA: ``python -m bench.gpu_check [--users N] [--items N] [--seq-len N]``.
 Prints one JSON object (device, seconds, sequences/s, tokens/s, loss, peak memory). Synthetic data
 keeps it independent of datasets; sizes default to an ML-1M-like workload.
 """

@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+from tenacity import RetryError, Retrying, retry_if_exception_type, retry_if_result, stop_after_delay, wait_fixed
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,17 +59,19 @@ def train_and_register(events: Any, items: Any, seed: int = 0, seconds: float = 
     from models.checkpoint import save_checkpoint
     from models.sasrec import SASRecConfig
     from models.sequences import build_sequences, leave_one_out
-    from models.trainer import TrainConfig, train_sasrec
+    from models.trainer import TrainConfig, train_model
     from models.vocab import ItemVocabulary
     from recloop.settings import get_settings
-    from serving.model_store import configure_tracking, ensure_experiment, log_model, set_alias
+    from registry.aliases import set_alias
+    from registry.store import log_model
+    from registry.tracking import configure_tracking, ensure_experiment
 
     settings = get_settings()
     vocab = ItemVocabulary.from_ids(events["item_id"].astype(str))
     split = leave_one_out(build_sequences(events, vocab))
     cfg = SASRecConfig(n_items=len(vocab), max_seq_len=settings.max_seq_len, d_model=32, n_heads=1,
                        n_layers=1, dropout=0.2)
-    result = train_sasrec(split, vocab, cfg, TrainConfig(epochs=50, patience=50, seed=seed, device="cpu",
+    result = train_model(split, vocab, cfg, TrainConfig(epochs=50, patience=50, seed=seed, device="cpu",
                                                          max_train_seconds=seconds), progress=False)
     titles = dict(zip(items["item_id"].astype(str), items["title"].astype(str), strict=True))
     counts = events["item_id"].astype(str).value_counts()
@@ -84,9 +87,9 @@ def train_and_register(events: Any, items: Any, seed: int = 0, seconds: float = 
 
 def materialize_features(events: Any) -> int:
     """Feature tables of ``events`` -> Feast apply -> materialise into the online store. Returns users."""
-    from flows.features import apply_repo, build_feature_tables, feature_repo_dir, write_feature_tables
+    from featurestore.materialize import apply_repo, build_feature_tables, feature_repo_dir, write_feature_tables
+    from featurestore.online import open_feature_store
     from recloop.settings import get_settings
-    from serving.online import open_feature_store
 
     settings = get_settings()
     now = datetime.now(UTC)
@@ -114,6 +117,28 @@ def prepare_home(ml100k: Path, seconds: float = 12.0) -> dict[str, Any]:
     return {"version": version, "n_users": n_users, "events": frames.events, "items": frames.items}
 
 
+def _wait_ready(proc: subprocess.Popen[bytes], base: str, log_path: Path, ready_s: float) -> None:
+    """Poll ``base/readyz`` every 0.5 s until it answers 200.
+
+    Raises:
+        RuntimeError: the server exited; TimeoutError: not ready within ``ready_s`` (both give the log tail).
+    """
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-4000:]
+            raise RuntimeError(f"bentoml serve exited rc={proc.returncode}; log tail:\n{tail}")
+        return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
+
+    poll = Retrying(stop=stop_after_delay(ready_s), wait=wait_fixed(0.5),
+                    retry=retry_if_exception_type(httpx.HTTPError) | retry_if_result(lambda ok: not ok))
+    try:
+        poll(ready)
+    except RetryError:
+        tail = log_path.read_text(errors="replace")[-4000:]
+        raise TimeoutError(f"server not ready after {ready_s}s; log tail:\n{tail}") from None
+
+
 @contextmanager
 def running_server(env: dict[str, str], port: int, log_path: Path, ready_s: float = 180.0) -> Iterator[str]:
     """Run ``bentoml serve serving.service:Recommender`` on 127.0.0.1:``port`` for the block.
@@ -130,20 +155,7 @@ def running_server(env: dict[str, str], port: int, log_path: Path, ready_s: floa
                                 stderr=subprocess.STDOUT, start_new_session=True)
         base = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + ready_s
-            while True:
-                if proc.poll() is not None:
-                    tail = log_path.read_text(errors="replace")[-4000:]
-                    raise RuntimeError(f"bentoml serve exited rc={proc.returncode}; log tail:\n{tail}")
-                try:
-                    if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    tail = log_path.read_text(errors="replace")[-4000:]
-                    raise TimeoutError(f"server not ready after {ready_s}s; log tail:\n{tail}")
-                time.sleep(0.5)
+            _wait_ready(proc, base, log_path, ready_s)
             yield base
         finally:
             proc.terminate()

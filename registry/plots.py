@@ -16,11 +16,11 @@ DPI = 110
 
 
 def learning_curve(history: Sequence[Mapping[str, float]], path: Path, best_epoch: int | None = None) -> Path:
-    """Training loss and validation NDCG@10 / HR@10 per epoch.
+    """Training loss and validation NDCG@K / HR@K per epoch.
 
     Args:
         history: one dict per epoch (``models.trainer`` history) with ``epoch`` and any of ``loss``,
-            ``val_ndcg10``, ``val_hr10``.
+            ``val_ndcg@K``, ``val_hr@K`` (K found from the keys, 10 by default).
         path: PNG to write.
         best_epoch: marked with a vertical line when given.
     Raises:
@@ -33,7 +33,8 @@ def learning_curve(history: Sequence[Mapping[str, float]], path: Path, best_epoc
     ax_loss, ax_val = fig.subplots(1, 2)
     ax_loss.plot(epochs, [h.get("loss", np.nan) for h in history], marker="o", color="tab:red")
     ax_loss.set(title="training loss", xlabel="epoch", ylabel="cross-entropy")
-    for key, label, colour in (("val_ndcg10", "NDCG@10", "tab:blue"), ("val_hr10", "HR@10", "tab:green")):
+    k = next((key.split("@", 1)[1] for key in history[0] if key.startswith("val_ndcg@")), "10")
+    for key, label, colour in ((f"val_ndcg@{k}", f"NDCG@{k}", "tab:blue"), (f"val_hr@{k}", f"HR@{k}", "tab:green")):
         values = np.array([h.get(key, np.nan) for h in history], dtype=np.float64)
         if not np.isnan(values).all():
             ok = ~np.isnan(values)

@@ -25,8 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wait_fixed
 
 from recloop.settings import TELEMETRY_ENV, Settings
+from registry.tracking import SERVER_ENV, server_command
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +69,6 @@ def service_env(settings: Settings) -> dict[str, str]:
 def specs(settings: Settings) -> dict[str, ServiceSpec]:
     """The service table for ``settings``."""
     home = settings.home
-    mlflow_backend = settings.mlflow_uri
     return {
         "prefect": ServiceSpec(
             "prefect",
@@ -77,15 +78,10 @@ def specs(settings: Settings) -> dict[str, ServiceSpec]:
         ),
         "mlflow": ServiceSpec(
             "mlflow",
-            [
-                _bin("mlflow"), "server", "--host", "127.0.0.1", "--port", str(settings.mlflow_port),
-                "--backend-store-uri", mlflow_backend,
-                "--default-artifact-root", settings.mlflow_artifacts,
-                "--workers", "1",
-            ],
+            server_command(settings),
             f"http://127.0.0.1:{settings.mlflow_port}/health",
             120.0,
-            {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            dict(SERVER_ENV),
         ),
         "serving": ServiceSpec(
             "serving",
@@ -168,19 +164,34 @@ def wait_healthy(settings: Settings, name: str, timeout_s: float | None = None) 
     """
     spec = specs(settings)[name]
     log = log_path(settings, name)
-    deadline = time.monotonic() + (timeout_s if timeout_s is not None else spec.start_timeout_s)
-    if spec.health_url is None:
-        time.sleep(1.0)
-    while True:
+
+    def healthy_pid() -> int | None:
+        """The PID once the service is healthy, None while it is not yet; raises if it is not running."""
         pid = running_pid(settings, name)
         if pid is None:
             raise RuntimeError(f"service {name} is not running; see {log}")
-        if spec.health_url is None or _healthy(spec.health_url):
-            logger.info("service up name=%s pid=%d", name, pid)
-            return pid
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"service {name} not healthy after {spec.start_timeout_s:.0f} s; see {log}")
-        time.sleep(0.5)
+        return pid if spec.health_url is None or _healthy(spec.health_url) else None
+
+    limit_s = timeout_s if timeout_s is not None else spec.start_timeout_s
+    if spec.health_url is None:
+        time.sleep(1.0)
+    poll = Retrying(stop=stop_after_delay(limit_s), wait=wait_fixed(0.5),
+                    retry=retry_if_result(lambda pid: pid is None))
+    try:
+        pid = poll(healthy_pid)
+    except RetryError:
+        raise RuntimeError(f"service {name} not healthy after {limit_s:.0f} s; see {log}") from None
+    logger.info("service up name=%s pid=%d", name, pid)
+    return pid
+
+
+def _exited(pid: int) -> bool:
+    """Whether process ``pid`` is gone (signal 0 finds no such process)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
 
 
 def _is_zombie(pid: int) -> bool:
@@ -218,14 +229,11 @@ def stop(settings: Settings, name: str, timeout_s: float = 15.0) -> bool:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
         pass
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.2)
-    else:
+    wait_exit = Retrying(stop=stop_after_delay(timeout_s), wait=wait_fixed(0.2),
+                         retry=retry_if_result(lambda exited: not exited))
+    try:
+        wait_exit(_exited, pid)
+    except RetryError:
         try:
             os.killpg(pid, signal.SIGKILL)
         except ProcessLookupError:

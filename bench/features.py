@@ -40,10 +40,10 @@ def _percentiles(ms: list[float]) -> dict[str, float]:
 def _bench_backend(
     backend: str, events: Any, content: Any, n_reads: int, seed: int, feast_engine: bool
 ) -> dict:
-    from flows import features as FF
+    from featurestore import materialize as FF
+    from featurestore.online import OnlineFeatures, open_feature_store, time_reads
     from recloop import features as F
     from recloop.settings import Settings
-    from serving.online import OnlineFeatures, open_feature_store, time_reads
 
     home = Path(tempfile.mkdtemp(prefix=f"recloop-bench-{backend}-"))
     settings = Settings(home=home, online_store=backend, feast_project=f"bench_{uuid.uuid4().hex[:8]}")
@@ -110,7 +110,7 @@ def run_feature_benchmark(
     Raises:
         ValueError: an unknown backend.
     """
-    from flows import features as FF
+    from featurestore import materialize as FF
     from recloop import features as F
     from recloop.sources import load_source
 

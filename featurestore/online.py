@@ -11,7 +11,6 @@ The store's ``repo_path`` is the recloop home: the repo's FileSources use relati
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import math
 import time
@@ -26,6 +25,7 @@ import pandas as pd
 from feast import FeatureStore, RepoConfig
 from feast.data_source import PushMode
 from feast.errors import FeatureServiceNotFoundException
+from filelock import FileLock
 
 from recloop.settings import Settings, get_settings
 
@@ -73,18 +73,14 @@ def feature_store_config(settings: Settings, *, project: str | None = None) -> R
 
 @contextmanager
 def registry_lock(home: Path) -> Iterator[None]:
-    """An exclusive lock on ``home``'s Feast registry, across threads and processes (``flock``).
+    """An exclusive lock on ``home``'s Feast registry, across threads and processes (``filelock``).
 
     Two stores creating the SQL registry's tables at once race ("table projects already exists");
-    ``open_feature_store`` and ``flows.features.apply_repo`` hold this lock while they write.
+    ``open_feature_store`` and ``featurestore.materialize.apply_repo`` hold this lock while they write.
     """
     home.mkdir(parents=True, exist_ok=True)
-    with open(home / "feast_registry.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with FileLock(home / "feast_registry.lock"):
+        yield
 
 
 def open_feature_store(settings: Settings | None = None, *, project: str | None = None) -> FeatureStore:

@@ -1,7 +1,8 @@
 """The model registry: versions, the ``challenger`` and ``champion`` aliases, promotion and rollback.
 
-Everything downstream (serving, the loop) follows the ``champion`` alias, so moving it in the MLflow
-UI is a complete promotion. The history of champions is kept as a registered-model tag
+Everything downstream (serving, the loop) follows one alias, ``settings.model_alias`` (``champion``
+by default; every caller passes it, nothing here assumes its name), so moving it in the MLflow UI is a
+complete promotion. The history of champions is kept as a registered-model tag
 (``champion_history``: comma-separated versions, oldest first) and on each version
 (``previous_champion``), so ``rollback`` can restore the previous champion.
 """
@@ -12,15 +13,17 @@ import logging
 from dataclasses import dataclass
 
 from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-
-from serving.model_store import get_alias_version, set_alias
 
 logger = logging.getLogger(__name__)
 
 CHALLENGER = "challenger"
-CHAMPION = "champion"
-HISTORY_TAG = "champion_history"
+HISTORY_TAG = "champion_history"  # per served alias: "<alias>_history" unless the alias is "champion"
+
+
+def _history_tag(alias: str) -> str:
+    return HISTORY_TAG if alias == "champion" else f"{alias}_history"
 
 
 @dataclass(frozen=True)
@@ -32,9 +35,25 @@ class AliasMove:
     previous: str | None
 
 
-def _history(client: MlflowClient, name: str) -> list[str]:
+def get_alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
+    """The version number an alias points to, or None when the alias (or the model) does not exist."""
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+def set_alias(client: MlflowClient, name: str, alias: str, version: str | int) -> None:
+    """Point ``alias`` of registered model ``name`` at ``version``."""
+    client.set_registered_model_alias(name, alias, str(version))
+    logger.info("alias set model=%s alias=%s version=%s", name, alias, version)
+
+
+def _history(client: MlflowClient, name: str, alias: str) -> list[str]:
     tags = client.get_registered_model(name).tags
-    raw = tags.get(HISTORY_TAG, "")
+    raw = tags.get(_history_tag(alias), "")
     return [v for v in raw.split(",") if v]
 
 
@@ -60,34 +79,36 @@ def set_challenger(client: MlflowClient, name: str, version: str | int) -> Alias
     return AliasMove(CHALLENGER, str(version), previous)
 
 
-def promote(client: MlflowClient, name: str, version: str | int, reason: str = "manual") -> AliasMove:
-    """Make ``version`` the champion and record the previous champion for rollback.
+def promote(client: MlflowClient, name: str, version: str | int, *, alias: str, reason: str = "manual"
+            ) -> AliasMove:
+    """Point the served ``alias`` (``settings.model_alias``) at ``version``; record the previous one for rollback.
 
     Raises:
         mlflow.exceptions.MlflowException: the version does not exist.
     """
     version = str(version)
     client.get_model_version(name, version)  # raises if absent
-    previous = get_alias_version(client, name, CHAMPION)
+    previous = get_alias_version(client, name, alias)
     if previous == version:
-        logger.info("already champion model=%s version=%s", name, version)
-        return AliasMove(CHAMPION, version, previous)
-    set_alias(client, name, CHAMPION, version)
-    history = _history(client, name)
+        logger.info("already served model=%s alias=%s version=%s", name, alias, version)
+        return AliasMove(alias, version, previous)
+    set_alias(client, name, alias, version)
+    history = _history(client, name, alias)
     if previous is not None and (not history or history[-1] != previous):
         history.append(previous)
     history.append(version)
-    client.set_registered_model_tag(name, HISTORY_TAG, ",".join(history))
+    client.set_registered_model_tag(name, _history_tag(alias), ",".join(history))
     client.set_model_version_tag(name, version, "previous_champion", previous or "none")
     client.set_model_version_tag(name, version, "promoted_by", reason)
     if get_alias_version(client, name, CHALLENGER) == version:
         client.delete_registered_model_alias(name, CHALLENGER)
-    logger.info("promoted model=%s version=%s previous=%s reason=%s", name, version, previous, reason)
-    return AliasMove(CHAMPION, version, previous)
+    logger.info("promoted model=%s alias=%s version=%s previous=%s reason=%s", name, alias, version, previous,
+                reason)
+    return AliasMove(alias, version, previous)
 
 
-def rollback(client: MlflowClient, name: str) -> AliasMove:
-    """Move ``champion`` back to the champion before the current one.
+def rollback(client: MlflowClient, name: str, *, alias: str) -> AliasMove:
+    """Move the served ``alias`` (``settings.model_alias``) back to the version it pointed at before.
 
     The current champion is taken from the alias (so a UI promotion is respected); the target is
     the last different version in ``champion_history`` before it, else the current version's
@@ -96,10 +117,10 @@ def rollback(client: MlflowClient, name: str) -> AliasMove:
     Raises:
         LookupError: there is no champion, or no earlier champion to return to.
     """
-    current = get_alias_version(client, name, CHAMPION)
+    current = get_alias_version(client, name, alias)
     if current is None:
-        raise LookupError(f"registered model {name!r} has no {CHAMPION!r} alias to roll back")
-    history = _history(client, name)
+        raise LookupError(f"registered model {name!r} has no {alias!r} alias to roll back")
+    history = _history(client, name, alias)
     if current in history:
         history = history[: len(history) - history[::-1].index(current) - 1]
     else:  # promoted in the UI: history does not know it
@@ -110,12 +131,12 @@ def rollback(client: MlflowClient, name: str) -> AliasMove:
     if not history:
         raise LookupError(f"registered model {name!r}: no champion before version {current} to roll back to")
     target = history[-1]
-    set_alias(client, name, CHAMPION, target)
-    client.set_registered_model_tag(name, HISTORY_TAG, ",".join(history))
+    set_alias(client, name, alias, target)
+    client.set_registered_model_tag(name, _history_tag(alias), ",".join(history))
     client.set_model_version_tag(name, current, "rolled_back", f"to {target}")
     client.set_model_version_tag(name, target, "restored_from", current)
-    logger.info("rolled back model=%s from=%s to=%s", name, current, target)
-    return AliasMove(CHAMPION, target, current)
+    logger.info("rolled back model=%s alias=%s from=%s to=%s", name, alias, current, target)
+    return AliasMove(alias, target, current)
 
 
 def list_versions(client: MlflowClient, name: str) -> list[dict[str, str]]:

@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that print one JSON document of figures (`recloop bench ... --json`)."""

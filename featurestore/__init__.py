@@ -1,0 +1,1 @@
+"""The features layer: Feast store helpers (config, online reads and pushes, materialisation, embeddings)."""
