@@ -1,6 +1,8 @@
-"""GPU smoke check: one epoch of SASRec+ with bf16 autocast on synthetic sequences, with throughput.
+"""GPU smoke check: one epoch of a registered model (SASRec+ by default) with bf16 autocast on synthetic
+sequences, with throughput. It trains through the model contract (``loss(Batch)``), as the trainer does.
 
-Run on a machine with CUDA: ``python -m bench.gpu_check [--users N] [--items N] [--seq-len N]``.
+Run on a machine with CUDA: ``python -m bench.gpu_check [--model sasrec|gru4rec] [--users N] [--items N]
+[--seq-len N]``.
 Prints one JSON object (device, seconds, sequences/s, tokens/s, loss, peak memory). Synthetic data
 keeps it independent of datasets; sizes default to an ML-1M-like workload.
 """
@@ -15,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.losses import full_softmax_ce
-from models.sasrec import SASRec, SASRecConfig
+from models.contract import Batch
+from models.factory import build_config, build_model
 from models.sequences import SequenceDataset
 
 
@@ -28,11 +30,12 @@ def gpu_throughput(
     d_model: int = 64,
     device: str = "cuda",
     seed: int = 0,
+    model_name: str = "sasrec",
 ) -> dict[str, Any]:
     """Train one epoch on ``n_users`` random sequences of length ``seq_len`` and time it.
 
     Returns:
-        ``{"device", "bf16", "seconds", "seqs_per_s", "tokens_per_s", "loss_first", "loss_last",
+        ``{"model", "device", "bf16", "seconds", "seqs_per_s", "tokens_per_s", "loss_first", "loss_last",
         "peak_mem_mib"}``; bf16 autocast is on whenever the device is CUDA.
     Raises:
         ValueError: CUDA requested but not available.
@@ -44,7 +47,10 @@ def gpu_throughput(
     rng = np.random.default_rng(seed)
     seqs = [rng.integers(1, n_items + 1, size=seq_len + 1) for _ in range(n_users)]
     data = SequenceDataset(seqs, seq_len)
-    model = SASRec(SASRecConfig(n_items=n_items, max_seq_len=seq_len, d_model=d_model, n_heads=2)).to(dev)
+    params = {"n_items": n_items, "max_seq_len": seq_len, "d_model": d_model}
+    if model_name == "sasrec":
+        params["n_heads"] = 2
+    model = build_model(build_config(model_name, **params)).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     inputs, targets = data.inputs.to(dev), data.targets.to(dev)
     use_bf16 = dev.type == "cuda"
@@ -52,7 +58,7 @@ def gpu_throughput(
 
     def step(idx: torch.Tensor) -> float:
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
-            loss = full_softmax_ce(model(inputs[idx]), targets[idx], model.item_emb.weight)
+            loss = model.loss(Batch(inputs[idx], targets[idx]))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -69,6 +75,7 @@ def gpu_throughput(
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     return {
+        "model": model_name,
         "device": torch.cuda.get_device_name(dev) if use_bf16 else "cpu",
         "bf16": use_bf16,
         "seconds": seconds,
@@ -88,8 +95,10 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--model", default="sasrec", help="a name in models.factory.MODELS")
     args = parser.parse_args()
-    result = gpu_throughput(args.users, args.items, args.seq_len, args.batch_size, device=args.device)
+    result = gpu_throughput(args.users, args.items, args.seq_len, args.batch_size, device=args.device,
+                            model_name=args.model)
     print(json.dumps(result))  # script output, not library logging
 
 

@@ -128,8 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patience", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--max-seconds-per-setting", type=float, default=300.0)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--max-seconds-per-setting", type=float, default=None, help="wall-clock cap per run")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="CPU threads (1: robust when other jobs share a small machine)"
+    )
     parser.add_argument("--only", type=int, nargs="*", default=None, help="indices of GRID to run")
     args = parser.parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -246,8 +246,8 @@ def up(
 ) -> None:
     """Start the Prefect server, MLflow UI, BentoML recommender and the deployment runner on loopback."""
     from cli import platform
-    from supervisor import services
     from recloop.settings import get_settings
+    from supervisor import services
 
     settings = get_settings()
     names = tuple(only) if only else services.SERVICE_ORDER

@@ -16,8 +16,8 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from supervisor import services
 from recloop.settings import Settings, get_settings
+from supervisor import services
 
 console = Console()
 

@@ -1,4 +1,4 @@
-"""Feast entities: the join keys of every feature view. External ids are strings (DESIGN.md)."""
+"""Feast entities: the join keys of every feature view. External ids are strings (docs/architecture.md)."""
 
 from feast import Entity, ValueType
 

@@ -202,7 +202,7 @@ class OnlineFeatures:
         """Write the user's new recent-items list to the online store (the feedback path).
 
         The caller derives ``items`` from the authoritative event log (one writer per user):
-        read-append-push through Feast loses concurrent updates (STACK_NOTES.md). A push older
+        read-append-push through Feast loses concurrent updates (docs/stack-notes.md). A push older
         than the stored row is skipped, because the SQLite online store would let it overwrite a
         newer value (Redis would not); the check-then-write is not atomic.
 

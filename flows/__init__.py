@@ -1,1 +1,1 @@
-"""Orchestration layer: Prefect flows, deployments and the ``recloop`` CLI."""
+"""Orchestration layer: Prefect flows only (ingest, validate, features, train, evaluate, deploy, pipeline, loop)."""

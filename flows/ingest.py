@@ -73,7 +73,7 @@ def validated_ingest(source: str, path: str | None, batch_id: str | None = None,
     settings = get_settings()
     outcome = read_and_validate(source, path, datetime.now(UTC), batch_id, **options)
     outcome = write_outcome(outcome, settings.home)
-    report = Lake(settings.lake_path).ingest(accepted_frames(outcome, source))
+    report = Lake(settings.lake_path).ingest(accepted_frames(outcome, source), batch_id=batch_id)
     return ingest_summary(report, outcome)
 
 
@@ -89,7 +89,7 @@ def ingest_flow(source: str = "synthetic", path: str | None = None, batch_id: st
     """
     logger = get_run_logger()
     outcome = validate_flow(source, path, batch_id=batch_id)
-    report = lake_ingest_task(accepted_frames(outcome, source), batch_id=None)
+    report = lake_ingest_task(accepted_frames(outcome, source), batch_id=batch_id)
     logger.info("ingested source=%s new_events=%d quarantined=%d watermark=%s", source, report.new_events,
                 outcome.rows_quarantined, report.watermark)
     return ingest_summary(report, outcome)

@@ -1,4 +1,4 @@
-"""The data contract (DESIGN.md): three tables, coerced to exact dtypes or rejected with a clear error.
+"""The data contract (docs/architecture.md): three tables, coerced to exact dtypes or rejected with a clear error.
 
 | table  | columns |
 |--------|---------|

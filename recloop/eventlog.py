@@ -169,7 +169,7 @@ class EventLog:
         """Atomically insert one event and read that user's last ``n`` item ids (oldest first).
 
         Concurrent calls for the same user are serialised, so every returned list reflects all
-        earlier inserts and none is lost (the read-modify-write race of STACK_NOTES.md).
+        earlier inserts and none is lost (the read-modify-write race of docs/stack-notes.md).
 
         Args:
             event_row: one event (keys as in ``append``; ``timestamp`` defaults to now, UTC).

@@ -7,7 +7,7 @@ state *after* all its events at that timestamp, so a point-in-time join (latest 
 ``event_ts <= t``) returns exactly the state built from events at or before ``t``.
 
 Event order within a user is (timestamp, original row order): MovieLens has many same-second
-ties and a stable sort on row order is the recorded tie-break (shared/data/README.md).
+ties and a stable sort on row order is the recorded tie-break (docs/data.md).
 
 Nothing here reads files, the clock or Feast: the time a row is computed (``created_ts``) and the
 ``as_of`` of trailing-window snapshots are arguments.

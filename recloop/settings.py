@@ -17,7 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from recloop.gate import DEFAULT_MAX_COVERAGE_DROP, DEFAULT_MIN_GAIN
 
-# Telemetry and network opt-outs (STACK_NOTES.md): the platform must never phone home.
+# Telemetry and network opt-outs (docs/stack-notes.md): the platform must never phone home.
 TELEMETRY_ENV: dict[str, str] = {
     "DO_NOT_TRACK": "true",  # MLflow accepts only the exact string "true"
     "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -112,7 +112,7 @@ class Settings(BaseSettings):
 
     @property
     def mlflow_artifacts(self) -> str:
-        """The MLflow artifact root (always explicit, see STACK_NOTES.md)."""
+        """The MLflow artifact root (always explicit, see docs/stack-notes.md)."""
         return self.mlflow_artifact_root or (self.home / "mlartifacts").as_uri()
 
     @property

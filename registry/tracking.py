@@ -48,7 +48,7 @@ def configure_tracking(settings: Settings | None = None) -> MlflowClient:
     """Point this process's MLflow tracking and registry at the configured backend.
 
     For SQLite the parent folder is created and the schema initialised here, once, before any
-    concurrent use (creating it from several processes at once fails, STACK_NOTES.md).
+    concurrent use (creating it from several processes at once fails, docs/stack-notes.md).
 
     Args:
         settings: defaults to ``get_settings()``.

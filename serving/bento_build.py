@@ -1,6 +1,6 @@
 """Offline ``bentoml build`` of the Recommender service, pinned to one registry model version.
 
-Steps (STACK_NOTES.md, BentoML): write ``build/bento/requirements.txt`` = ``requirements.lock``
+Steps (docs/stack-notes.md, BentoML): write ``build/bento/requirements.txt`` = ``requirements.lock``
 without torch; ``pip download torch==2.13.0 --no-deps -d build/bento/wheels`` (pip finds the CPU
 build locally); then ``bentoml build -f <bentofile> .`` from the project root. With ``--version N``
 a copy of ``infra/bentofile.yaml`` is written to ``build/bento/bentofile.yaml`` with the label

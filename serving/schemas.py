@@ -1,4 +1,4 @@
-"""Request and response models of the ``Recommender`` service (DESIGN.md, Serving contract).
+"""Request and response models of the ``Recommender`` service (docs/architecture.md, "How serving works").
 
 Validation failures (missing field, wrong type, out-of-range value, malformed JSON, unknown field)
 are answered by BentoML with HTTP **400** and a body

@@ -4,7 +4,7 @@ Run: ``bentoml serve serving.service:Recommender`` (ready in 40-60 s; ``POST /re
 ``GET /readyz``). Endpoints (all ``POST``, JSON; see ``serving/schemas.py`` for bodies and errors):
 ``/recommend``, ``/feedback``, ``/similar_items``, ``/health``, ``/ready``, ``/model_info``.
 
-The model lives in this process (no adaptive batching, no cross-service calls: STACK_NOTES.md).
+The model lives in this process (no adaptive batching, no cross-service calls: docs/stack-notes.md).
 The champion is resolved from the MLflow alias at start; a daemon thread polls the alias every
 ``settings.serve_poll_interval_s`` and swaps in a new version after loading and smoke-scoring it.
 A failed load keeps the old model and is reported by ``/ready`` and ``/model_info``.

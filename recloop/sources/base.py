@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from recloop.contract import ITEM_COLUMNS, USER_COLUMNS, ContractError
@@ -212,9 +211,3 @@ def read_table(
     if df.empty:
         raise SourceError(path, "file has no data rows", table=table)
     return df
-
-
-def fill_column(df: pd.DataFrame, column: str, value: object) -> None:
-    """Add ``column`` filled with ``value`` (in place) when it is absent."""
-    if column not in df.columns:
-        df[column] = value if not isinstance(value, np.ndarray) else pd.Series(value, index=df.index)

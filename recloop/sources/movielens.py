@@ -1,6 +1,6 @@
 """MovieLens readers: 100K, 1M (also the 10M layout) and latest(-small).
 
-Formats follow the GroupLens READMEs, corrected by ../shared/data/*/PROVENANCE.md:
+Formats follow the GroupLens READMEs, corrected as docs/data.md records:
 ml-100k ``u.data`` is tab-separated while ``u.item``/``u.user`` are pipe-separated and ``u.item``
 is latin-1; ml-1m/10m ``*.dat`` use ``::``; ml-latest CSVs are UTF-8 with a header. Every rating
 becomes an event of type ``rating`` with ``value`` = the rating. Event order is file order.

@@ -1,4 +1,4 @@
-"""`bentoml build` of the Recommender works offline and pins the model version (STACK_NOTES.md recipe)."""
+"""`bentoml build` of the Recommender works offline and pins the model version (docs/stack-notes.md recipe)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
 """End to end on ml-100k: pipeline → served champion → feedback through the service → loop run 2.
 
+The served alias is set to ``prod`` (``RECLOOP_MODEL_ALIAS``): promotion must move that alias, and the
+service must follow it; nothing may fall back to a hard-coded ``champion``.
+
 Marked slow (several minutes: two trainings and a real `bentoml serve`); CI runs it all the same.
 """
 
@@ -13,6 +16,7 @@ import httpx
 import pytest
 
 pytestmark = pytest.mark.slow
+ALIAS = "prod"
 
 
 def _free_port() -> int:
@@ -34,6 +38,7 @@ def platform_env(tmp_path_factory: pytest.TempPathFactory, ml100k_path: Path):
     mp.setenv("RECLOOP_SERVE_PORT", str(_free_port()))
     mp.setenv("RECLOOP_SERVE_POLL_INTERVAL_S", "1")
     mp.setenv("RECLOOP_AUTO_PROMOTE", "true")
+    mp.setenv("RECLOOP_MODEL_ALIAS", ALIAS)
     get_settings.cache_clear()
     settings = get_settings()
     with prefect_test_harness(server_startup_timeout=120):
@@ -64,9 +69,13 @@ def test_pipeline_then_feedback_then_loop(platform_env, ml100k_path: Path) -> No
     assert run1["ingest"]["new_events"] == 100_000
     assert run1["evaluate"]["passed"] and run1["evaluate"]["promoted"]
     client = configure_tracking(settings)
-    assert get_alias_version(client, settings.model_name, "champion") == run1["evaluate"]["version"] == "1"
+    assert settings.model_alias == ALIAS
+    assert get_alias_version(client, settings.model_name, ALIAS) == run1["evaluate"]["version"] == "1"
+    assert get_alias_version(client, settings.model_name, "champion") is None  # no hard-coded alias moved
     url = service_url(settings)
     assert served_version(url) == "1"
+    first = httpx.post(f"{url}/recommend", json={"user_id": "1", "k": 5}, timeout=10).json()
+    assert first["model_version"] == "1" and first["variant"] == ALIAS
 
     # Feedback through the running service: 3 users × 5 clicks on items they have not seen.
     sent = 0
@@ -92,8 +101,9 @@ def test_pipeline_then_feedback_then_loop(platform_env, ml100k_path: Path) -> No
     assert read_watermark(settings.home) == run2["watermark_to"] > run2["watermark_from"] == 0
     train_run = client.get_run(run2["train"]["run_id"])
     assert train_run.data.tags["warm_start_from"].endswith("/1")
-    champion = get_alias_version(client, settings.model_name, "champion")
+    champion = get_alias_version(client, settings.model_name, ALIAS)
     assert champion == ("2" if run2["evaluate"]["promoted"] else "1")
+    assert get_alias_version(client, settings.model_name, "champion") is None
     assert served_version(url) == champion
 
     # A second loop turn with no new feedback consumes nothing.

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from models.checkpoint import load_checkpoint, save_checkpoint
+from models.contract import SequentialModel
 from models.factory import MODELS, build_config, build_model
 from models.ranking import recommend
 from models.sequences import leave_one_out
@@ -57,7 +58,8 @@ def test_every_model_class_is_registered_under_its_own_name() -> None:
     assert {"sasrec", "gru4rec"} <= set(MODELS)
     for name, cls in MODELS.items():
         assert cls.name == name and dataclasses.is_dataclass(cls.config_class)
-        assert type(build_model(_tiny_config(name))) is cls
+        model = build_model(_tiny_config(name))
+        assert type(model) is cls and isinstance(model, SequentialModel)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

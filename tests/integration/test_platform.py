@@ -7,8 +7,8 @@ import socket
 import httpx
 import pytest
 
-from supervisor import services
 from recloop.settings import get_settings
+from supervisor import services
 
 
 def _free_port() -> int:

@@ -26,7 +26,7 @@ def test_ingest_ml100k_then_reingest_adds_nothing(tmp_path: Path, ml100k: Source
     assert first.new_events == 100_000 and first.duplicates_dropped == 0
     max_ts = ml100k.events["timestamp"].max()
     assert first.watermark == max_ts == lake.watermark("movielens-100k") == lake.watermark()
-    assert max_ts == pd.Timestamp(893286638, unit="s", tz="UTC")  # PROVENANCE.md
+    assert max_ts == pd.Timestamp(893286638, unit="s", tz="UTC")  # docs/data.md
     again = lake.ingest(ml100k)
     assert again.new_events == 0 and again.duplicates_dropped == 100_000
     assert again.new_items == 0 and again.new_users == 0 and again.total_events == 100_000

@@ -43,7 +43,7 @@ def test_ml100k_counts_titles_and_genres(ml100k_path: Path) -> None:
     assert toy["title"] == "Toy Story (1995)"
     assert toy["genres"] == ["Animation", "Children's", "Comedy"]
     assert "Toy Story" in toy["text"] and "Animation" in toy["text"]
-    # latin-1 title survives (item 1633, PROVENANCE.md)
+    # latin-1 title survives (item 1633, docs/data.md)
     assert frames.items.set_index("item_id").loc["1633", "title"].startswith("Á köldum klaka")
     assert frames.users.set_index("user_id").loc["1", "occupation"] == "technician"
     # file order is kept: first line of u.data is 196 242 3 881250949

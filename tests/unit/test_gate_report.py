@@ -1,4 +1,4 @@
-"""The evaluation gate (pure), champion vocabulary mapping, registry alias rules and the run plots."""
+"""The evaluation gate (pure), champion vocabulary mapping and the report and run plots (no MLflow needed)."""
 
 from __future__ import annotations
 
