@@ -9,7 +9,7 @@ goes to stderr through logging. The chosen values become ``GRU4RecConfig``'s def
 
 Usage::
 
-    .venv/bin/python -m bench.tune_gru4rec --path /work/shared/data/ml-100k > /tmp/gru4rec_tune.json
+    .venv/bin/python -m bench.tune_gru4rec --path ../shared/data/ml-100k > gru4rec_tune.json
 """
 
 from __future__ import annotations
@@ -64,8 +64,9 @@ def tune(
         max_seconds_per_setting: wall-clock cap of one training run (None: no cap).
         num_threads: CPU threads (None: all cores).
     Returns:
-        ``{"source", "protocol", "train", "results", "best"}``; ``best`` is the setting with the
-        highest validation NDCG@10.
+        ``{"source", "selection", "protocol", "train", "results", "interrupted", "best"}``; ``best``
+        is the setting with the highest validation NDCG@10; ``interrupted`` is True when a Ctrl-C
+        stopped the grid early (``results`` then holds the settings that finished).
     Raises:
         ValueError: empty grid or a setting without ``lr``.
     """
@@ -73,6 +74,9 @@ def tune(
 
     if not grid:
         raise ValueError("grid is empty; expected at least one setting")
+    for setting in grid:
+        if "lr" not in setting:
+            raise ValueError(f"setting={setting} has no 'lr'; expected lr and GRU4RecConfig fields")
     events = load_source(source, path).events
     vocab = ItemVocabulary.from_ids(events["item_id"])
     split = leave_one_out(build_sequences(events, vocab))
@@ -86,27 +90,32 @@ def tune(
         "device": "cpu",
     }
     results: list[dict[str, Any]] = []
-    for setting in grid:
-        if "lr" not in setting:
-            raise ValueError(f"setting={setting} has no 'lr'")
-        arch = {k: v for k, v in setting.items() if k != "lr"}
-        model_config = GRU4RecConfig(n_items=len(vocab), max_seq_len=max_len, **arch)
-        train_config = TrainConfig(lr=setting["lr"], **shared)
-        logger.info("setting start %s", setting)
-        t0 = time.perf_counter()
-        result = train_model(split, vocab, model_config, train_config, progress=False)
-        best_row = next(row for row in result.history if row["epoch"] == result.best_epoch)
-        row = {
-            **setting,
-            "val_ndcg@10": round(result.best_val_ndcg, 5),
-            "val_hr@10": round(best_row["val_hr@10"], 5),
-            "best_epoch": result.best_epoch,
-            "epochs_run": len(result.history),
-            "seconds_to_best": round(result.seconds_to_best, 1),
-            "seconds": round(time.perf_counter() - t0, 1),
-        }
-        logger.info("setting done %s", row)
-        results.append(row)
+    interrupted = False
+    try:
+        for setting in grid:
+            arch = {k: v for k, v in setting.items() if k != "lr"}
+            model_config = GRU4RecConfig(n_items=len(vocab), max_seq_len=max_len, **arch)
+            train_config = TrainConfig(lr=setting["lr"], **shared)
+            logger.info("setting start %s", setting)
+            t0 = time.perf_counter()
+            result = train_model(split, vocab, model_config, train_config, progress=False)
+            best_row = next(row for row in result.history if row["epoch"] == result.best_epoch)
+            row = {
+                **setting,
+                "val_ndcg@10": round(result.best_val_ndcg, 5),
+                "val_hr@10": round(best_row["val_hr@10"], 5),
+                "best_epoch": result.best_epoch,
+                "epochs_run": len(result.history),
+                "seconds_to_best": round(result.seconds_to_best, 1),
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
+            logger.info("setting done %s", row)
+            results.append(row)
+    except KeyboardInterrupt:  # Ctrl-C / SIGINT: report the settings finished so far
+        if not results:
+            raise
+        interrupted = True
+        logger.warning("interrupted after %d of %d settings", len(results), len(grid))
     best = max(results, key=lambda r: r["val_ndcg@10"])
     return {
         "source": source,
@@ -114,6 +123,7 @@ def tune(
         "protocol": {**split.protocol, "n_items": len(vocab), "max_seq_len": max_len},
         "train": shared,
         "results": results,
+        "interrupted": interrupted,
         "best": best,
     }
 

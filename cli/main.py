@@ -19,6 +19,8 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print JSON f
 model_app = typer.Typer(no_args_is_help=True, help="The MLflow model registry: list, promote, roll back.")
 app.add_typer(bench_app, name="bench")
 app.add_typer(model_app, name="model")
+online_app = typer.Typer(no_args_is_help=True, help="The online feature store (Feast): re-sync it from its sources.")
+app.add_typer(online_app, name="online")
 
 
 @app.command()
@@ -244,7 +246,11 @@ def _prefect_env() -> None:
 def up(
     only: list[str] = typer.Option(None, "--only", help="Start only these services (prefect, mlflow, serving, runner)"),
 ) -> None:
-    """Start the Prefect server, MLflow UI, BentoML recommender and the deployment runner on loopback."""
+    """Start the Prefect server, MLflow UI, BentoML recommender and the deployment runner on loopback.
+
+    Exit 1, with nothing started, when a service's port is already taken (the holder's pid and command
+    are named, and whether it is a leftover of ours that `recloop down` stops).
+    """
     from cli import platform
     from recloop.settings import get_settings
     from supervisor import services
@@ -263,7 +269,7 @@ def up(
 
 @app.command()
 def down() -> None:
-    """Stop every service started by `recloop up` / `recloop demo`."""
+    """Stop every service started by `recloop up` / `recloop demo`: whole process trees, orphans included."""
     from cli import platform
     from recloop.settings import get_settings
 
@@ -275,14 +281,27 @@ def down() -> None:
 def demo(
     source: str = typer.Option("synthetic", help="Data source (default: the embedded synthetic data)"),
     path: str = typer.Option(None, help="File or folder of the source"),
-    epochs: int = typer.Option(None, help="Training epochs (default: TrainConfig's)"),
+    epochs: int = typer.Option(None, help="Training epochs (default 20)"),
     user: str = typer.Option(None, help="User to show recommendations for"),
+    max_train_seconds: float = typer.Option(90.0, min=1.0, help="Wall-clock budget of the training"),
 ) -> None:
-    """The main job: platform up, the whole pipeline, a served model answering, a click changing the next answer."""
+    """The main job: platform up, the whole pipeline, a served model answering, a click changing the next answer.
+
+    Exit codes: 0 served and answered; 1 a service or stage failed (the message says which); 3 the
+    evaluation gate held the model back and nothing serves (the message gives the gate's reasons).
+    """
     _prefect_env()
+    from cli.platform import NoChampionError
     from cli.platform import demo as run_demo
 
-    run_demo(source=source, path=path, epochs=epochs, user_id=user)
+    try:
+        run_demo(source=source, path=path, epochs=epochs, user_id=user, max_train_seconds=max_train_seconds)
+    except NoChampionError as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(3) from err
+    except (RuntimeError, httpx.HTTPError) as err:  # PortInUseError, a service not healthy, DeployError
+        typer.echo(f"demo failed: {err}", err=True)
+        raise typer.Exit(1) from err
 
 
 @app.command()
@@ -389,18 +408,30 @@ def model_list() -> None:
 
 
 @model_app.command("promote")
-def model_promote(version: str = typer.Argument(..., help="The version to serve")) -> None:
-    """Point the served alias (RECLOOP_MODEL_ALIAS, default champion) at VERSION (the previous one is kept)."""
+def model_promote(
+    version: str = typer.Argument(..., help="The version to serve"),
+    force: bool = typer.Option(False, "--force", help="Promote even if the version failed the gate or does not "
+                               "load in a fresh process (tagged forced=true, promoted_by='cli --force')"),
+) -> None:
+    """Point the served alias (RECLOOP_MODEL_ALIAS, default champion) at VERSION (the previous one is kept).
+
+    Refused (exit 1) when VERSION failed the evaluation gate or does not load and smoke-score in a fresh
+    process (up to ~2 min), unless --force.
+    """
     from mlflow.exceptions import MlflowException
 
     from recloop.settings import get_settings
-    from registry.aliases import promote
+    from registry.aliases import PromotionRefused, promote_checked
     from registry.tracking import configure_tracking
 
     settings = get_settings()
     try:
-        move = promote(configure_tracking(settings), settings.model_name, version, alias=settings.model_alias,
-                       reason="cli")
+        move = promote_checked(configure_tracking(settings), settings.model_name, version,
+                               alias=settings.model_alias, tracking_uri=settings.mlflow_uri, force=force,
+                               reason="cli")
+    except PromotionRefused as err:
+        typer.echo(f"promote refused: {err} (--force promotes anyway)", err=True)
+        raise typer.Exit(1) from err
     except MlflowException as err:
         typer.echo(f"promote failed: {err.message}", err=True)
         raise typer.Exit(1) from err
@@ -421,6 +452,39 @@ def model_rollback() -> None:
         typer.echo(f"rollback failed: {err}", err=True)
         raise typer.Exit(1) from err
     typer.echo(f"{move.alias}: {move.previous} -> {move.version}")
+
+
+@online_app.command("resync")
+def online_resync(as_json: bool = typer.Option(False, "--json", help="Print the report as JSON")) -> None:
+    """Rewrite every user's online history from the lake snapshot plus the event-log tail.
+
+    For an online store that lost its rows (e.g. a Redis restarted empty); the service also does it
+    at start-up and when it finds the store empty. Exit 1 when the store cannot be written.
+    """
+    from featurestore.online import OnlineFeatures, OnlineStoreUnavailable
+    from recloop.eventlog import EventLog
+    from recloop.settings import get_settings
+    from serving.recommender import resync_online
+    from serving.runtime import load_catalogue
+
+    settings = get_settings()
+    catalogue = load_catalogue(settings.lake_path, settings.max_seq_len)
+    try:
+        online = OnlineFeatures(settings=settings)
+    except KeyError as err:  # the feature service is not applied yet
+        typer.echo(f"online resync failed: {err.args[0]}", err=True)
+        raise typer.Exit(1) from err
+    events = EventLog(settings.event_log_uri)
+    try:
+        report = resync_online(online, events, catalogue.base_history, settings.max_seq_len)
+    except OnlineStoreUnavailable as err:
+        typer.echo(f"online resync failed: {err}", err=True)
+        raise typer.Exit(1) from err
+    finally:
+        online.close()
+        events.close()
+    typer.echo(json.dumps(report) if as_json else
+               f"re-synced {report['users']} users ({report['log_users']} with log events) in {report['seconds']} s")
 
 
 @app.command("mlflow-ui")

@@ -3,7 +3,9 @@
 ``up`` starts the Prefect server, the MLflow UI, the BentoML recommender and the deployment runner
 (PID files and logs under ``<home>/run/``) and prints the UI addresses. ``demo`` brings the platform
 up, runs the pipeline on the embedded synthetic data (or ``--source/--path``), then shows a user's
-recommendations, sends feedback through the endpoint and shows the changed recommendations.
+recommendations, sends feedback through the endpoint and shows the changed recommendations. When
+the evaluation gate holds the first model back there is nothing to serve: ``demo`` raises
+``NoChampionError`` with the gate's reasons (the CLI prints them and exits 3).
 """
 
 from __future__ import annotations
@@ -31,12 +33,28 @@ def point_prefect_at_server(settings: Settings) -> None:
 def up(settings: Settings, names: tuple[str, ...] = services.SERVICE_ORDER, wait: bool = True) -> dict[str, int]:
     """Start ``names`` (all spawned at once, then awaited in order). Returns name → PID.
 
+    Before anything is spawned, every service that is not running yet must find its port free: a
+    port held by another process (an orphan of an earlier run, or a foreign server) stops ``up`` with
+    nothing started. Each service counts as up only when the process answering its health URL is
+    the one started (or a child of it).
+
+    Args:
+        settings: home and ports.
+        names: the services to start (``serving`` is skipped while the registry has no champion).
+        wait: wait until each is healthy.
+    Returns:
+        Service name → PID.
     Raises:
+        ValueError: an unknown service name.
+        services.PortInUseError: a port is taken (the message names the holder's pid and command).
         RuntimeError: a service did not become healthy (its log file is named).
     """
     if "serving" in names and not has_champion(settings):
         console.print("serving: no champion yet — run `recloop pipeline` (or `recloop demo`) first; skipped")
         names = tuple(n for n in names if n != "serving")
+    for name in names:
+        if services.running_pid(settings, name) is None:
+            services.check_port(settings, name)
     pids = {name: services.spawn(settings, name) for name in names}
     if wait:
         for name in names:
@@ -53,7 +71,11 @@ def has_champion(settings: Settings) -> bool:
 
 
 def down(settings: Settings) -> list[str]:
-    """Stop every service (reverse start order). Returns the names that were running."""
+    """Stop every service (reverse start order): each one's process tree, group and orphans under this home.
+
+    Returns:
+        The names of the services that had processes to stop.
+    """
     return [name for name in reversed(services.SERVICE_ORDER) if services.stop(settings, name)]
 
 
@@ -100,9 +122,65 @@ def interact(settings: Settings, user_id: str, k: int = 10) -> dict[str, Any]:
     return {"before": before, "after": after, "clicked": clicked, "changed": changed}
 
 
+class NoChampionError(RuntimeError):
+    """The demo's pipeline ended with no model to serve: the gate held the candidate back (or promotion is off).
+
+    Attributes:
+        version: the candidate's registered version.
+        passed: the gate's verdict on it.
+        reasons: the gate's reasons, one line per rule (``PASS ...`` / ``FAIL ...``).
+    """
+
+    def __init__(self, message: str, *, version: str | None, passed: bool, reasons: list[str]) -> None:
+        super().__init__(message)
+        self.version = version
+        self.passed = passed
+        self.reasons = reasons
+
+
+def held_back_message(evaluation: dict[str, Any], alias: str) -> str:
+    """Why there is no model to serve after an evaluation that promoted nothing (pure).
+
+    Args:
+        evaluation: the evaluate flow's result (``version``, ``passed``, ``decision.reasons``).
+        alias: the served alias (``settings.model_alias``).
+    Returns:
+        A multi-line message: the verdict, the gate's reasons, what to do next.
+    """
+    version = evaluation.get("version")
+    reasons = list((evaluation.get("decision") or {}).get("reasons") or [])
+    if evaluation.get("passed"):
+        head = (f"the gate passed candidate version {version}, but auto-promotion is off (RECLOOP_AUTO_PROMOTE), "
+                f"so no version holds the {alias!r} alias and there is no model to serve; "
+                f"`recloop model promote {version}` serves it.")
+    else:
+        head = (f"the gate held the model back: candidate version {version} is registered but was not promoted to "
+                f"{alias!r}, and no earlier version holds it, so there is no model to serve.")
+    lines = [head, "Gate reasons:", *(f"  - {r}" for r in reasons or ["(none reported)"])]
+    if not evaluation.get("passed"):
+        lines.append("Train longer (`recloop demo --epochs N --max-train-seconds S`) or on a quieter machine.")
+    lines.append("Prefect, MLflow and the loop runner keep running (`recloop down` stops them).")
+    return "\n".join(lines)
+
+
 def demo(source: str = "synthetic", path: str | None = None, epochs: int | None = None,
-         user_id: str | None = None) -> dict[str, Any]:
-    """The main job: platform up, pipeline on ``source``, a served model answering, feedback loop shown."""
+         user_id: str | None = None, max_train_seconds: float = 90.0) -> dict[str, Any]:
+    """The main job: platform up, pipeline on ``source``, a served model answering, feedback loop shown.
+
+    Args:
+        source / path: the data source and its file or folder (synthetic needs no path).
+        epochs: training epochs (default 20).
+        user_id: the user whose recommendations are shown (default the lake's last user).
+        max_train_seconds: the training's wall-clock budget.
+    Returns:
+        ``{"stages", "interaction", "wall_s"}``.
+    Raises:
+        NoChampionError: the gate held the candidate back and no earlier champion exists, so nothing
+            serves (Prefect, MLflow and the runner stay up); the message holds the gate's reasons.
+        services.PortInUseError: a service's port is held by another process.
+        RuntimeError: a service did not become healthy.
+        httpx.HTTPError: the recommender did not answer the interaction.
+    """
     settings = get_settings()
     point_prefect_at_server(settings)
     t0 = time.monotonic()
@@ -121,13 +199,20 @@ def demo(source: str = "synthetic", path: str | None = None, epochs: int | None 
                       f"whole lake. Use a fresh RECLOOP_HOME (or `make clean`) to train on {source!r} alone.[/]")
 
     # A bounded training budget keeps the demo within a few minutes on 2 cores.
-    train_params = {"epochs": epochs or 20, "max_train_seconds": 90.0}
+    train_params = {"epochs": epochs or 20, "max_train_seconds": max_train_seconds}
     stages = pipeline_flow(source=source, path=path, train_params=train_params, deploy=True, start_service=True)
     evaluation = stages["evaluate"]
     console.print(evaluation.get("report_md", ""), soft_wrap=True, markup=False)
     console.print(f"gate passed={evaluation['passed']} promoted={evaluation['promoted']} "
                   f"version={evaluation['version']}; deployed={stages['deploy'] and stages['deploy']['version']}")
     up(settings, ("runner",))
+    if stages["deploy"] is None:
+        reasons = list((evaluation.get("decision") or {}).get("reasons") or [])
+        raise NoChampionError(held_back_message(evaluation, settings.model_alias), version=evaluation.get("version"),
+                              passed=bool(evaluation.get("passed")), reasons=reasons)
+    if not evaluation["promoted"]:
+        console.print(f"[yellow]the gate held candidate version {evaluation['version']} back; the previous "
+                      f"{settings.model_alias!r} version {stages['deploy']['version']} keeps serving.[/]")
     events = Lake(settings.lake_path).events()
     user = user_id or str(events["user_id"].iloc[-1])
     result = interact(settings, user)

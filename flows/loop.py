@@ -62,6 +62,30 @@ def read_new_feedback(after_seq: int) -> tuple[Any, int]:
     return frame.drop(columns=[c for c in ("seq", "ingested_at") if c in frame.columns]), high
 
 
+def ingest_feedback(events: Any, batch_id: str) -> dict[str, Any]:
+    """Validate a feedback batch read from the log and append the accepted rows to the lake.
+
+    Rows the API accepted are valid by construction; rows written around the API (or written by an
+    older version) that break the contract are quarantined with their reason, never stop the loop.
+    A feedback batch stops only on a structural failure while some rows were still readable.
+
+    Returns:
+        The lake's ingest report as a dict plus ``rows_quarantined`` and ``bad_share``
+        (``new_events`` is 0 when every row was quarantined).
+    Raises:
+        DataValidationError: a structural failure of the batch (schema), not a bad row.
+    """
+    outcome = validate_frame_task(events, FEEDBACK_SOURCE, batch_id)
+    counts = {"rows_quarantined": outcome.rows_quarantined, "bad_share": outcome.bad_share,
+              "results_path": str(outcome.results_path) if outcome.results_path else None}
+    if outcome.rows_ok == 0 and outcome.rows_quarantined + outcome.rows_deduplicated == outcome.rows_in:
+        return {"new_events": 0, **counts}
+    if outcome.stopped:
+        raise DataValidationError(outcome.failing, detail=f"see {outcome.results_path}")
+    report = lake_ingest_task(accepted_frames(outcome, FEEDBACK_SOURCE))
+    return {**report.model_dump(mode="json"), **counts}
+
+
 @flow(name="loop")
 def loop_flow(source: str | None = None, path: str | None = None, train_params: dict[str, Any] | None = None,
               deploy: bool = True, start_service: bool = True, min_new_events: int = 1) -> dict[str, Any]:
@@ -88,12 +112,14 @@ def loop_flow(source: str | None = None, path: str | None = None, train_params: 
         logger.info("no new feedback after seq=%d; nothing to do", after)
         return {**stages, "status": "skipped", "watermark_to": after}
     if len(events):
-        outcome = validate_frame_task(events, FEEDBACK_SOURCE, f"feedback-{after + 1}-{high}")
-        if outcome.stopped:
-            raise DataValidationError(outcome.failing, detail=f"see {outcome.results_path}")
-        report = lake_ingest_task(accepted_frames(outcome, FEEDBACK_SOURCE))
-        stages["ingest"] = {**report.model_dump(mode="json"), "rows_quarantined": outcome.rows_quarantined,
-                            "bad_share": outcome.bad_share}
+        ingested = ingest_feedback(events, f"feedback-{after + 1}-{high}")
+        stages["ingest"] = ingested
+        if ingested["new_events"] == 0 and not source:
+            # Every row the log held was quarantined (or already in the lake): nothing to learn, but the
+            # rows are recorded with their reasons, so the watermark moves on and the loop never wedges.
+            write_watermark(settings.home, high)
+            logger.warning("feedback batch fully quarantined n=%d; watermark=%d->%d", len(events), after, high)
+            return {**stages, "status": "quarantined", "watermark_to": high}
     batch = (stages.get("ingest") or stages.get("ingest_source") or {}).get("batch_id")
     # Warm-started from the champion, a short budget is enough to absorb the new events.
     warm_params = {**WARM_TRAIN_PARAMS, **(train_params or {})}

@@ -3,12 +3,18 @@
 | table  | columns |
 |--------|---------|
 | events | event_id str (unique), user_id str, item_id str, event_type in EVENT_TYPES, value float|NaN,
-|        | timestamp datetime64[ns, UTC], source str |
+|        | timestamp datetime64[ns, UTC], source str, received_at datetime64[ns, UTC] |
 | items  | item_id str (unique), title str, genres list[str], text str, created_at UTC|NaT |
 | users  | user_id str (unique), optional attribute columns kept as they are |
 
 External ids are strings. The coercion functions are pure: they return a new frame and never
 mutate their input.
+
+Order of a user's history: ``received_at`` (``ORDER_COLUMN``), then ingest order. It is assigned by
+the server: the event log stamps each event with the time it received it, so a client's clock can
+never reorder a history (a stamp far in the future cannot pin an old click as the most recent one).
+The client's ``timestamp`` is kept as data (freshness, windows, the validation gate). Sources that
+carry no receive time — files and datasets replayed from the past — take ``received_at = timestamp``.
 
 The row rules of events (which ids, event types, values and timestamps are valid) are defined
 here once, as the ``*_violations`` functions, and used by every place that checks events: the
@@ -20,7 +26,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import unicodedata
 from collections.abc import Iterable
+from datetime import datetime, timedelta
 from typing import Literal, get_args
 
 import numpy as np
@@ -38,10 +46,15 @@ RULE_EMPTY = "must not be empty"
 RULE_NEGATIVE = "numeric ids must be >= 0"
 RULE_FRACTIONAL = "numeric ids must be whole numbers"
 RULE_TOO_LONG = f"must be at most {MAX_ID_CHARS} characters"
+RULE_BAD_CHARS = "must not contain control, format, bidi, surrogate or unassigned characters"
 RULE_EVENT_TYPE = f"must be one of {list(EVENT_TYPES)}"
 RULE_VALUE = "must be numeric or null"
 RULE_TIMESTAMP = "unparsable timestamp"
-EVENT_COLUMNS: tuple[str, ...] = ("event_id", "user_id", "item_id", "event_type", "value", "timestamp", "source")
+EVENT_COLUMNS: tuple[str, ...] = (
+    "event_id", "user_id", "item_id", "event_type", "value", "timestamp", "source", "received_at",
+)
+#: The server-assigned column that orders a user's history (see the module docstring).
+ORDER_COLUMN = "received_at"
 ITEM_COLUMNS: tuple[str, ...] = ("item_id", "title", "genres", "text", "created_at")
 USER_COLUMNS: tuple[str, ...] = ("user_id",)
 
@@ -62,11 +75,19 @@ def _is_null(value: object) -> bool:
     return value is None or value is pd.NA or value is pd.NaT or (isinstance(value, float) and math.isnan(value))
 
 
-def id_violation(value: object) -> str:
-    """The rule a raw user/item id breaks ('' when valid): null, empty, numeric < 0 or fractional, too long.
+#: Unicode categories an id may not contain: control (Cc, incl. NUL), format (Cf: zero-width and bidi
+#: controls such as U+202E), surrogates (Cs), private use (Co) and unassigned (Cn) code points.
+FORBIDDEN_ID_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn"})
 
-    Numbers, and strings that parse as numbers, must be whole and >= 0; any id is at most
-    ``MAX_ID_CHARS`` characters once stripped. Valid ids become ``normalise_id(value)``.
+
+def id_violation(value: object) -> str:
+    """The rule a raw user/item id breaks ('' when valid).
+
+    Rules: not null; numbers, and strings that parse as numbers, whole and >= 0; not empty once
+    stripped; no control / format / bidi / surrogate / private-use / unassigned characters (the same
+    answer on SQLite and PostgreSQL, which cannot store NUL); at most ``MAX_ID_CHARS`` characters.
+    Valid ids become ``normalise_id(value)``: Unicode NFC, surrounding whitespace stripped, whole
+    floats without ``.0``.
     """
     if _is_null(value):
         return RULE_NULL
@@ -81,7 +102,10 @@ def id_violation(value: object) -> str:
             return RULE_NEGATIVE
         if number % 1 != 0:
             return RULE_FRACTIONAL
-    text = str(value).strip()
+    text = str(value)
+    if any(unicodedata.category(ch) in FORBIDDEN_ID_CATEGORIES for ch in text):
+        return RULE_BAD_CHARS
+    text = unicodedata.normalize("NFC", text).strip()
     if not text:
         return RULE_EMPTY
     if len(text) > MAX_ID_CHARS:
@@ -89,11 +113,27 @@ def id_violation(value: object) -> str:
     return ""
 
 
+def event_id_violation(value: object) -> str:
+    """The rule a client-supplied ``event_id`` breaks ('' when valid): an opaque string, so only null,
+    empty, the forbidden characters of ``id_violation`` and ``MAX_EVENT_ID_CHARS`` apply."""
+    if _is_null(value):
+        return RULE_NULL
+    text = str(value)
+    if any(unicodedata.category(ch) in FORBIDDEN_ID_CATEGORIES for ch in text):
+        return RULE_BAD_CHARS
+    text = unicodedata.normalize("NFC", text).strip()
+    if not text:
+        return RULE_EMPTY
+    if len(text) > MAX_EVENT_ID_CHARS:
+        return f"must be at most {MAX_EVENT_ID_CHARS} characters"
+    return ""
+
+
 def normalise_id(value: object) -> str:
-    """A valid raw id as the contract's string: whole floats lose their ``.0``, whitespace is stripped."""
+    """A valid raw id as the contract's string: NFC, whitespace stripped, whole floats without ``.0``."""
     if isinstance(value, float | np.floating):
         value = int(value)
-    return str(value).strip()
+    return unicodedata.normalize("NFC", str(value)).strip()
 
 
 def id_violations(series: pd.Series) -> pd.Series:
@@ -154,6 +194,23 @@ def parse_timestamps(series: pd.Series, unit: str = "s") -> pd.Series:
         text = series[rest].astype(str)
         out.loc[rest] = pd.to_datetime(text, utc=True, errors="coerce", format="mixed")
     return out.astype("datetime64[ns, UTC]")
+
+
+RULE_TOO_OLD = "is before the contract's floor"
+RULE_FUTURE = "is too far in the future"
+
+
+def timestamp_bound_violation(ts: datetime, *, now: datetime, floor: datetime, future_skew_s: float) -> str:
+    """'' if ``floor <= ts <= now + future_skew_s`` (all tz-aware), else the rule it breaks.
+
+    The bound every accepted event must meet (the API refuses the rest, the validation gate
+    quarantines them): it also keeps every stored timestamp inside what pandas can represent.
+    """
+    if ts < floor:
+        return f"{RULE_TOO_OLD} {floor.isoformat()}"
+    if ts > now + timedelta(seconds=future_skew_s):
+        return f"{RULE_FUTURE}: more than {future_skew_s:g} s after the server's clock"
+    return ""
 
 
 def timestamp_violations(series: pd.Series, unit: str = "s") -> pd.Series:
@@ -287,6 +344,11 @@ def coerce_events(df: pd.DataFrame, *, default_source: str | None = None) -> pd.
         raise ContractError(table, "timestamp", "must not be null; null at rows", ts.index[ts.isna()][:5].tolist())
     out["timestamp"] = ts
     out["source"] = df["source"].fillna(default_source or "unknown").astype(str)
+    if ORDER_COLUMN in df.columns:  # server-assigned; unreadable or missing values fall back to the timestamp
+        received = parse_timestamps(df[ORDER_COLUMN].astype(object))
+        out[ORDER_COLUMN] = received.where(received.notna(), ts)
+    else:
+        out[ORDER_COLUMN] = ts
     if "event_id" in df.columns:
         eid = df["event_id"].astype(object).where(df["event_id"].notna(), None)
         eid = eid.map(lambda x: None if x is None or str(x).strip() == "" else str(x).strip())
@@ -370,5 +432,6 @@ def empty_events() -> pd.DataFrame:
             "value": pd.Series(dtype="float64"),
             "timestamp": pd.Series(dtype="datetime64[ns, UTC]"),
             "source": pd.Series(dtype=object),
+            ORDER_COLUMN: pd.Series(dtype="datetime64[ns, UTC]"),
         }
     )

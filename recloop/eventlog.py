@@ -8,7 +8,9 @@ the same event twice stores it once; the same id with different content is refus
 Per-user atomicity ("insert an event, then read that user's last n items" without lost updates
 under concurrent writers) comes from one transaction per call that first serialises writers of
 the same user: ``pg_advisory_xact_lock`` on a 64-bit hash of the user on PostgreSQL, ``BEGIN
-IMMEDIATE`` (the database write lock) on SQLite. Order within a user is (timestamp, seq).
+IMMEDIATE`` (the database write lock) on SQLite. Order within a user is the log sequence ``seq``
+(server-assigned, the contract's history order); ``ingested_at`` is the receive time, exported as
+the contract's ``received_at``. The client's ``timestamp`` is stored as data and never reorders.
 Caveat: on PostgreSQL a smaller ``seq`` can commit after a larger one (different users), so a
 reader paging by ``after_seq`` alone may skip a row committed late; re-read a small overlap.
 """
@@ -147,6 +149,7 @@ class EventLog:
             return 0
         with self.engine.begin() as conn:
             self._lock_users(conn, sorted({r["user_id"] for r in rows}))
+            _stamp_received(rows)
             return len(self._insert(conn, rows))
 
     def append_one(
@@ -174,9 +177,10 @@ class EventLog:
         Args:
             event_row: one event (keys as in ``append``; ``timestamp`` defaults to now, UTC).
             n: how many items to return (>= 1).
-            after_ts: only events stamped after it (the part of the history the lake does not hold yet).
+            after_ts: only events received after it (``ingested_at``; the part of the history the lake
+                does not hold yet: the newest ``received_at`` of the user's lake events).
         Returns:
-            (inserted, recent): whether the event was new; the last ``n`` item ids by (timestamp, seq).
+            (inserted, recent): whether the event was new; the user's last ``n`` item ids in log order.
         Raises:
             ValueError: n < 1, or the event's id is stored with different content.
         """
@@ -187,6 +191,7 @@ class EventLog:
         rows = self._rows([row])
         with self.engine.begin() as conn:
             self._lock_users(conn, [rows[0]["user_id"]])
+            _stamp_received(rows)
             inserted = self._insert(conn, rows)
             recent = self._recent(conn, rows[0]["user_id"], n, after_ts)
         return bool(inserted), recent
@@ -198,19 +203,19 @@ class EventLog:
                 return []
             frame = coerce_events(events, default_source="feedback")
             frame["timestamp"] = frame["timestamp"].dt.floor("us")  # the stored precision
+            frame = frame.drop(columns=["received_at"])  # the log assigns its own (ingested_at)
             rows = frame.astype({"value": object}).where(frame.notna(), None).to_dict("records")
         else:
             rows = _coerce_dicts(list(events))
         seen: dict[str, dict[str, Any]] = {}
         for r in rows:
             if r["event_id"] in seen and not _same(seen[r["event_id"]], r):
-                raise ValueError(
-                    f"event_id {r['event_id']!r} appears twice with different content: "
-                    f"{_content(seen[r['event_id']])} vs {_content(r)}"
-                )
+                raise EventIdConflict(r["event_id"], _differing(seen[r["event_id"]], r), "appears twice in the batch")
             seen[r["event_id"]] = r
         now = datetime.now(UTC)
-        return [dict(r, ingested_at=now) for r in seen.values()]
+        # One call is one receipt: its rows are logged (seq) in the order of their own timestamps, stable.
+        ordered = sorted(seen.values(), key=lambda r: pd.Timestamp(r["timestamp"]))
+        return [dict(r, ingested_at=now) for r in ordered]
 
     def _lock_users(self, conn: Connection, users: Sequence[str]) -> None:
         if self.is_sqlite or not users:
@@ -234,15 +239,13 @@ class EventLog:
             stored = conn.execute(select(self.table).where(self.table.c.event_id.in_(list(chunk)))).mappings()
             for old in stored:
                 if not _same(old, chunk[old["event_id"]]):
-                    raise ValueError(
-                        f"event_id {old['event_id']!r} is already stored with different content: "
-                        f"stored {_content(old)} vs new {_content(chunk[old['event_id']])}"
-                    )
+                    # The message names the differing fields only: the stored event may be another user's.
+                    raise EventIdConflict(old["event_id"], _differing(old, chunk[old["event_id"]]), "is already stored")
         return inserted
 
     # ---- reads ---------------------------------------------------------------------------
     def recent_items(self, user_id: str, n: int, after_ts: datetime | None = None) -> list[str]:
-        """The user's last ``n`` item ids by (timestamp, seq), oldest first ([] for an unknown user).
+        """The user's last ``n`` item ids in log order (``seq``), oldest first ([] for an unknown user).
 
         ``after_ts`` keeps only events stamped after it.
         """
@@ -253,8 +256,8 @@ class EventLog:
         t = self.table
         cond = t.c.user_id == user_id
         if after_ts is not None:
-            cond = cond & (t.c.timestamp > pd.Timestamp(after_ts).tz_convert("UTC").to_pydatetime())
-        q = select(t.c.item_id).where(cond).order_by(t.c.timestamp.desc(), t.c.seq.desc()).limit(n)
+            cond = cond & (t.c.ingested_at > pd.Timestamp(after_ts).tz_convert("UTC").to_pydatetime())
+        q = select(t.c.item_id).where(cond).order_by(t.c.seq.desc()).limit(n)
         return [r[0] for r in conn.execute(q)][::-1]
 
     def since(
@@ -264,7 +267,8 @@ class EventLog:
         *,
         with_seq: bool = False,
     ) -> pd.DataFrame:
-        """Events after a position, as a contract frame ordered by (timestamp, seq).
+        """Events after a position, as a contract frame: in log order (``seq``), or ordered by
+        (timestamp, seq) when paging by ``watermark_ts``.
 
         Args:
             watermark_ts: keep events with ``timestamp > watermark_ts`` (None: no time bound).
@@ -273,7 +277,14 @@ class EventLog:
             with_seq: also return the ``seq`` and ``ingested_at`` columns.
         """
         t = self.table
-        q = select(t).order_by(t.c.timestamp, t.c.seq)
+        # Timestamps are read as text and parsed here, so a row written around the API with a value no
+        # datetime can hold (year 9999 / year 1 on PostgreSQL, any string on SQLite) comes back as its
+        # raw text for the validation gate to quarantine, instead of failing the whole read.
+        raw_cols = [c.cast(String).label(c.name) if c.name in ("timestamp", "ingested_at") else c for c in t.c]
+        # Position by the log sequence (the contract's history order); the timestamp keyset keeps its own.
+        q = select(*raw_cols).order_by(t.c.seq) if watermark_ts is None else select(*raw_cols).order_by(
+            t.c.timestamp, t.c.seq
+        )
         if watermark_ts is not None:
             wm = pd.Timestamp(watermark_ts)
             cond = t.c.timestamp > wm
@@ -292,9 +303,13 @@ class EventLog:
                 else out
             )
         df = pd.DataFrame([dict(r) for r in rows])
-        df["value"] = df["value"].astype("float64")
+        value = pd.to_numeric(df["value"], errors="coerce")
+        if (value.notna() == df["value"].notna()).all():  # else keep the raw values for the gate to quarantine
+            df["value"] = value.astype("float64")
         for col in ("timestamp", "ingested_at"):
-            df[col] = pd.to_datetime(df[col], utc=True).astype("datetime64[ns, UTC]")
+            parsed = parse_timestamps(df[col].astype(object))
+            df[col] = parsed if parsed.notna().all() else parsed.astype(object).where(parsed.notna(), df[col])
+        df["received_at"] = df["ingested_at"]  # the contract's server-assigned order column
         cols = list(EVENT_COLUMNS) + (["seq", "ingested_at"] if with_seq else [])
         return df[cols].reset_index(drop=True)
 
@@ -410,12 +425,30 @@ def _coerce_dicts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _content(row: Any) -> dict[str, Any]:
-    return {c: row[c] for c in CONTENT}
+class EventIdConflict(ValueError):
+    """An ``event_id`` reused with other content. The message names the id and the differing field
+    names, never the stored values (they may belong to another user)."""
+
+    def __init__(self, event_id: str, fields: list[str], where: str) -> None:
+        super().__init__(f"event_id {event_id!r} {where} with different content (differs in {', '.join(fields)})")
+        self.event_id, self.fields = event_id, fields
 
 
-def _same(a: Any, b: Any) -> bool:
-    for c in CONTENT:
+def _stamp_received(rows: list[dict[str, Any]]) -> None:
+    """Set each row's receive time inside the write transaction (after the per-user lock), so a
+    user's ``ingested_at`` follows the log order ``seq``."""
+    now = datetime.now(UTC)
+    for r in rows:
+        r["ingested_at"] = now
+
+
+def _differing(a: Any, b: Any) -> list[str]:
+    """The CONTENT fields on which two rows differ (as ``_same`` compares them)."""
+    return [c for c in CONTENT if not _same(a, b, (c,))]
+
+
+def _same(a: Any, b: Any, columns: tuple[str, ...] = CONTENT) -> bool:
+    for c in columns:
         x, y = a[c], b[c]
         if c == "value":
             if (x is None or (isinstance(x, float) and math.isnan(x))) != (

@@ -22,6 +22,8 @@ from typing import Protocol
 import numpy as np
 import pandas as pd
 
+from recloop.contract import ORDER_COLUMN
+
 TRAILING_WINDOWS_DAYS: tuple[int, ...] = (7, 30)
 
 
@@ -32,11 +34,18 @@ class TextEncoder(Protocol):
 
 
 def _ordered(events: pd.DataFrame, key: str) -> pd.DataFrame:
-    """Events sorted stably by (key, timestamp), ties kept in input row order."""
+    """Events sorted stably by (key, order time), ties kept in input row order.
+
+    The order time is the contract's server-assigned ``received_at`` when present (else the
+    ``timestamp``); it is also the time a feature row becomes true (``event_ts``), so a
+    point-in-time join sees an event from the moment the platform received it.
+    """
     missing = {key, "item_id", "timestamp"} - set(events.columns)
     if missing:
         raise ValueError(f"events lacks columns {sorted(missing)}; got {list(events.columns)}")
     out = events.reset_index(drop=True)
+    if ORDER_COLUMN in out.columns:  # features are keyed by the order time from here on
+        out = out.assign(timestamp=out[ORDER_COLUMN].fillna(out["timestamp"]))
     order = np.lexsort((np.arange(len(out)), _naive(out["timestamp"]), out[key].astype(str).to_numpy()))
     return out.iloc[order].reset_index(drop=True)
 

@@ -14,7 +14,8 @@ too: folders are not hive-partitioned and pyarrow skips ``_tmp``; it does not fi
 folders left by a crash between rename and commit, which the next ingest of that id replaces.)
 
 ``seq`` is a lake-wide ingest counter (file order within a batch, batches in commit order), so
-the recorded event order, and the tie-break for equal timestamps, is (timestamp, seq).
+the recorded event order is (received_at, seq): the contract's server-assigned order column, which
+is the timestamp for replayed files and the receive time for feedback from the event log.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import pandas as pd
 from filelock import FileLock
 from pydantic import BaseModel
 
-from recloop.contract import EVENT_COLUMNS, ITEM_COLUMNS, empty_events
+from recloop.contract import EVENT_COLUMNS, ITEM_COLUMNS, ORDER_COLUMN, empty_events
 from recloop.sources.base import SourceFrames
 from recloop.sources.checks import conflicting_event_ids
 
@@ -120,7 +121,8 @@ class Lake:
 
     # ---- reads ---------------------------------------------------------------------------
     def events(self, *, with_lineage: bool = False) -> pd.DataFrame:
-        """All events in contract dtypes, ordered by (timestamp, seq) where seq is ingest order.
+        """All events in contract dtypes, ordered by (received_at, seq): the contract's history order
+        (``recloop.contract.ORDER_COLUMN``), ties in ingest order.
 
         Args:
             with_lineage: also return ``batch_id`` and ``seq``.
@@ -134,8 +136,11 @@ class Lake:
                 if with_lineage
                 else out
             )
-        df = df.sort_values(["timestamp", "seq"], kind="stable").reset_index(drop=True)
         df["timestamp"] = df["timestamp"].astype("datetime64[ns, UTC]")
+        if ORDER_COLUMN not in df.columns:  # batches written before the contract named the order column
+            df[ORDER_COLUMN] = df["timestamp"]
+        df[ORDER_COLUMN] = df[ORDER_COLUMN].astype("datetime64[ns, UTC]").fillna(df["timestamp"])
+        df = df.sort_values([ORDER_COLUMN, "seq"], kind="stable").reset_index(drop=True)
         for col in ("event_id", "user_id", "item_id", "event_type", "source"):
             df[col] = df[col].astype(object)
         cols = list(EVENT_COLUMNS) + (["batch_id", "seq"] if with_lineage else [])

@@ -67,6 +67,21 @@ class Settings(BaseSettings):
         description="Max age (s) of an online row before it reads as missing; inf = no limit (replayed "
         "historical datasets such as MovieLens are years old). Production: e.g. 2592000 (30 days)",
     )
+    online_timeout_ms: float = Field(
+        default=100.0, gt=0,
+        description="Deadline of one online-store read (Redis sockets time out at twice it); a late or "
+        "failed read makes serving fall back to the history rebuilt from the lake and the event log",
+    )
+    online_write_timeout_ms: float = Field(
+        default=500.0, gt=0, description="Deadline of one online-store push (a Feast push takes ~15 ms)"
+    )
+    online_breaker_s: float = Field(
+        default=5.0, ge=0, description="After an online-store failure, skip the store for this long (circuit breaker)"
+    )
+    online_check_interval_s: float = Field(
+        default=10.0, gt=0,
+        description="How often serving checks that the online store is not empty (re-synced when it is)",
+    )
 
     # Data and validation
     max_seq_len: int = Field(default=50, ge=2, le=4096, description="Items of history the model sees")
@@ -90,6 +105,11 @@ class Settings(BaseSettings):
     serve_port: int = 3000
     serve_poll_interval_s: float = Field(default=5.0, gt=0, description="Champion alias poll interval")
     api_key: str | None = Field(default=None, description="If set, required in the X-API-Key header")
+    serve_allowed_hosts: str = Field(
+        default="127.0.0.1,localhost,[::1]",
+        description="Host headers the service answers (comma separated; serve_host is added; '*' = any)",
+    )
+    serve_body_timeout_s: float = Field(default=2.0, gt=0, description="Max seconds to receive a request body")
     max_k: int = Field(default=200, ge=1, description="Upper bound of k in recommend")
     serve_model_version: str | None = Field(
         default=None, description="Serve this registry version and do not follow the alias (a pinned Bento)"

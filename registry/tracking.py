@@ -26,7 +26,8 @@ def server_command(settings: Settings, port: int | None = None, host: str = "127
     """The one command line of the MLflow tracking server + UI (``recloop up`` and ``recloop mlflow-ui``).
 
     Artifacts are served through the server (``--artifacts-destination``), so clients need no access
-    to the artifact store. One worker: the UI of one team, ~260 MB with ``SERVER_ENV``.
+    to the artifact store. One worker: the UI of one team, ~260 MB with ``SERVER_ENV``. Only loopback
+    Host headers and the UI's own origin are allowed (MLflow's DNS-rebinding and CORS guards).
 
     Args:
         settings: backend URI (``mlflow_uri``), artifact root (``mlflow_artifacts``), default port.
@@ -35,12 +36,17 @@ def server_command(settings: Settings, port: int | None = None, host: str = "127
     Returns:
         argv, starting with the ``mlflow`` executable beside this interpreter.
     """
+    port = port or settings.mlflow_port
+    origins = f"http://127.0.0.1:{port},http://localhost:{port}"
     return [
         str(Path(sys.executable).with_name("mlflow")), "server",
-        "--host", host, "--port", str(port or settings.mlflow_port),
+        "--host", host, "--port", str(port),
         "--backend-store-uri", settings.mlflow_uri,
         "--artifacts-destination", settings.mlflow_artifacts,
         "--workers", "1",
+        # DNS-rebinding and cross-site guards: only the UI's own origin, only loopback Host headers.
+        "--allowed-hosts", f"127.0.0.1,127.0.0.1:{port},localhost,localhost:{port}",
+        "--cors-allowed-origins", origins,
     ]
 
 

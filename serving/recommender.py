@@ -15,15 +15,25 @@ Read-your-writes: ``feedback`` returns only after the event is in the log and th
 sequence has been overwritten with the last ``max_seq_len`` items *read back from the log*. Pushes
 for one user are serialised in this process (striped locks), and after each push the log is re-read
 and pushed again until unchanged, so a stale push from another worker can never be the final state.
+
+Online-store outages (``featurestore/online.py`` bounds each call with a deadline and a circuit
+breaker): ``recommend`` rebuilds the history from its sources (the lake snapshot ``base_history``
+plus the log's newer events) and answers ``strategy="fallback"``; ``feedback`` whose event is in the
+log answers ``degraded=True`` and its push is retried by a background thread (one queue per
+process; each retry derives the list from the log under the user's lock, so pushes stay ordered).
+Until a user's retried push lands, ``recommend`` reads that user from the sources too, so
+read-your-writes holds through the outage. ``resync_online`` rewrites every user's sequence from the
+sources (start-up when the store is empty, ``recloop online resync``, and the background check).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -38,6 +48,11 @@ logger = logging.getLogger(__name__)
 
 N_LOCK_STRIPES = 256
 MAX_REFRESH_ROUNDS = 5
+#: A user id no client sends, written last by ``resync_online``: a store that lacks it lost its rows.
+SENTINEL_USER = "__recloop_online_sentinel__"
+N_EMPTY_PROBES = 3  # users of base_history read by the emptiness check, besides the sentinel
+PUSH_RETRY_S = 0.5  # pause of the background pusher after a failed push
+LOG_SEQ_OVERLAP = 1000  # re-read this many seqs below the mark (PostgreSQL may commit a smaller seq late)
 
 
 class OnlineStore(Protocol):
@@ -168,6 +183,17 @@ class RecommenderCore:
         self.variant = variant
         self.source = source
         self._locks = [threading.Lock() for _ in range(N_LOCK_STRIPES)]
+        # Online pushes owed after a failure (users, oldest first), drained by one daemon thread.
+        self._pending: dict[str, None] = {}
+        self._pending_cv = threading.Condition()
+        self._sync_thread: threading.Thread | None = None
+        self._sync_stop = threading.Event()
+        self._check_empty = False  # the thread also checks for an emptied store (start_online_sync)
+        self._check_interval_s = 10.0
+        self.push_retry_s = PUSH_RETRY_S
+        self._resync_lock = threading.Lock()
+        self.resyncing = False
+        self.last_resync: dict[str, Any] | None = None
 
     @property
     def served(self) -> ServedModel:
@@ -191,6 +217,20 @@ class RecommenderCore:
             for i, t in zip(ids, top, strict=True)
         ]
 
+    def history_from_sources(self, user_id: str) -> list[str]:
+        """The user's history rebuilt without the online store: the lake snapshot (``base_history``)
+        followed by the log's events stamped after it, the last ``max_seq_len`` (what ``feedback``
+        pushes). An unreadable log leaves the lake part only.
+        """
+        base, base_ts = self.base_history.get(user_id, ([], None))
+        try:
+            tail = list(self.events.recent_items(user_id, self.max_seq_len, after_ts=base_ts))
+        except Exception as err:  # noqa: BLE001 - the lake part still serves
+            logger.warning("event log not readable; history from the lake only user_id=%s error=%s",
+                           user_id[:64], err)
+            tail = []
+        return (list(base) + tail)[-self.max_seq_len:]
+
     def recommend(
         self, user_id: str, k: int = 10, exclude_seen: bool = True, history: list[str] | None = None
     ) -> dict[str, Any]:
@@ -198,13 +238,24 @@ class RecommenderCore:
 
         History: the request's ``history`` if given, else the online store's recent items. A user
         without stored history is a cold start: the model on the given history if it has known
-        items, else popularity.
+        items, else popularity. When the online store fails, is late or skipped (or still owes this
+        user a push), the stored history is rebuilt from its sources (``history_from_sources``) and
+        the strategy is ``"fallback"``; the request's ``history``, if given, is still the one used.
 
         Returns:
             dict with items [{item_id, score, title}], model_version, variant, strategy, cold_start.
         """
         served = self._served  # one read: a concurrent swap does not mix versions
-        stored = self.online.recent_items(user_id)
+        stored: list[str] | None = None
+        fallback = user_id in self._pending  # its online row is behind the log until the retry lands
+        if not fallback:
+            try:
+                stored = self.online.recent_items(user_id)
+            except Exception as err:  # noqa: BLE001 - any online failure degrades to the sources
+                fallback = True
+                logger.debug("online read failed; fallback user_id=%s error=%s", user_id[:64], err)
+        if fallback:
+            stored = self.history_from_sources(user_id)
         cold_start = not stored
         hist_ids = history if history is not None else (stored or [])
         idx = encode_history(served.vocab, hist_ids)
@@ -215,6 +266,8 @@ class RecommenderCore:
             scores = served.popularity.copy()
             strategy = "popularity"
             logger.info("cold start user_id=%s strategy=popularity", user_id[:64])
+        if fallback:
+            strategy = "fallback"
         if exclude_seen and len(idx):
             scores[idx] = -np.inf
         return {
@@ -241,8 +294,14 @@ class RecommenderCore:
         newest event — so the history the model was trained on is never replaced by the feedback
         tail, and events already ingested into the lake are not counted twice.
 
+        When the online push fails (store down, late or skipped), the stored event is still
+        acknowledged with ``degraded=True``; the push is owed to the background pusher, and until it
+        lands ``recommend`` rebuilds this user's history from the log. An error before the event is
+        stored (contract, event-id conflict, event log down) propagates.
+
         Returns:
-            dict with event_id, inserted (False on an idempotent replay), known_item, recent_items.
+            dict with event_id, inserted (False on an idempotent replay), known_item, recent_items,
+            degraded (True: stored, online refresh pending).
         """
         if timestamp is None and event_id is not None:
             # A client retry of the same event_id without a timestamp is the same event, not a conflict.
@@ -261,14 +320,26 @@ class RecommenderCore:
             "source": self.source,
         }
         base_items, base_ts = self.base_history.get(user_id, ([], None))
+        base_items = list(base_items)
+        degraded = False
         with self._lock(user_id):
             inserted, tail = self.events.append_and_recent(event, self.max_seq_len, after_ts=base_ts)
-            recent = self._refresh(user_id, base_items, base_ts, list(tail))
+            try:
+                recent = self._refresh(user_id, base_items, base_ts, list(tail))
+            except Exception as err:  # noqa: BLE001 - the event is stored: acknowledge it, push later
+                degraded = True
+                recent = (base_items + list(tail))[-self.max_seq_len:]
+                self._owe_push(user_id)
+                logger.info("online refresh failed; push queued user_id=%s error=%s", user_id[:64], err)
+            else:
+                with self._pending_cv:  # the pushed list is the log's latest: nothing owed any more
+                    self._pending.pop(user_id, None)
         return {
             "event_id": event["event_id"],
             "inserted": bool(inserted),
             "known_item": item_id in self._served.vocab,
             "recent_items": len(recent),
+            "degraded": degraded,
         }
 
     def _refresh(self, user_id: str, base: list[str], base_ts: datetime | None, tail: list[str]) -> list[str]:
@@ -282,6 +353,154 @@ class RecommenderCore:
             tail = latest
         self.online.push_recent_items(user_id, (base + tail)[-n:], datetime.now(UTC))
         return (base + tail)[-n:]
+
+    # ---- online-store outages: owed pushes, emptiness, re-sync --------------------------------
+    @property
+    def pending_pushes(self) -> int:
+        """Users whose online sequence is behind the log (a push failed and is being retried)."""
+        return len(self._pending)
+
+    def _owe_push(self, user_id: str) -> None:
+        with self._pending_cv:
+            self._pending.setdefault(user_id, None)
+            self._pending_cv.notify()
+        self._start_worker()
+
+    def _push_owed(self, user_id: str) -> bool:
+        """Push one owed user, derived from the log under its lock (so pushes stay ordered)."""
+        base, base_ts = self.base_history.get(user_id, ([], None))
+        with self._lock(user_id):
+            try:
+                tail = list(self.events.recent_items(user_id, self.max_seq_len, after_ts=base_ts))
+                self._refresh(user_id, list(base), base_ts, tail)
+            except Exception as err:  # noqa: BLE001 - still down: retried after a pause
+                logger.debug("owed push failed user_id=%s error=%s", user_id[:64], err)
+                return False
+            with self._pending_cv:
+                self._pending.pop(user_id, None)
+        return True
+
+    def _start_worker(self) -> None:
+        with self._pending_cv:
+            if self._sync_thread is not None and self._sync_thread.is_alive():
+                return
+            self._sync_stop.clear()
+            self._sync_thread = threading.Thread(target=self._sync_loop, name="online-sync", daemon=True)
+            self._sync_thread.start()
+
+    def _sync_loop(self) -> None:
+        """Drain owed pushes (pausing ``push_retry_s`` after a failure); every ``check_interval_s``,
+        and right after a backlog drained, re-sync the store if it is empty."""
+        next_check = time.monotonic() + self._check_interval_s
+        while not self._sync_stop.is_set():
+            with self._pending_cv:
+                if not self._pending and not self._sync_stop.is_set():  # checked under the lock: no lost stop
+                    wait = max(0.0, next_check - time.monotonic()) if self._check_empty else None
+                    self._pending_cv.wait(wait)
+                user = next(iter(self._pending), None)
+            if self._sync_stop.is_set():
+                break
+            if user is not None:
+                if not self._push_owed(user):
+                    self._sync_stop.wait(self.push_retry_s)
+                elif not self._pending:
+                    next_check = 0.0  # a backlog just drained: the store came back, maybe empty
+                continue
+            if self._check_empty and time.monotonic() >= next_check:
+                self.resync_if_empty()
+                next_check = time.monotonic() + self._check_interval_s
+
+    def start_online_sync(self, check_interval_s: float = 10.0, *, resync_now: bool = True) -> dict[str, Any] | None:
+        """Re-sync an empty store now (start-up), then keep a daemon thread that retries owed pushes
+        and re-syncs the store whenever it is found empty (every ``check_interval_s``).
+
+        Returns:
+            The start-up re-sync's report, or None when none ran.
+        """
+        self._check_interval_s = check_interval_s
+        self._check_empty = True
+        report = self.resync_if_empty() if resync_now else None
+        self._start_worker()
+        with self._pending_cv:  # a worker started lazily by a failed push: check from now on
+            self._pending_cv.notify_all()
+        return report
+
+    def stop_online_sync(self, timeout_s: float = 5.0) -> None:
+        """Stop the background thread (owed pushes stay owed)."""
+        self._sync_stop.set()
+        with self._pending_cv:
+            self._pending_cv.notify_all()
+        if self._sync_thread is not None:
+            self._sync_thread.join(timeout_s)
+
+    def _has_row(self, user_id: str) -> bool:
+        has_row = getattr(self.online, "has_row", None)
+        return bool(has_row(user_id)) if has_row is not None else self.online.recent_items(user_id) is not None
+
+    def online_store_empty(self) -> bool:
+        """True when the store lost its rows: the re-sync's sentinel is missing, or none of a few
+        lake users (``base_history``) has a row. Raises when the store cannot be read."""
+        if not self._has_row(SENTINEL_USER):
+            return True
+        probes = [u for _, u in zip(range(N_EMPTY_PROBES), self.base_history, strict=False)]
+        return bool(probes) and not any(self._has_row(u) for u in probes)
+
+    def resync_if_empty(self) -> dict[str, Any] | None:
+        """Re-sync the online store if it is reachable and empty; returns the report, else None."""
+        try:
+            if not self.online_store_empty():
+                return None
+        except Exception as err:  # noqa: BLE001 - unreachable: checked again later
+            logger.info("online store not checked for emptiness: %s", err)
+            return None
+        logger.warning("online store is empty: re-syncing it from the lake snapshot and the event log")
+        try:
+            return self.resync_online()
+        except Exception as err:  # noqa: BLE001 - the next check retries
+            logger.error("online re-sync failed: %s", err)
+            return None
+
+    def resync_online(self) -> dict[str, Any]:
+        """``resync_online`` over this core's stores and lake snapshot (one at a time per process)."""
+        with self._resync_lock:
+            self.resyncing = True
+            try:
+                report = resync_online(self.online, self.events, self.base_history, self.max_seq_len)
+            finally:
+                self.resyncing = False
+            self.last_resync = report
+        return report
+
+    def online_status(self) -> dict[str, Any]:
+        """The online store as serving sees it (for ``/ready``; a few reads, none while the circuit is open).
+
+        Returns:
+            dict: reachable (a probe read answered), empty (it lost its rows: re-sync pending),
+            stale (some users' rows are behind the log: pushes owed or a re-sync running),
+            pending_pushes, circuit_open (the store is skipped after a failure), resyncing,
+            last_resync (report or None), last_error (when not reachable).
+        """
+        reachable = empty = False
+        error: str | None = None
+        if not getattr(self.online, "circuit_open", False):
+            try:
+                empty = self.online_store_empty()
+                reachable = True
+            except Exception as err:  # noqa: BLE001 - reported, not raised
+                error = f"{type(err).__name__}: {err}"[:500]
+        if not reachable and error is None:
+            error = getattr(self.online, "last_error", None)
+        pending = self.pending_pushes
+        return {
+            "reachable": reachable,
+            "empty": empty,
+            "stale": pending > 0 or self.resyncing,
+            "pending_pushes": pending,
+            "circuit_open": bool(getattr(self.online, "circuit_open", False)),
+            "resyncing": self.resyncing,
+            "last_resync": self.last_resync,
+            "last_error": None if reachable else error,
+        }
 
     def similar_items(self, item_id: str, k: int = 10) -> dict[str, Any]:
         """The k items closest to ``item_id`` by cosine similarity of the model's item embeddings.
@@ -314,3 +533,120 @@ class RecommenderCore:
             logger.warning("online store not reachable: %s", err)
             ok_online = False
         return ok_log, ok_online
+
+
+def _push_rows(online: Any, rows: Mapping[str, tuple[list[str], datetime | None]]) -> None:
+    """Write ``rows`` (user -> (items, event time or None for now)), in bulk when the store can."""
+    if not rows:
+        return
+    now = datetime.now(UTC)
+    stamps = {u: ts or now for u, (_, ts) in rows.items()}
+    push_many = getattr(online, "push_many", None)
+    if push_many is not None:
+        push_many({u: items for u, (items, _) in rows.items()}, stamps)
+        return
+    for user_id, (items, _) in rows.items():
+        online.push_recent_items(user_id, items, stamps[user_id])
+
+
+def _aware(ts: Any) -> datetime | None:
+    """``ts`` as a tz-aware UTC datetime (naive is taken as UTC); None stays None."""
+    if ts is None:
+        return None
+    ts = ts.to_pydatetime() if hasattr(ts, "to_pydatetime") else ts
+    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+
+
+def _log_users(events: Any) -> list[str]:
+    """Distinct users of the event log (one SQL query on an ``EventLog``; a full read otherwise;
+    none when the log cannot list its events)."""
+    table, engine = getattr(events, "table", None), getattr(events, "engine", None)
+    if table is not None and engine is not None:
+        from sqlalchemy import select
+
+        with engine.connect().execution_options(sqlite_begin="BEGIN") as conn:  # a read: no write lock
+            return sorted(str(r[0]) for r in conn.execute(select(table.c.user_id).distinct()))
+    if not hasattr(events, "since"):
+        return []
+    frame = events.since()
+    return sorted(frame["user_id"].astype(str).unique())
+
+
+def _log_rows_after(events: Any, seq: int) -> list[tuple[int, str]]:
+    """(seq, user_id) of the log rows with ``seq > seq`` ([] when the log cannot page by seq)."""
+    if not hasattr(events, "since"):
+        return []
+    frame = events.since(after_seq=seq, with_seq=True)
+    return list(zip(frame["seq"].astype(int), frame["user_id"].astype(str), strict=True))
+
+
+def resync_online(
+    online: Any,
+    events: Any,
+    base_history: BaseHistory,
+    max_seq_len: int,
+    *,
+    max_rounds: int = MAX_REFRESH_ROUNDS,
+) -> dict[str, Any]:
+    """Rewrite the online sequence of every user in the lake snapshot or the log from its sources.
+
+    Each user's list is what ``feedback`` pushes: ``base_history`` followed by the log's events
+    stamped after it, the last ``max_seq_len``. A list with log events is stamped now (as
+    ``feedback`` stamps its pushes); a lake-only list keeps the lake's time, so the read freshness
+    limit (``settings.online_freshness_s``) still hides old users. Events logged while it runs (by this
+    or another process) are caught as ``_refresh`` does: after the push the log is re-read (rows
+    past the mark, with an overlap for PostgreSQL's late commits) and those users pushed again, so a
+    concurrent feedback's newer list is never overwritten by an older one. Last, the sentinel row is
+    written: a store that lacks it later has lost its rows (``RecommenderCore.online_store_empty``).
+    Only ``user_recent_items`` is restored (what serving reads); the other views come back with the
+    next materialisation (the features flow).
+
+    Args:
+        online: ``featurestore.online.OnlineFeatures`` (bulk ``push_many``) or any store with
+            ``push_recent_items``.
+        events: ``recloop.eventlog.EventLog`` (``recent_items``, ``since``, ``max_seq``).
+    Returns:
+        dict: users (rewritten), log_users, pushed (rows, with re-pushes), rounds, seconds, at.
+    Raises:
+        OnlineStoreUnavailable (or the store's error): a push failed; rows already pushed stay.
+    """
+    t0 = time.perf_counter()
+    max_seq = events.max_seq() if hasattr(events, "max_seq") else None
+    low = max(0, (max_seq or 0) - LOG_SEQ_OVERLAP)
+    seen = {seq for seq, _ in _log_rows_after(events, low)}  # every row here is in the lists below
+    log_users = _log_users(events)
+    in_log = set(log_users)
+
+    def derive(users: Iterable[str]) -> dict[str, tuple[list[str], datetime | None]]:
+        rows = {}
+        for user_id in users:
+            base, base_ts = base_history.get(user_id, ([], None))
+            tail = list(events.recent_items(user_id, max_seq_len, after_ts=base_ts)) if user_id in in_log else []
+            rows[user_id] = ((list(base) + tail)[-max_seq_len:], None if tail else _aware(base_ts))
+        return rows
+
+    users = list(dict.fromkeys([*base_history, *log_users]))
+    rows = derive(users)
+    _push_rows(online, rows)
+    pushed, rounds = len(rows), 0
+    for rounds in range(1, max_rounds + 1):  # noqa: B007 - reported
+        new = [(seq, u) for seq, u in _log_rows_after(events, low) if seq not in seen]
+        if not new:
+            break
+        seen.update(seq for seq, _ in new)
+        late = list(dict.fromkeys(u for _, u in new))
+        in_log.update(late)
+        rows = derive(late)
+        _push_rows(online, rows)
+        pushed += len(rows)
+    _push_rows(online, {SENTINEL_USER: ([], None)})
+    report = {
+        "users": len(users),
+        "log_users": len(in_log),
+        "pushed": pushed,
+        "rounds": rounds,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "at": datetime.now(UTC).isoformat(),
+    }
+    logger.info("online store re-synced %s", report)
+    return report

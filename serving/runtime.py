@@ -2,16 +2,23 @@
 
 Kept apart from ``serving/service.py`` so that the BentoML module stays a thin adapter and this
 wiring can be exercised without an HTTP server.
+
+Start-up never crash-loops on a bad promotion: when the alias's version does not load (or smoke-score),
+the service serves the last version that loaded (the registry's ``last_good_version.<alias>`` tag,
+then earlier champions; ``registry.aliases.fallback_candidates``) and reports ``degraded`` with the
+reason until the alias points at a loadable version again. After loading the alias's version the
+service records it as the last good one, so every replica falls back to the same version.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -34,9 +41,9 @@ class Catalogue:
 def load_catalogue(lake_path: Path, max_seq_len: int = 50) -> Catalogue:
     """Item titles, event counts and per-user lake histories from the lake (empty when absent).
 
-    ``base_history[user_id]`` is (the user's last ``max_seq_len`` item ids, oldest first; the
-    timestamp of the user's newest lake event): the feedback path appends the event log's newer
-    events to it.
+    ``base_history[user_id]`` is (the user's last ``max_seq_len`` item ids, oldest first, in the
+    contract's history order; the newest ``received_at`` of the user's lake events): the feedback
+    path appends the event log's events received after it.
     """
     import pyarrow
 
@@ -48,10 +55,10 @@ def load_catalogue(lake_path: Path, max_seq_len: int = 50) -> Catalogue:
         items = lake.items()
         if len(items):
             cat.titles = dict(zip(items["item_id"].astype(str), items["title"].astype(str), strict=True))
-        events = lake.events()  # ordered by (timestamp, ingest order)
+        events = lake.events()  # ordered by (received_at, ingest order): the contract's history order
         cat.popularity = {str(k): float(v) for k, v in events["item_id"].value_counts().items()}
         tail = events.groupby("user_id", sort=False).tail(max_seq_len)
-        last_ts = events.groupby("user_id", sort=False)["timestamp"].max()
+        last_ts = events.groupby("user_id", sort=False)["received_at"].max()  # the log tail starts after it
         cat.base_history = {
             str(u): (g["item_id"].astype(str).tolist(), last_ts[u].to_pydatetime())
             for u, g in tail.groupby("user_id", sort=False)
@@ -70,6 +77,8 @@ class Runtime:
     core: RecommenderCore
     titles: dict[str, str]
     popularity: dict[str, float]
+    alias_version: str | None = None  # the alias's version at start (None: pinned, or no alias)
+    alias_error: str | None = None  # why the alias's version is not the one served (a fallback), else None
 
 
 def served_from_registry(rt_settings: Settings, client: Any, version: str | None,
@@ -87,74 +96,234 @@ def served_from_registry(rt_settings: Settings, client: Any, version: str | None
     )
 
 
-def build_runtime(settings: Settings | None = None) -> Runtime:
-    """Connect to MLflow, the event log and the online store; load the champion.
+def _describe(err: BaseException) -> str:
+    return " ".join(f"{type(err).__name__}: {err}".split())[:500]
 
+
+def _record_last_good(rt_settings: Settings, client: Any, version: str) -> None:
+    """Tag ``version`` as the alias's last good version; a registry write failure never stops serving."""
+    from registry.aliases import record_last_good
+
+    try:
+        record_last_good(client, rt_settings.model_name, rt_settings.model_alias, version)
+    except Exception as err:  # noqa: BLE001 - bookkeeping only
+        logger.warning("last good version not recorded version=%s error=%s", version, _describe(err))
+
+
+def load_champion(rt_settings: Settings, client: Any, titles: dict[str, str], popularity: dict[str, float]
+                  ) -> tuple[ServedModel, str | None, str | None]:
+    """Load the alias's version, falling back to the last good one when it does not load.
+
+    Returns:
+        (served model, the alias's version or None, why the alias's version is not served or None).
+        On success the version is recorded as ``last_good_version.<alias>``.
     Raises:
-        LookupError: the registered model has no ``settings.model_alias`` alias.
+        LookupError: no alias and nothing to fall back to.
+        RuntimeError: neither the alias's version nor any fallback loads.
+    """
+    from registry.aliases import fallback_candidates, get_alias_version
+
+    name, alias = rt_settings.model_name, rt_settings.model_alias
+    version = get_alias_version(client, name, alias)
+    if version is None:
+        alias_error = f"registered model {name!r} has no {alias!r} alias"
+    else:
+        try:
+            served = served_from_registry(rt_settings, client, version, titles, popularity)
+        except Exception as err:  # noqa: BLE001 - any load or smoke failure: try the fallbacks
+            alias_error = f"version {version} failed to load: {_describe(err)}"
+            logger.error("alias version does not load model=%s alias=%s version=%s error=%s", name, alias,
+                         version, alias_error)
+        else:
+            _record_last_good(rt_settings, client, served.version)
+            return served, version, None
+    failures = []
+    for candidate in fallback_candidates(client, name, alias, exclude=[version]):
+        try:
+            served = served_from_registry(rt_settings, client, candidate, titles, popularity)
+        except Exception as err:  # noqa: BLE001
+            failures.append(f"version {candidate}: {_describe(err)}")
+            continue
+        logger.warning("serving fallback model=%s alias=%s alias_version=%s served=%s reason=%s", name, alias,
+                       version, served.version, alias_error)
+        return served, version, alias_error
+    if version is None and not failures:
+        raise LookupError(alias_error)
+    raise RuntimeError(f"no loadable version of {name!r}: {alias_error}; fallbacks: {failures or 'none'}")
+
+
+def build_runtime(settings: Settings | None = None, *, online: Any = None, events: Any = None) -> Runtime:
+    """Connect to MLflow, the event log and the online store; load the champion (or its fallback).
+
+    Args:
+        settings: defaults to ``get_settings()``.
+        online: the online store (default ``featurestore.online.OnlineFeatures``); tests pass a fake.
+        events: the event log (default ``recloop.eventlog.EventLog`` on ``settings.event_log_uri``).
+    Raises:
+        LookupError: the registered model has no ``settings.model_alias`` alias and no last good version.
+        RuntimeError: nothing loads (the alias's version, the last good one, earlier champions).
     """
     configure_environment()
     torch.set_num_threads(1)  # one request = one tiny forward pass; threads only add contention
     settings = settings or get_settings()
-    from featurestore.online import OnlineFeatures
-    from recloop.eventlog import EventLog
     from registry.tracking import configure_tracking
 
     client = configure_tracking(settings)
     cat = load_catalogue(settings.lake_path, settings.max_seq_len)
     titles, popularity = cat.titles, cat.popularity
-    pinned = settings.serve_model_version or None
-    served = served_from_registry(settings, client, pinned, titles, popularity)
+    alias_version = alias_error = None
+    if settings.serve_model_version:  # a pinned deployment serves exactly its version, or fails
+        served = served_from_registry(settings, client, settings.serve_model_version, titles, popularity)
+    else:
+        served, alias_version, alias_error = load_champion(settings, client, titles, popularity)
+    if online is None:
+        from featurestore.online import OnlineFeatures
+
+        online = OnlineFeatures(settings=settings)
+    if events is None:
+        from recloop.eventlog import EventLog
+
+        events = EventLog(settings.event_log_uri)
     core = RecommenderCore(
-        served, OnlineFeatures(settings=settings), EventLog(settings.event_log_uri),
+        served, online, events,
         max_seq_len=settings.max_seq_len, variant=settings.model_alias, base_history=cat.base_history,
     )
-    logger.info("service ready model=%s version=%s", settings.model_name, served.version)
-    return Runtime(settings, client, core, titles, popularity)
+    # Re-sync an empty online store now (a Redis that restarted empty), then retry failed pushes and
+    # watch for an emptied store in a daemon thread (serving/recommender.py, "Online-store outages").
+    core.start_online_sync(settings.online_check_interval_s)
+    logger.info("service ready model=%s version=%s degraded=%s", settings.model_name, served.version,
+                alias_error)
+    return Runtime(settings, client, core, titles, popularity, alias_version, alias_error)
+
+
+def _online_reasons(status: Any) -> list[str]:
+    """Degraded reasons from ``RecommenderCore.online_status()`` (a mapping or an object), if it has one."""
+    def get(key: str) -> Any:
+        return status.get(key) if isinstance(status, dict) else getattr(status, key, None)
+
+    reasons = []
+    if get("reachable") is False or get("unreachable") is True:
+        reasons.append("online store unreachable")
+    if get("empty") is True or get("online_store_empty") is True:
+        reasons.append("online store empty")
+    pending = get("pending_pushes")
+    if isinstance(pending, int) and not isinstance(pending, bool) and pending > 0:
+        reasons.append(f"{pending} online pushes pending")
+    if get("resyncing") is True:
+        reasons.append("online store re-sync running")
+    return reasons
 
 
 class ChampionWatcher:
-    """Polls the registry alias and swaps in a new champion: load, smoke-score, one assignment."""
+    """Polls the registry alias and swaps in a new champion: load, smoke-score, one assignment.
+
+    Also the service's health verdict (``status``): ``degraded`` while the alias points at a version
+    that failed to load (the last good version keeps serving; the failed version is retried with a
+    back-off up to ``MAX_RETRY_S``), while the registry or a store is unreachable.
+    """
+
+    MAX_RETRY_S = 300.0
 
     def __init__(self, runtime: Runtime) -> None:
         self.rt = runtime
         self.last_poll_at: str | None = None
-        self.last_error: str | None = None
+        self.last_error: str | None = runtime.alias_error
+        self.alias_version: str | None = runtime.alias_version
+        #: why the served version is not the alias's (the alias's version failed to load), else None
+        self.alias_problem: str | None = runtime.alias_error
+        self.registry_error: str | None = None
+        self._failed_version: str | None = runtime.alias_version if runtime.alias_error else None
+        self._failures = 1 if self._failed_version else 0
+        self._retry_at = time.monotonic() + self._backoff() if self._failed_version else 0.0
         self._stop = threading.Event()
 
     @property
     def model_loaded(self) -> bool:
         return self.rt.core.served is not None
 
+    def _backoff(self) -> float:
+        return min(self.rt.settings.serve_poll_interval_s * 2 ** self._failures, self.MAX_RETRY_S)
+
     def poll_once(self) -> bool:
         """Check the alias once; returns True when a new version was swapped in.
 
         A failure (registry unreachable, broken artifact, smoke score) is logged and kept in
-        ``last_error``; the current model keeps serving.
+        ``last_error``; the current model keeps serving. A version that failed to load is retried
+        after a back-off (doubling from the poll interval up to ``MAX_RETRY_S``), not on every poll.
         """
         from registry.aliases import get_alias_version
 
         s = self.rt.settings
         self.last_poll_at = datetime.now(UTC).isoformat()
+        if s.serve_model_version:  # a pinned deployment never follows the alias
+            return False
+        served_version = self.rt.core.served.version
         try:
-            if s.serve_model_version:  # a pinned deployment never follows the alias
-                return False
             version = get_alias_version(self.rt.client, s.model_name, s.model_alias)
-            if version is None or version == self.rt.core.served.version:
-                return False
+        except Exception as err:  # noqa: BLE001 - the registry may be down; keep serving
+            self.registry_error = self.last_error = _describe(err)
+            logger.error("champion poll failed; keeping version=%s error=%s", served_version, self.last_error)
+            return False
+        self.registry_error = None
+        self.alias_version = version
+        if version is None:
+            self.alias_problem = f"registered model {s.model_name!r} has no {s.model_alias!r} alias"
+            return False
+        if version == served_version:
+            self.alias_problem = self._failed_version = None
+            self._failures = 0
+            return False
+        if version == self._failed_version and time.monotonic() < self._retry_at:
+            return False
+        try:
             # A new version may know new items: refresh titles and popularity from the lake first.
             cat = load_catalogue(s.lake_path, s.max_seq_len)
             self.rt.titles, self.rt.popularity = cat.titles, cat.popularity
             served = served_from_registry(s, self.rt.client, version, self.rt.titles, self.rt.popularity)
         except Exception as err:  # noqa: BLE001 - any load failure must keep the old model serving
-            self.last_error = f"{type(err).__name__}: {err}"[:500]
-            logger.error("champion reload failed; keeping version=%s error=%s",
-                         self.rt.core.served.version, self.last_error)
+            self.last_error = _describe(err)
+            self._failures = self._failures + 1 if version == self._failed_version else 1
+            self._failed_version = version
+            self._retry_at = time.monotonic() + self._backoff()
+            self.alias_problem = f"version {version} failed to load: {self.last_error}"
+            logger.error("champion reload failed; keeping version=%s error=%s", served_version, self.last_error)
             return False
         self.rt.core.base_history = cat.base_history  # one reference assignment, like the model swap
         self.rt.core.swap(served)
-        self.last_error = None
+        self.last_error = self.alias_problem = self._failed_version = None
+        self._failures = 0
+        _record_last_good(s, self.rt.client, served.version)
         return True
+
+    def status(self, event_log: bool = True, online_store: bool = True, online: Any = None
+               ) -> tuple[Literal["ok", "degraded"], str | None]:
+        """``("ok", None)`` or ``("degraded", "<reasons>")`` for ``/ready``.
+
+        Degraded while the served version is not the alias's because the alias's failed to load
+        (or the alias is gone), while the registry is unreachable, while the event log
+        (``event_log=False``) or the online store is unreachable, and on the online store's own
+        signals: ``online`` (the result of ``RecommenderCore.online_status()``, read by the caller),
+        else that method's answer when the core has it (unreachable, empty, pending pushes, re-sync).
+        """
+        reasons = []
+        served = self.rt.core.served
+        if self.alias_problem and not self.rt.settings.serve_model_version:
+            reasons.append(f"alias {self.rt.settings.model_alias!r} -> {self.alias_version or 'none'}: "
+                           f"{self.alias_problem}; serving last good version {served.version}")
+        if self.registry_error:
+            reasons.append(f"model registry unreachable: {self.registry_error}")
+        if not event_log:
+            reasons.append("event log unreachable")
+        if not online_store:
+            reasons.append("online store unreachable")
+        if online is None and hasattr(self.rt.core, "online_status"):
+            try:
+                online = self.rt.core.online_status()
+            except Exception as err:  # noqa: BLE001 - a health probe must not raise
+                reasons.append(f"online store status unknown: {_describe(err)}")
+        if online is not None:
+            reasons.extend(r for r in _online_reasons(online) if r not in reasons)
+        return ("degraded", "; ".join(reasons)) if reasons else ("ok", None)
 
     def run_forever(self) -> None:
         """Poll every ``settings.serve_poll_interval_s`` until ``stop()`` (daemon thread body)."""

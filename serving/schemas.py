@@ -14,14 +14,51 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
-from recloop.contract import EVENT_TYPES, MAX_EVENT_ID_CHARS, MAX_ID_CHARS, EventType
+from recloop.contract import (
+    EVENT_TYPES,
+    MAX_EVENT_ID_CHARS,
+    MAX_ID_CHARS,
+    EventType,
+    event_id_violation,
+    id_violation,
+    normalise_id,
+)
 
 MAX_HISTORY = 200
 MAX_K = 200  # hard schema bound; settings.max_k may lower it (checked in the service)
 
-Id = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_CHARS, strip_whitespace=True)]
+
+
+def contract_id(value: str) -> str:
+    """The data contract's id rule (``recloop.contract.id_violation``), then its normalisation (NFC, strip).
+
+    Raises:
+        ValueError: the rule broken (pydantic turns it into a 400 naming the field).
+    """
+    rule = id_violation(value)
+    if rule:
+        raise ValueError(rule)
+    return normalise_id(value)
+
+
+def contract_event_id(value: str) -> str:
+    """The contract's rule of a client ``event_id`` (``recloop.contract.event_id_violation``), normalised.
+
+    Raises:
+        ValueError: the rule broken.
+    """
+    rule = event_id_violation(value)
+    if rule:
+        raise ValueError(rule)
+    return normalise_id(value)
+
+
+Id = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_CHARS), AfterValidator(contract_id)]
+EventId = Annotated[
+    str, StringConstraints(min_length=1, max_length=MAX_EVENT_ID_CHARS), AfterValidator(contract_event_id)
+]
 
 
 class _Strict(BaseModel):
@@ -57,9 +94,11 @@ class RecommendResponse(BaseModel):
     items: list[ScoredItem] = Field(description="Top-k items, best first, distinct")
     model_version: str = Field(description="Registered model version that answered")
     variant: str = Field(description="Registry alias the version was resolved from (e.g. 'champion')")
-    strategy: Literal["sequential", "history", "popularity"] = Field(
+    strategy: Literal["sequential", "history", "popularity", "fallback"] = Field(
         description="sequential: stored history; history: the request's history;"
-        " popularity: no usable history"
+        " popularity: no usable history; fallback: the online store was unavailable (or still owes"
+        " this user a push), so the history was rebuilt from the lake and the event log (or the"
+        " request's history was used; popularity when both are empty)"
     )
     cold_start: bool = Field(description="True when the user has no stored history (cold-start path)")
 
@@ -72,7 +111,7 @@ class FeedbackRequest(_Strict):
     event_type: EventType = Field(description=f"One of {', '.join(EVENT_TYPES)}")
     value: float | None = Field(default=None, ge=-1e6, le=1e6, description="e.g. a rating 1-5")
     timestamp: datetime | None = Field(default=None, description="Event time (ISO 8601); default: now, UTC")
-    event_id: Annotated[str, StringConstraints(min_length=1, max_length=MAX_EVENT_ID_CHARS)] | None = Field(
+    event_id: EventId | None = Field(
         default=None,
         description="Idempotency key (1-128 chars; default a new UUID). A retry with the same id is"
         " acknowledged once (without a timestamp it reuses the stored one); the same id with other"
@@ -87,6 +126,11 @@ class FeedbackResponse(BaseModel):
     inserted: bool = Field(description="False when the event_id was already stored (idempotent replay)")
     known_item: bool = Field(description="False when the item is not in the served model's vocabulary")
     recent_items: int = Field(description="Length of the user's refreshed online sequence")
+    degraded: bool = Field(
+        default=False,
+        description="True when the event is stored but the online store could not be refreshed: the"
+        " push is retried in the background and the next recommend rebuilds the history from the log",
+    )
 
 
 class SimilarRequest(_Strict):
@@ -124,6 +168,19 @@ class ReadyResponse(BaseModel):
     model_loaded: bool
     event_log: bool
     online_store: bool
+    status: Literal["ok", "degraded"] = Field(
+        default="ok",
+        description="degraded: a model serves, but not the alias's version (it failed to load; the last"
+        " good version serves), or the registry or a store is unreachable. /readyz stays 200 while a"
+        " model serves",
+    )
+    reason: str | None = Field(default=None, description="Why the service is degraded (None when ok)")
+    online_store_empty: bool = Field(
+        default=False, description="The online store lost its rows (e.g. a Redis restarted empty); re-sync runs"
+    )
+    pending_pushes: int = Field(
+        default=0, description="Users whose online history is behind the event log (pushes being retried)"
+    )
     detail: ModelInfo
 
 

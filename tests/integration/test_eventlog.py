@@ -60,8 +60,9 @@ def test_append_is_idempotent_and_refuses_conflicts(log: EventLog) -> None:
     assert log.append(rows) == 2
     assert log.append(rows) == 0
     assert log.append(pd.DataFrame(rows)) == 0  # the frame path gives the same ids and content
-    with pytest.raises(ValueError, match="event_id 'e2' is already stored with different content"):
+    with pytest.raises(ValueError, match="event_id 'e2' is already stored with different content") as err:
         log.append([_ev("u1", "c", 2, event_id="e3"), _ev("u1", "zzz", 1, event_id="e2", value=4.5)])
+    assert "item_id" in str(err.value) and "'b'" not in str(err.value)  # names fields, never stored values
     assert log.count() == 2  # e3 was rolled back with the conflicting row
     with pytest.raises(ValueError, match="appears twice"):
         log.append([_ev("u2", "a", 0, event_id="x"), _ev("u2", "b", 0, event_id="x")])
@@ -80,7 +81,8 @@ def test_append_one_derives_stable_ids(log: EventLog) -> None:
 def test_recent_items_since_and_max(log: EventLog) -> None:
     assert log.recent_items("u1", 3) == [] and log.max_timestamp() is None and log.count() == 0
     log.append([_ev("u1", "late", 5), _ev("u1", "early", 1), _ev("u2", "x", 3), _ev("u1", "tie", 5)])
-    assert log.recent_items("u1", 2) == ["late", "tie"]  # (timestamp, seq): equal times keep insert order
+    # One append is one receipt, logged in its own timestamp order; equal times keep the given order.
+    assert log.recent_items("u1", 2) == ["late", "tie"]
     assert log.recent_items("u1", 10) == ["early", "late", "tie"]
     assert log.max_timestamp() == T0 + pd.Timedelta(minutes=5)
     frame = log.since(T0 + pd.Timedelta(minutes=2))
@@ -88,10 +90,25 @@ def test_recent_items_since_and_max(log: EventLog) -> None:
     assert frame["item_id"].tolist() == ["x", "late", "tie"]
     all_rows = log.since(None, with_seq=True)
     first_seq = int(all_rows["seq"].min())
-    assert log.since(None, after_seq=first_seq)["item_id"].tolist() == ["early", "x", "tie"]
-    keyset = log.since(T0 + pd.Timedelta(minutes=5), after_seq=first_seq)
+    assert log.since(None, after_seq=first_seq)["item_id"].tolist() == ["x", "late", "tie"]  # log order
+    late_seq = int(all_rows.set_index("item_id").loc["late", "seq"])
+    keyset = log.since(T0 + pd.Timedelta(minutes=5), after_seq=late_seq)
     assert keyset["item_id"].tolist() == ["tie"]
     assert log.max_seq() == int(all_rows["seq"].max())
+
+
+def test_client_timestamps_never_reorder_a_history(log: EventLog) -> None:
+    """A stamp far in the future (or past) is kept as data; the order is the order of receipt."""
+    log.append([_ev("u1", "first", 0)])
+    log.append([_ev("u1", "from-the-future", 60 * 24 * 365 * 5)])  # five years ahead
+    log.append([_ev("u1", "from-the-past", -60 * 24 * 365 * 20)])  # twenty years back
+    log.append([_ev("u1", "latest", 1)])
+    assert log.recent_items("u1", 2) == ["from-the-past", "latest"]
+    frame = log.since(None, with_seq=True)
+    assert frame["item_id"].tolist() == ["first", "from-the-future", "from-the-past", "latest"]  # log order
+    ordered = frame.sort_values("received_at", kind="stable")["item_id"].tolist()
+    assert ordered == ["first", "from-the-future", "from-the-past", "latest"]  # received_at follows seq
+    assert frame.set_index("item_id").loc["from-the-future", "timestamp"].year == T0.year + 5  # kept as data
 
 
 def test_concurrent_writers_of_one_user_lose_nothing(log: EventLog) -> None:

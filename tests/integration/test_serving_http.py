@@ -114,6 +114,14 @@ BAD_REQUESTS = [
      "timestamp"),
     ("feedback", {"user_id": "1", "event_type": "view"}, 400, "item_id"),
     ("feedback", {"user_id": "1", "item_id": "50", "event_type": "rating", "value": 99}, 400, "rating range"),
+    ("feedback", {"user_id": "u\u202e1", "item_id": "50", "event_type": "view"}, 400, "user_id"),
+    ("feedback", {"user_id": "u\u00001", "item_id": "50", "event_type": "view"}, 400, "user_id"),
+    ("feedback", {"user_id": "1", "item_id": "\u200b", "event_type": "view"}, 400, "item_id"),
+    ("feedback", {"user_id": "1", "item_id": "50", "event_type": "view", "timestamp": "9999-12-31T00:00:00Z"},
+     400, "timestamp"),
+    ("feedback", {"user_id": "1", "item_id": "50", "event_type": "view", "timestamp": "0001-01-01T00:00:00Z"},
+     400, "timestamp"),
+    ("feedback", {"user_id": "1", "item_id": "50", "event_type": "view", "event_id": "e\u0007"}, 400, "event_id"),
     ("similar_items", {"item_id": "no-such-item"}, 400, "item_id"),
     ("similar_items", {"item_id": "50", "k": -1}, 400, "k"),
 ]
@@ -128,6 +136,20 @@ def test_bad_request_gets_a_4xx_naming_the_field(server, endpoint, payload, stat
         r = client.post(f"/{endpoint}", json=payload)
     assert r.status_code == status, r.text[:500]
     assert field.lower() in r.text.lower()
+
+
+def test_content_type_host_and_metrics_rules(server) -> None:
+    client = server["client"]
+    form = client.post("/feedback", content=b"user_id=1", headers={"content-type": "multipart/form-data; boundary=x"})
+    assert form.status_code == 415 and "application/json" in form.text
+    bare = client.post("/recommend", content=b'{"user_id": "1", "k": 3}', headers={"content-type": ""})
+    assert bare.status_code == 200 and len(bare.json()["items"]) == 3  # a missing content type is JSON
+    assert client.post("/recommend", json={"user_id": "1"}, headers={"host": "evil.example"}).status_code == 400
+    for i in range(40):
+        client.post(f"/scan-{uuid.uuid4().hex}-{i}", json={})
+    metrics = client.get("/metrics").text
+    endpoints = {line.split('endpoint="')[1].split('"')[0] for line in metrics.splitlines() if 'endpoint="' in line}
+    assert not any(e.startswith("/scan-") for e in endpoints) and "/other" in endpoints
 
 
 def test_unknown_user_and_unknown_item_take_the_documented_fallbacks(server) -> None:
@@ -151,6 +173,7 @@ def test_similar_items_and_metadata_endpoints(server) -> None:
     assert client.post("/health").json()["status"] == "ok"
     ready = client.post("/ready").json()
     assert ready["ready"] is True and ready["event_log"] and ready["online_store"]
+    assert ready["status"] == "ok" and ready["reason"] is None
     info = client.post("/model_info").json()
     assert info["version"] == server["version"] and info["n_items"] == 1682 and info["last_error"] is None
 

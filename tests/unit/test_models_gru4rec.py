@@ -136,7 +136,7 @@ def test_registered_in_the_factory() -> None:
     assert MODELS["gru4rec"] is GRU4Rec
     assert isinstance(build_model(CFG), GRU4Rec)
     assert build_config("gru4rec", n_items=5, max_seq_len=8) == GRU4RecConfig(n_items=5, max_seq_len=8)
-    assert GRU4REC_TRAIN["lr"] > 0
+    assert GRU4REC_TRAIN["lr"] > 0 and GRU4Rec.train_defaults == GRU4REC_TRAIN  # the train flow applies them
 
 
 def _toy(n_users: int = 40, seed: int = 0) -> dict[str, np.ndarray]:

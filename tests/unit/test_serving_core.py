@@ -167,7 +167,7 @@ def test_request_guard_checks_api_key_and_body_size(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("RECLOOP_API_KEY", "s3cret")
     get_settings.cache_clear()
     app = Starlette(routes=[Route("/recommend", echo, methods=["POST"]), Route("/readyz", echo)])
-    client = TestClient(RequestGuard(app, max_body_bytes=100))
+    client = TestClient(RequestGuard(app, max_body_bytes=100), base_url="http://127.0.0.1")
     try:
         assert client.post("/recommend", content=b"{}").status_code == 401
         assert client.post("/recommend", content=b"{}", headers={"X-API-Key": "wrong"}).status_code == 401
