@@ -197,18 +197,24 @@ def metric_label(path: str) -> str:
 def _bounded_metric_paths() -> None:
     """Label BentoML's request metrics with known routes only (``metric_label``).
 
-    BentoML 1.4.40's HTTP metrics middleware (outside every user middleware) labels each series with
-    the raw request path, so a scan of random paths grows ``/metrics`` without bound (6,000 series
-    and 14.5 MB from 300 requests were measured). The label is swapped in before that middleware
-    reads the path, and ``_RestorePath`` below it gives the app the real path back, so routing (and
-    the 404 of an unknown path) is unchanged.
+    BentoML 1.4.40's HTTP metrics middlewares (``RunnerTrafficMetricsMiddleware`` for new-style
+    services, ``HTTPTrafficMetricsMiddleware`` for legacy ones; both outside every user middleware)
+    label each series with the raw request path, so a scan of random paths grows ``/metrics``
+    without bound (6,000 series and 14.5 MB from 300 requests were measured). The label is swapped
+    in before the middleware reads the path, and ``_RestorePath`` below it gives the app the real path
+    back, so routing (and the 404 of an unknown path) is unchanged.
     """
-    from bentoml._internal.server.http.instruments import HTTPTrafficMetricsMiddleware
+    from bentoml._internal.server.http import instruments
 
-    if getattr(HTTPTrafficMetricsMiddleware, "_recloop_bounded", False):
-        return
-    original = HTTPTrafficMetricsMiddleware.__call__
+    for name in ("RunnerTrafficMetricsMiddleware", "HTTPTrafficMetricsMiddleware"):
+        cls = getattr(instruments, name, None)
+        if cls is None or getattr(cls, "_recloop_bounded", False):
+            continue
+        cls.__call__ = _bounded_call(cls.__call__)  # type: ignore[method-assign]
+        cls._recloop_bounded = True  # type: ignore[attr-defined]
 
+
+def _bounded_call(original: Any) -> Any:
     async def bounded(self: Any, scope: Any, receive: Any, send: Any) -> None:
         if not isinstance(self.app, _RestorePath):
             self.app = _RestorePath(self.app)
@@ -217,8 +223,7 @@ def _bounded_metric_paths() -> None:
             scope = {**scope, "path": metric_label(path), "recloop.real_path": path}
         await original(self, scope, receive, send)
 
-    HTTPTrafficMetricsMiddleware.__call__ = bounded  # type: ignore[method-assign]
-    HTTPTrafficMetricsMiddleware._recloop_bounded = True  # type: ignore[attr-defined]
+    return bounded
 
 
 @bentoml.service(
