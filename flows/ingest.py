@@ -105,8 +105,10 @@ def validate_frame_task(events: pd.DataFrame, source: str, batch_id: str) -> Val
     # (they are used after the next retrain). So a feedback batch never stops on its bad-row share or on
     # unknown items: bad rows are quarantined (kept, with their reason) and the rest continue. Structural
     # failures (schema, types, empty batch) still stop.
+    # The bot guard does not stop feedback either: one busy user in an hour of feedback (a demo, a load test,
+    # a power user) must not wedge the loop; such traffic belongs to monitoring, not to the gate.
     config = GateConfig.from_settings(settings, None).model_copy(
-        update={"max_bad_row_share": 1.0, "unknown_item_max_share": 1.0}
+        update={"max_bad_row_share": 1.0, "unknown_item_max_share": 1.0, "bot_max_user_share": 1.0}
     )
     outcome = validate_batch(events, items if len(items) else None, None, source=source,
                              as_of=datetime.now(UTC), config=config, batch_id=batch_id)

@@ -50,12 +50,47 @@ def write_watermark(home: Path, seq: int) -> None:
     tmp.replace(path)
 
 
+#: A gap in the log's sequence younger than this may be a transaction still committing (PostgreSQL hands
+#: out ``seq`` at insert time, so seq 11 can commit before seq 10): the loop stops reading before it and
+#: takes it next turn. An older gap is a rolled-back insert and is passed over.
+SEQ_GAP_GRACE_S = 30.0
+
+
+def committed_prefix(frame: Any, after_seq: int, now: Any, grace_s: float = SEQ_GAP_GRACE_S) -> Any:
+    """The rows of ``frame`` (log rows with ``seq`` and ``ingested_at``, any order) the loop may consume.
+
+    Reads in ``seq`` order from ``after_seq`` and stops before the first gap whose next row was received
+    less than ``grace_s`` before ``now``, so a late-committing insert is never skipped. Pure.
+
+    Returns:
+        The prefix, sorted by ``seq``.
+    """
+    import pandas as pd
+
+    rows = frame[frame["seq"] > after_seq].sort_values("seq", kind="stable").reset_index(drop=True)
+    if rows.empty:
+        return rows
+    seqs = rows["seq"].to_numpy()
+    expected = after_seq + 1
+    received = pd.to_datetime(rows["ingested_at"], utc=True, errors="coerce")
+    for i, seq in enumerate(seqs):
+        if seq != expected:
+            recent = pd.isna(received.iloc[i]) or received.iloc[i] > now - pd.Timedelta(seconds=grace_s)
+            if recent:
+                return rows.iloc[:i]
+        expected = int(seq) + 1
+    return rows
+
+
 @task(name="read-new-feedback", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
 def read_new_feedback(after_seq: int) -> tuple[Any, int]:
-    """Events of the log with ``seq > after_seq`` (contract frame) and the highest seq among them."""
+    """Events of the log with ``seq > after_seq`` up to the first possibly uncommitted gap
+    (``committed_prefix``), as a contract frame, and the highest seq among them."""
+    import pandas as pd
+
     log = EventLog(get_settings().event_log_uri)
     try:
-        frame = log.since(after_seq=after_seq, with_seq=True)
+        frame = committed_prefix(log.since(after_seq=after_seq, with_seq=True), after_seq, pd.Timestamp.now(tz="UTC"))
     finally:
         log.close()
     high = int(frame["seq"].max()) if len(frame) else after_seq
@@ -70,13 +105,15 @@ def ingest_feedback(events: Any, batch_id: str) -> dict[str, Any]:
     A feedback batch stops only on a structural failure while some rows were still readable.
 
     Returns:
-        The lake's ingest report as a dict plus ``rows_quarantined`` and ``bad_share``
-        (``new_events`` is 0 when every row was quarantined).
+        The lake's ingest report as a dict plus ``rows_ok`` (rows that passed the gate, including rows
+        a failed earlier turn already put in the lake: they are retrained on, not skipped),
+        ``rows_quarantined`` and ``bad_share``.
     Raises:
         DataValidationError: a structural failure of the batch (schema), not a bad row.
     """
     outcome = validate_frame_task(events, FEEDBACK_SOURCE, batch_id)
-    counts = {"rows_quarantined": outcome.rows_quarantined, "bad_share": outcome.bad_share,
+    counts = {"rows_ok": outcome.rows_ok, "rows_quarantined": outcome.rows_quarantined,
+              "bad_share": outcome.bad_share,
               "results_path": str(outcome.results_path) if outcome.results_path else None}
     if outcome.rows_ok == 0 and outcome.rows_quarantined + outcome.rows_deduplicated == outcome.rows_in:
         return {"new_events": 0, **counts}
@@ -114,13 +151,14 @@ def loop_flow(source: str | None = None, path: str | None = None, train_params: 
     if len(events):
         ingested = ingest_feedback(events, f"feedback-{after + 1}-{high}")
         stages["ingest"] = ingested
-        if ingested["new_events"] == 0 and not source:
+        if ingested["rows_ok"] == 0 and not source:
             # Every row the log held was quarantined (or already in the lake): nothing to learn, but the
             # rows are recorded with their reasons, so the watermark moves on and the loop never wedges.
             write_watermark(settings.home, high)
             logger.warning("feedback batch fully quarantined n=%d; watermark=%d->%d", len(events), after, high)
             return {**stages, "status": "quarantined", "watermark_to": high}
-    batch = (stages.get("ingest") or stages.get("ingest_source") or {}).get("batch_id")
+    batch = next((st["batch_id"] for st in (stages.get("ingest"), stages.get("ingest_source"))
+                  if st and st.get("batch_id")), None)
     # Warm-started from the champion, a short budget is enough to absorb the new events.
     warm_params = {**WARM_TRAIN_PARAMS, **(train_params or {})}
     stages.update(run_training_stages(warm_params, None, True, batch, deploy, start_service))

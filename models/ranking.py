@@ -76,7 +76,7 @@ def seen_mask(histories: Sequence[np.ndarray], n_items: int) -> np.ndarray:
 def mask_scores(
     scores: np.ndarray, seen: np.ndarray | None = None, exclude: np.ndarray | None = None
 ) -> np.ndarray:
-    """Float64 copy of (n, n_items + 1) scores with padding, ``seen`` and ``exclude`` set to -inf.
+    """Float64 copy of (n, n_items + 1) scores with NaN, padding, ``seen`` and ``exclude`` set to -inf.
 
     Args:
         scores: (n, n_items + 1).
@@ -84,6 +84,7 @@ def mask_scores(
         exclude: optional (m,) item_idx excluded for every row.
     """
     out = np.array(scores, dtype=np.float64, copy=True)
+    out[np.isnan(out)] = -np.inf  # a diverged model's NaN never ranks first (nor wins a metric)
     out[:, PAD_IDX] = -np.inf
     if seen is not None:
         out[seen] = -np.inf

@@ -196,6 +196,21 @@ def parse_timestamps(series: pd.Series, unit: str = "s") -> pd.Series:
     return out.astype("datetime64[ns, UTC]")
 
 
+def rating_violation(event_type: str, value: float | None, rating_min: float, rating_max: float) -> str:
+    """'' unless ``event_type`` is ``rating`` and its value is missing or outside [rating_min, rating_max].
+
+    The validation gate quarantines both (``expectations/events.py``); the API refuses them, so an
+    accepted rating always reaches training.
+    """
+    if event_type != "rating":
+        return ""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "a rating needs a value"
+    if not rating_min <= value <= rating_max:
+        return f"value={value} outside the rating range [{rating_min}, {rating_max}]"
+    return ""
+
+
 RULE_TOO_OLD = "is before the contract's floor"
 RULE_FUTURE = "is too far in the future"
 

@@ -21,7 +21,7 @@ import hashlib
 import logging
 import math
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +149,7 @@ class EventLog:
             return 0
         with self.engine.begin() as conn:
             self._lock_users(conn, sorted({r["user_id"] for r in rows}))
-            _stamp_received(rows)
+            _stamp_received(rows, self._last_received(conn, {r["user_id"] for r in rows}))
             return len(self._insert(conn, rows))
 
     def append_one(
@@ -191,7 +191,7 @@ class EventLog:
         rows = self._rows([row])
         with self.engine.begin() as conn:
             self._lock_users(conn, [rows[0]["user_id"]])
-            _stamp_received(rows)
+            _stamp_received(rows, self._last_received(conn, {rows[0]["user_id"]}))
             inserted = self._insert(conn, rows)
             recent = self._recent(conn, rows[0]["user_id"], n, after_ts)
         return bool(inserted), recent
@@ -228,6 +228,27 @@ class EventLog:
             ),
             {"keys": keys},
         )
+
+    def _as_text(self, column: Any) -> Any:
+        """A timestamp column as ISO-8601 UTC text (PostgreSQL: independent of the session's DateStyle)."""
+        if self.is_sqlite:
+            return column.cast(String)
+        return func.to_char(func.timezone("UTC", column), 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
+
+    def _last_received(self, conn: Connection, users: set[str]) -> dict[str, datetime]:
+        """user_id -> newest ``ingested_at`` among ``users`` (read under their locks)."""
+        t = self.table
+        out: dict[str, datetime] = {}
+        users_list = sorted(users)
+        for start in range(0, len(users_list), 500):
+            chunk = users_list[start : start + 500]
+            q = select(t.c.user_id, func.max(t.c.ingested_at)).where(t.c.user_id.in_(chunk)).group_by(t.c.user_id)
+            for user_id, newest in conn.execute(q):
+                if newest is not None:
+                    ts = pd.Timestamp(newest)
+                    ts = ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+                    out[user_id] = ts.to_pydatetime()
+        return out
 
     def _insert(self, conn: Connection, rows: list[dict[str, Any]]) -> set[str]:
         dialect_insert = sqlite.insert if self.is_sqlite else postgresql.insert
@@ -280,7 +301,7 @@ class EventLog:
         # Timestamps are read as text and parsed here, so a row written around the API with a value no
         # datetime can hold (year 9999 / year 1 on PostgreSQL, any string on SQLite) comes back as its
         # raw text for the validation gate to quarantine, instead of failing the whole read.
-        raw_cols = [c.cast(String).label(c.name) if c.name in ("timestamp", "ingested_at") else c for c in t.c]
+        raw_cols = [self._as_text(c).label(c.name) if c.name in ("timestamp", "ingested_at") else c for c in t.c]
         # Position by the log sequence (the contract's history order); the timestamp keyset keeps its own.
         q = select(*raw_cols).order_by(t.c.seq) if watermark_ts is None else select(*raw_cols).order_by(
             t.c.timestamp, t.c.seq
@@ -434,12 +455,22 @@ class EventIdConflict(ValueError):
         self.event_id, self.fields = event_id, fields
 
 
-def _stamp_received(rows: list[dict[str, Any]]) -> None:
-    """Set each row's receive time inside the write transaction (after the per-user lock), so a
-    user's ``ingested_at`` follows the log order ``seq``."""
+def _stamp_received(rows: list[dict[str, Any]], last: dict[str, datetime]) -> None:
+    """Set each row's receive time inside the write transaction, after the per-user lock.
+
+    ``ingested_at = max(now, the user's last ingested_at + 1 µs)``: a user's receive times follow the
+    log order ``seq`` even when replicas' clocks differ or a clock steps back (NTP).
+
+    Args:
+        rows: rows about to be inserted, in log order.
+        last: user_id -> newest stored ``ingested_at`` (tz-aware), for the users of ``rows``.
+    """
     now = datetime.now(UTC)
+    step = timedelta(microseconds=1)
     for r in rows:
-        r["ingested_at"] = now
+        prev = last.get(r["user_id"])
+        r["ingested_at"] = now if prev is None or now > prev else prev + step
+        last[r["user_id"]] = r["ingested_at"]
 
 
 def _differing(a: Any, b: Any) -> list[str]:

@@ -6,8 +6,9 @@ Every table has the Feast source columns ``event_ts`` (UTC, the time the value b
 state *after* all its events at that timestamp, so a point-in-time join (latest row with
 ``event_ts <= t``) returns exactly the state built from events at or before ``t``.
 
-Event order within a user is (timestamp, original row order): MovieLens has many same-second
-ties and a stable sort on row order is the recorded tie-break (docs/data.md).
+Event order within a user is (received_at, original row order): the contract's server-assigned order
+column (the timestamp for replayed datasets), and a stable sort on row order is the recorded
+tie-break for MovieLens' many same-second ties (docs/data.md).
 
 Nothing here reads files, the clock or Feast: the time a row is computed (``created_ts``) and the
 ``as_of`` of trailing-window snapshots are arguments.

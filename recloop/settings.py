@@ -1,8 +1,9 @@
 """One typed settings object for every environment-dependent value.
 
 Every field can be set by an environment variable ``RECLOOP_<FIELD>`` (e.g. ``RECLOOP_HOME``,
-``RECLOOP_ONLINE_STORE=redis``) or a ``.env`` file. Only this module reads ``os.environ``; code
-below the edges (``models/``) receives plain values.
+``RECLOOP_ONLINE_STORE=redis``) or a ``.env`` file. Only this module reads the ``RECLOOP_*``
+variables (the process supervisor and the promotion check copy the environment to the children
+they start); code below the edges (``models/``) receives plain values.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from recloop.gate import DEFAULT_MAX_COVERAGE_DROP, DEFAULT_MIN_GAIN
@@ -117,6 +118,18 @@ class Settings(BaseSettings):
 
     # Continuous loop
     loop_cron: str = Field(default="0 * * * *", description="Schedule of the continuous loop")
+
+    @field_validator("timestamp_floor")
+    @classmethod
+    def _aware_floor(cls, value: str) -> str:
+        """Any ISO date or datetime; a naive one is UTC. Stored as an aware ISO string."""
+        import pandas as pd
+
+        try:
+            ts = pd.Timestamp(value)
+        except ValueError as err:
+            raise ValueError(f"timestamp_floor={value!r} is not an ISO date/datetime") from err
+        return (ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")).isoformat()
 
     @model_validator(mode="after")
     def _resolve_home(self) -> Settings:

@@ -170,8 +170,8 @@ class RecommenderCore:
         online: OnlineStore,
         events: EventStore,
         *,
-        max_seq_len: int = 50,
-        variant: str = "champion",
+        max_seq_len: int,
+        variant: str = "",
         source: str = "api",
         base_history: BaseHistory | None = None,
     ) -> None:

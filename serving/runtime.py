@@ -38,7 +38,7 @@ class Catalogue:
     base_history: dict[str, tuple[list[str], Any]] = field(default_factory=dict)
 
 
-def load_catalogue(lake_path: Path, max_seq_len: int = 50) -> Catalogue:
+def load_catalogue(lake_path: Path, max_seq_len: int) -> Catalogue:
     """Item titles, event counts and per-user lake histories from the lake (empty when absent).
 
     ``base_history[user_id]`` is (the user's last ``max_seq_len`` item ids, oldest first, in the

@@ -58,7 +58,7 @@ def feedback_timestamp_violation(ts: datetime, settings: Any, now: datetime | No
     from recloop.contract import timestamp_bound_violation
 
     ts = ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
-    floor = datetime.fromisoformat(settings.timestamp_floor.replace("Z", "+00:00"))
+    floor = datetime.fromisoformat(settings.timestamp_floor)  # aware: the setting's validator ensures it
     return timestamp_bound_violation(
         ts, now=now or datetime.now(UTC), floor=floor, future_skew_s=settings.future_skew_s
     )
@@ -263,9 +263,11 @@ class Recommender:
     def feedback(self, **request: Any) -> FeedbackResponse:
         """Store one event, refresh the user's online history from the log; ack after both."""
         req = FeedbackRequest.model_construct(**request)
-        lo, hi = self.settings.rating_min, self.settings.rating_max
-        if req.event_type == "rating" and req.value is not None and not lo <= req.value <= hi:
-            raise InvalidFeedback(f"value={req.value} outside the rating range [{lo}, {hi}]")
+        from recloop.contract import rating_violation
+
+        rule = rating_violation(req.event_type, req.value, self.settings.rating_min, self.settings.rating_max)
+        if rule:
+            raise InvalidFeedback(f"value: {rule}")
         if req.timestamp is not None:
             rule = feedback_timestamp_violation(req.timestamp, self.settings)
             if rule:

@@ -111,6 +111,18 @@ def test_client_timestamps_never_reorder_a_history(log: EventLog) -> None:
     assert frame.set_index("item_id").loc["from-the-future", "timestamp"].year == T0.year + 5  # kept as data
 
 
+def test_receive_times_follow_the_log_order_even_if_a_clock_steps_back(log: EventLog) -> None:
+    log.append([_ev("u1", "a", 0)])
+    future = pd.Timestamp.now(tz="UTC") + pd.Timedelta(hours=1)  # another replica's clock, an hour ahead
+    with log.engine.begin() as conn:
+        conn.execute(log.table.update().values(ingested_at=future.to_pydatetime()))
+    log.append([_ev("u1", "b", 1)])
+    log.append_and_recent(_ev("u1", "c", 2), 5)
+    frame = log.since(None, with_seq=True)
+    received = frame.sort_values("seq")["received_at"].tolist()
+    assert received[0] < received[1] < received[2]  # never behind the user's last receive time
+
+
 def test_concurrent_writers_of_one_user_lose_nothing(log: EventLog) -> None:
     n, threads, per_thread = 5, 8, 100
     results: list[tuple[str, list[str]]] = []

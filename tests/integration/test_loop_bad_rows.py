@@ -158,3 +158,38 @@ def test_training_sequences_follow_the_order_of_receipt_not_client_stamps(
     seqs = build_sequences(lake, vocab)
     assert vocab.decode(seqs["u1"]) == ["a", "b", "c", "d"]
     get_settings.cache_clear()
+
+
+def test_committed_prefix_waits_for_a_recent_gap_and_passes_an_old_one() -> None:
+    """PostgreSQL hands out seq at insert: seq 11 may commit before 10. A recent gap stops the read."""
+    from flows.loop import committed_prefix
+
+    now = pd.Timestamp("2026-01-01T12:00:00Z")
+    rows = pd.DataFrame({"seq": [1, 2, 4, 5], "ingested_at": [now - pd.Timedelta(seconds=s) for s in (90, 80, 5, 1)]})
+    assert committed_prefix(rows, 0, now, grace_s=30)["seq"].tolist() == [1, 2]  # 3 may still be committing
+    old = rows.assign(ingested_at=[now - pd.Timedelta(seconds=s) for s in (90, 80, 70, 60)])
+    assert committed_prefix(old, 0, now, grace_s=30)["seq"].tolist() == [1, 2, 4, 5]  # 3 was rolled back
+    assert committed_prefix(rows, 2, now, grace_s=30).empty  # the gap right after the watermark
+
+
+def test_a_busy_user_or_a_retried_batch_never_wedges_the_feedback_path(
+    harness: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bot guard does not stop feedback; rows a failed turn already put in the lake still count."""
+    from flows.loop import ingest_feedback, read_new_feedback
+    from recloop.eventlog import EventLog
+
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    _env(monkeypatch, tmp_path, url)
+    now = pd.Timestamp.now(tz="UTC") - pd.Timedelta(minutes=30)
+    rows = [{"user_id": "power-user" if k % 2 else f"u{k}", "item_id": f"i{k % 50}", "event_type": "click",
+             "timestamp": now + pd.Timedelta(seconds=k)} for k in range(1200)]  # one user: 50 % of 1,200
+    log = EventLog(url)
+    log.append(rows)
+    log.close()
+    events, _ = read_new_feedback.fn(0)
+    first = ingest_feedback(events, "feedback-busy")
+    assert first["new_events"] == 1200 and first["rows_ok"] == 1200
+    again = ingest_feedback(events, "feedback-busy-retry")  # the turn failed after the lake: same rows again
+    assert again["new_events"] == 0 and again["rows_ok"] == 1200  # so the loop retrains instead of skipping
+    get_settings.cache_clear()

@@ -114,6 +114,7 @@ BAD_REQUESTS = [
      "timestamp"),
     ("feedback", {"user_id": "1", "event_type": "view"}, 400, "item_id"),
     ("feedback", {"user_id": "1", "item_id": "50", "event_type": "rating", "value": 99}, 400, "rating range"),
+    ("feedback", {"user_id": "1", "item_id": "50", "event_type": "rating"}, 400, "needs a value"),
     ("feedback", {"user_id": "u\u202e1", "item_id": "50", "event_type": "view"}, 400, "user_id"),
     ("feedback", {"user_id": "u\u00001", "item_id": "50", "event_type": "view"}, 400, "user_id"),
     ("feedback", {"user_id": "1", "item_id": "\u200b", "event_type": "view"}, 400, "item_id"),

@@ -48,3 +48,13 @@ def test_valid_ids_are_normalised_the_same_everywhere() -> None:
     assert coerced["user_id"].iloc[0] == row["user_id"] == "7"
     assert coerced["item_id"].iloc[0] == row["item_id"] == "a"
     assert coerced["timestamp"].iloc[0] == row["timestamp"]  # both read numbers as Unix seconds
+
+
+def test_a_rating_needs_a_value_inside_the_range() -> None:
+    from recloop.contract import rating_violation
+
+    assert rating_violation("click", None, 1, 5) == ""
+    assert rating_violation("rating", 4.0, 1, 5) == ""
+    assert "needs a value" in rating_violation("rating", None, 1, 5)
+    assert "needs a value" in rating_violation("rating", float("nan"), 1, 5)
+    assert "outside the rating range" in rating_violation("rating", 9.0, 1, 5)

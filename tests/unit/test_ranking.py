@@ -69,3 +69,11 @@ def test_mapped_scorer_scores_in_the_other_vocabulary() -> None:
     assert out.shape == (1, 5)
     assert out[0, 2] == -torch.inf  # 'new' cannot be scored by the old model
     assert int(torch.argmax(out[0])) == 4  # model sees [a] -> favours b, which is index 4 here
+
+
+def test_nan_scores_never_rank_first_nor_win_a_metric() -> None:
+    from models.ranking import target_ranks
+
+    scores = mask_scores(np.array([[0.0, np.nan, 0.5, 0.2]]))
+    assert top_k(scores, 1).tolist() == [[2]]
+    assert target_ranks(scores, np.array([1])).tolist() == [4]  # the NaN target ranks last (a miss), not 0

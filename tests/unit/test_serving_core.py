@@ -90,14 +90,14 @@ def test_k_larger_than_catalogue_returns_whole_catalogue_once(core: RecommenderC
 
 def test_unknown_user_gets_popularity_cold_start() -> None:
     pop = {f"i{j}": float(j) for j in range(1, 51)}
-    core = RecommenderCore(tiny_served(popularity=pop), MemoryOnline(), MemoryLog())
+    core = RecommenderCore(tiny_served(popularity=pop), MemoryOnline(), MemoryLog(), max_seq_len=8)
     out = core.recommend("nobody", k=3)
     assert out["cold_start"] is True and out["strategy"] == "popularity"
     assert [x["item_id"] for x in out["items"]] == ["i50", "i49", "i48"]
 
 
 def test_unknown_user_with_history_uses_the_model_on_that_history() -> None:
-    core = RecommenderCore(tiny_served(), MemoryOnline(), MemoryLog())
+    core = RecommenderCore(tiny_served(), MemoryOnline(), MemoryLog(), max_seq_len=8)
     out = core.recommend("nobody", k=5, history=["i7", "i8", "not-in-vocab"])
     assert out["cold_start"] is True and out["strategy"] == "history"
     assert not {"i7", "i8"} & {x["item_id"] for x in out["items"]}
