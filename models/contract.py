@@ -104,6 +104,19 @@ class ItemSequenceModel(nn.Module):
             raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}; got {type(config).__name__}")
         self.config = config
 
+    def check_input(self, item_idx: Tensor) -> tuple[int, int]:
+        """The shape checks every ``encode`` starts with; returns ``(batch, seq_len)``.
+
+        Raises:
+            ValueError: ``item_idx`` is not 2-D or seq_len > config.max_seq_len.
+        """
+        if item_idx.dim() != 2:
+            raise ValueError(f"item_idx must be (batch, seq_len); got shape {tuple(item_idx.shape)}")
+        batch, seq_len = item_idx.shape
+        if seq_len > self.config.max_seq_len:
+            raise ValueError(f"seq_len={seq_len} exceeds max_seq_len={self.config.max_seq_len}")
+        return batch, seq_len
+
     def encode(self, item_idx: Tensor) -> Tensor:
         """(batch, seq_len) int64 left-padded histories -> (batch, seq_len, d_model) hidden states."""
         raise NotImplementedError  # pragma: no cover - abstract

@@ -104,11 +104,7 @@ class GRU4Rec(ItemSequenceModel):
         Raises:
             ValueError: seq_len > config.max_seq_len or item_idx is not 2-D.
         """
-        if item_idx.dim() != 2:
-            raise ValueError(f"item_idx must be (batch, seq_len); got shape {tuple(item_idx.shape)}")
-        batch, seq_len = item_idx.shape
-        if seq_len > self.config.max_seq_len:
-            raise ValueError(f"seq_len={seq_len} exceeds max_seq_len={self.config.max_seq_len}")
+        batch, seq_len = self.check_input(item_idx)
         keep = item_idx != PAD_IDX  # (batch, seq_len)
         # A history starts at its first real item; everything before it is left padding.
         lengths = seq_len - torch.where(keep.any(1), keep.int().argmax(1), seq_len)  # (batch,)

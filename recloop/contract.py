@@ -102,15 +102,7 @@ def id_violation(value: object) -> str:
             return RULE_NEGATIVE
         if number % 1 != 0:
             return RULE_FRACTIONAL
-    text = str(value)
-    if any(unicodedata.category(ch) in FORBIDDEN_ID_CATEGORIES for ch in text):
-        return RULE_BAD_CHARS
-    text = unicodedata.normalize("NFC", text).strip()
-    if not text:
-        return RULE_EMPTY
-    if len(text) > MAX_ID_CHARS:
-        return RULE_TOO_LONG
-    return ""
+    return _text_violation(str(value), MAX_ID_CHARS)
 
 
 def event_id_violation(value: object) -> str:
@@ -118,14 +110,18 @@ def event_id_violation(value: object) -> str:
     empty, the forbidden characters of ``id_violation`` and ``MAX_EVENT_ID_CHARS`` apply."""
     if _is_null(value):
         return RULE_NULL
-    text = str(value)
+    return _text_violation(str(value), MAX_EVENT_ID_CHARS)
+
+
+def _text_violation(text: str, max_chars: int) -> str:
+    """The text part of the id rules: forbidden characters, empty once normalised, too long."""
     if any(unicodedata.category(ch) in FORBIDDEN_ID_CATEGORIES for ch in text):
         return RULE_BAD_CHARS
     text = unicodedata.normalize("NFC", text).strip()
     if not text:
         return RULE_EMPTY
-    if len(text) > MAX_EVENT_ID_CHARS:
-        return f"must be at most {MAX_EVENT_ID_CHARS} characters"
+    if len(text) > max_chars:
+        return f"must be at most {max_chars} characters"
     return ""
 
 
