@@ -41,7 +41,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from models.ranking import encode_history, score_histories, top_k_items
+from models.ranking import encode_history, mask_scores, score_histories, top_k_items
 from models.vocab import PAD_IDX, ItemVocabulary
 
 logger = logging.getLogger(__name__)
@@ -174,9 +174,12 @@ class RecommenderCore:
         variant: str = "",
         source: str = "api",
         base_history: BaseHistory | None = None,
+        consumed: Mapping[str, frozenset[str]] | None = None,
     ) -> None:
         self._served = served
         self.base_history: BaseHistory = base_history or {}
+        #: user_id -> every item of the user's lake history (the lake snapshot's "seen" set)
+        self.consumed: Mapping[str, frozenset[str]] = consumed or {}
         self.online = online
         self.events = events
         self.max_seq_len = max_seq_len
@@ -231,6 +234,14 @@ class RecommenderCore:
             tail = []
         return (list(base) + tail)[-self.max_seq_len:]
 
+    def seen_items(self, user_id: str, history: list[str], stored: list[str] | None) -> set[str]:
+        """What ``exclude_seen`` masks: everything the user consumed, not only the model's window.
+
+        The lake snapshot's whole item set of the user (``consumed``), the stored online window (the
+        log's newer events) and the history the scores were computed from (a request's ``history``).
+        """
+        return set(self.consumed.get(user_id, ())) | set(stored or ()) | set(history)
+
     def recommend(
         self, user_id: str, k: int = 10, exclude_seen: bool = True, history: list[str] | None = None
     ) -> dict[str, Any]:
@@ -268,8 +279,9 @@ class RecommenderCore:
             logger.info("cold start user_id=%s strategy=popularity", user_id[:64])
         if fallback:
             strategy = "fallback"
-        if exclude_seen and len(idx):
-            scores[idx] = -np.inf
+        if exclude_seen:
+            seen = self.seen_items(user_id, hist_ids, stored)
+            scores = mask_scores(scores[None, :], exclude=encode_history(served.vocab, seen))[0]
         return {
             "items": self._items(served, scores, k),
             "model_version": served.version,

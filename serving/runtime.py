@@ -36,6 +36,7 @@ class Catalogue:
     titles: dict[str, str] = field(default_factory=dict)
     popularity: dict[str, float] = field(default_factory=dict)
     base_history: dict[str, tuple[list[str], Any]] = field(default_factory=dict)
+    consumed: dict[str, frozenset[str]] = field(default_factory=dict)
 
 
 def load_catalogue(lake_path: Path, max_seq_len: int) -> Catalogue:
@@ -59,6 +60,8 @@ def load_catalogue(lake_path: Path, max_seq_len: int) -> Catalogue:
         cat.popularity = {str(k): float(v) for k, v in events["item_id"].value_counts().items()}
         tail = events.groupby("user_id", sort=False).tail(max_seq_len)
         last_ts = events.groupby("user_id", sort=False)["received_at"].max()  # the log tail starts after it
+        # "Seen" is everything the user consumed, not only the model's window (exclude_seen masks it all).
+        cat.consumed = {str(u): frozenset(g.astype(str)) for u, g in events.groupby("user_id", sort=False)["item_id"]}
         cat.base_history = {
             str(u): (g["item_id"].astype(str).tolist(), last_ts[u].to_pydatetime())
             for u, g in tail.groupby("user_id", sort=False)
@@ -187,6 +190,7 @@ def build_runtime(settings: Settings | None = None, *, online: Any = None, event
     core = RecommenderCore(
         served, online, events,
         max_seq_len=settings.max_seq_len, variant=settings.model_alias, base_history=cat.base_history,
+        consumed=cat.consumed,
     )
     # Re-sync an empty online store now (a Redis that restarted empty), then retry failed pushes and
     # watch for an emptied store in a daemon thread (serving/recommender.py, "Online-store outages").
@@ -289,6 +293,7 @@ class ChampionWatcher:
             logger.error("champion reload failed; keeping version=%s error=%s", served_version, self.last_error)
             return False
         self.rt.core.base_history = cat.base_history  # one reference assignment, like the model swap
+        self.rt.core.consumed = cat.consumed
         self.rt.core.swap(served)
         self.last_error = self.alias_problem = self._failed_version = None
         self._failures = 0

@@ -72,7 +72,11 @@ class RecommendRequest(_Strict):
 
     user_id: Id = Field(description="Raw user id (1-255 chars)")
     k: int = Field(default=10, ge=1, le=MAX_K, strict=True, description="Number of items to return")
-    exclude_seen: bool = Field(default=True, strict=True, description="Drop items already in the history")
+    exclude_seen: bool = Field(
+        default=True, strict=True,
+        description="Drop every item the user consumed (the stored history, not only the model's window, "
+        "plus the request's history)",
+    )
     history: list[Id] | None = Field(
         default=None,
         max_length=MAX_HISTORY,
