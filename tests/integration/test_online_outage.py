@@ -25,10 +25,10 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import torch
+from fakes import tiny_served
+from fakes import wait_for as fake_wait_for
 
-from models.sasrec import SASRec, SASRecConfig
-from models.vocab import ItemVocabulary
-from serving.recommender import RecommenderCore, build_served
+from serving.recommender import RecommenderCore
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")
 
@@ -146,10 +146,7 @@ def online(feast_env, redis_proc):
 
 
 def _served():
-    torch.manual_seed(0)
-    vocab = ItemVocabulary([f"i{j}" for j in range(1, 51)])
-    model = SASRec(SASRecConfig(n_items=50, max_seq_len=N, d_model=16, n_heads=1, n_layers=1, dropout=0.0))
-    return build_served(model, vocab, "1", "run", {}, popularity={f"i{j}": float(j) for j in range(1, 51)})
+    return tiny_served(popularity={f"i{j}": float(j) for j in range(1, 51)}, max_seq_len=N)
 
 
 @pytest.fixture()
@@ -176,11 +173,7 @@ def timed(name: str, fn, *args, **kwargs):
 
 
 def wait_for(predicate, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.05)
+    fake_wait_for(predicate, timeout_s, poll_s=0.05)
 
 
 def ids(out: dict) -> set[str]:

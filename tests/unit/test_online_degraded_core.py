@@ -4,44 +4,15 @@ own: tests/integration/test_online_outage.py."""
 
 from __future__ import annotations
 
-import threading
-import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
-import torch
+from fakes import MemoryLog, tiny_served, wait_for
 
-from models.sasrec import SASRec, SASRecConfig
-from models.vocab import ItemVocabulary
-from serving.recommender import SENTINEL_USER, RecommenderCore, build_served, resync_online
+from serving.recommender import SENTINEL_USER, RecommenderCore, resync_online
 
 LAKE_TS = datetime(2024, 1, 1, tzinfo=UTC)
-
-
-class MemoryLog:
-    """Event log with the documented interface, idempotent on event_id, ordered by insertion."""
-
-    def __init__(self) -> None:
-        self.rows: list[dict] = []
-        self._lock = threading.Lock()
-
-    def append_and_recent(self, event: dict, n: int, after_ts=None) -> tuple[bool, list[str]]:
-        with self._lock:
-            inserted = all(r["event_id"] != event["event_id"] for r in self.rows)
-            if inserted:
-                self.rows.append(dict(event, seq=len(self.rows) + 1))
-            return inserted, self._recent(event["user_id"], n, after_ts)
-
-    def _recent(self, user_id: str, n: int, after_ts=None) -> list[str]:
-        rows = [r for r in self.rows if r["user_id"] == user_id and (after_ts is None or r["timestamp"] > after_ts)]
-        return [r["item_id"] for r in rows][-n:]
-
-    def recent_items(self, user_id: str, n: int, after_ts=None) -> list[str]:
-        with self._lock:
-            return self._recent(user_id, n, after_ts)
-
-    def get(self, event_id: str) -> dict | None:
-        return next((r for r in self.rows if r["event_id"] == event_id), None)
+POPULARITY = {f"i{j}": float(j) for j in range(1, 51)}
 
 
 class FlakyOnline:
@@ -69,27 +40,12 @@ class FlakyOnline:
         return True
 
 
-def tiny_served():
-    torch.manual_seed(0)
-    vocab = ItemVocabulary([f"i{j}" for j in range(1, 51)])
-    model = SASRec(SASRecConfig(n_items=50, max_seq_len=8, d_model=16, n_heads=1, n_layers=1, dropout=0.0))
-    return build_served(model, vocab, "1", "run", {}, popularity={f"i{j}": float(j) for j in range(1, 51)})
-
-
-def wait_for(predicate, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.02)
-
-
 @pytest.fixture()
 def setup():
     base = {"u1": (["i1", "i2", "i3"], LAKE_TS), "u2": (["i4", "i5"], LAKE_TS)}
     online = FlakyOnline({"u1": ["i1", "i2", "i3"], "u2": ["i4", "i5"]})
     log = MemoryLog()
-    core = RecommenderCore(tiny_served(), online, log, max_seq_len=4, base_history=base)
+    core = RecommenderCore(tiny_served(popularity=POPULARITY), online, log, max_seq_len=4, base_history=base)
     core.push_retry_s = 0.02
     yield core, online, log
     core.stop_online_sync()

@@ -2,64 +2,23 @@
 
 from __future__ import annotations
 
-import threading
 from datetime import datetime
 
 import numpy as np
 import pytest
 import torch
+from fakes import MemoryLog, MemoryOnline
+from fakes import tiny_served as _tiny
 
 from models.sasrec import SASRec, SASRecConfig
 from models.vocab import ItemVocabulary
 from serving.recommender import RecommenderCore, UnknownItemError, build_served
 
 
-class MemoryLog:
-    """Event log with the documented interface, atomic per call (a lock), idempotent on event_id."""
-
-    def __init__(self) -> None:
-        self.rows: list[dict] = []
-        self._ids: set[str] = set()
-        self._lock = threading.Lock()
-
-    def append_and_recent(self, event: dict, n: int, after_ts=None) -> tuple[bool, list[str]]:
-        with self._lock:
-            inserted = event["event_id"] not in self._ids
-            if inserted:
-                self._ids.add(event["event_id"])
-                self.rows.append(event)
-            return inserted, self._recent(event["user_id"], n, after_ts)
-
-    def _recent(self, user_id: str, n: int, after_ts=None) -> list[str]:
-        rows = [r for r in self.rows if r["user_id"] == user_id and (after_ts is None or r["timestamp"] > after_ts)]
-        return [r["item_id"] for r in rows][-n:]
-
-    def recent_items(self, user_id: str, n: int, after_ts=None) -> list[str]:
-        with self._lock:
-            return self._recent(user_id, n, after_ts)
-
-    def get(self, event_id: str) -> dict | None:
-        with self._lock:
-            return next((r for r in self.rows if r["event_id"] == event_id), None)
-
-
-class MemoryOnline:
-    def __init__(self, seed: dict[str, list[str]] | None = None) -> None:
-        self.rows = dict(seed or {})
-
-    def recent_items(self, user_id: str) -> list[str] | None:
-        return self.rows.get(user_id)
-
-    def push_recent_items(self, user_id: str, items: list[str], event_ts: datetime) -> None:
-        self.rows[user_id] = list(items)
-
-
 def tiny_served(seed: int = 0, version: str = "1", popularity: dict[str, float] | None = None):
-    torch.manual_seed(seed)
-    vocab = ItemVocabulary([f"i{j}" for j in range(1, 51)])
-    model = SASRec(SASRecConfig(n_items=50, max_seq_len=8, d_model=16, n_heads=1, n_layers=1, dropout=0.0))
-    titles = {"i1": "Toy Story"}
-    return build_served(model, vocab, version, "run", {}, titles=titles, popularity=popularity)
+    return _tiny(seed, version, popularity, titles={"i1": "Toy Story"})
+
+
 
 
 @pytest.fixture()
@@ -195,7 +154,7 @@ def test_bento_build_recipe_drops_torch_and_pins_the_version() -> None:
 
 
 def test_feedback_appends_to_the_lake_history_instead_of_replacing_it() -> None:
-    from datetime import UTC, datetime, timedelta
+    from datetime import UTC, timedelta
 
     lake_ts = datetime(2024, 1, 1, tzinfo=UTC)
     online = MemoryOnline({"u1": ["i1", "i2", "i3"]})
