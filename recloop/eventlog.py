@@ -340,6 +340,11 @@ class EventLog:
             row = conn.execute(select(self.table).where(self.table.c.event_id == str(event_id))).mappings().first()
         return None if row is None else dict(row)
 
+    def users(self) -> list[str]:
+        """The distinct user ids of the log, sorted (one query; a read, no write lock)."""
+        with self.engine.connect().execution_options(sqlite_begin="BEGIN") as conn:
+            return sorted(str(r[0]) for r in conn.execute(select(self.table.c.user_id).distinct()))
+
     def count(self) -> int:
         """Number of stored events."""
         return int(self._scalar_from(func.count()))

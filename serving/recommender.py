@@ -570,18 +570,12 @@ def _aware(ts: Any) -> datetime | None:
 
 
 def _log_users(events: Any) -> list[str]:
-    """Distinct users of the event log (one SQL query on an ``EventLog``; a full read otherwise;
-    none when the log cannot list its events)."""
-    table, engine = getattr(events, "table", None), getattr(events, "engine", None)
-    if table is not None and engine is not None:
-        from sqlalchemy import select
-
-        with engine.connect().execution_options(sqlite_begin="BEGIN") as conn:  # a read: no write lock
-            return sorted(str(r[0]) for r in conn.execute(select(table.c.user_id).distinct()))
+    """Distinct users of the event log (``EventLog.users``; a full read of a log without it)."""
+    if hasattr(events, "users"):
+        return list(events.users())
     if not hasattr(events, "since"):
         return []
-    frame = events.since()
-    return sorted(frame["user_id"].astype(str).unique())
+    return sorted(events.since()["user_id"].astype(str).unique())
 
 
 def _log_rows_after(events: Any, seq: int) -> list[tuple[int, str]]:

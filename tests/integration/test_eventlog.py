@@ -151,3 +151,8 @@ def test_concurrent_writers_of_one_user_lose_nothing(log: EventLog) -> None:
     for item, recent in results:
         k = position[item]
         assert recent == order[max(0, k - n + 1) : k + 1], (item, recent)
+
+
+def test_users_lists_each_user_once(log: EventLog) -> None:
+    log.append([_ev("u2", "a", 0), _ev("u1", "b", 1), _ev("u2", "c", 2)])
+    assert log.users() == ["u1", "u2"]
