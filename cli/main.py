@@ -48,7 +48,8 @@ def ingest(
 
     options = {"seed": seed} if seed is not None else {}
     try:
-        report = validated_ingest(source, path, batch_id=batch_id, **options)
+        with _stdout_to_stderr(as_json):
+            report = validated_ingest(source, path, batch_id=batch_id, **options)
     except (ValueError, OSError, httpx.HTTPError) as err:  # DataValidationError/SourceError are ValueErrors
         typer.echo(f"ingest failed: {err}", err=True)
         raise typer.Exit(1) from err
@@ -83,7 +84,8 @@ def validate(
     from recloop.settings import get_settings
 
     try:
-        outcome = read_and_validate(source, path, datetime.now(UTC), batch_id)
+        with _stdout_to_stderr(as_json):
+            outcome = read_and_validate(source, path, datetime.now(UTC), batch_id)
     except DataValidationError as err:
         typer.echo(
             json.dumps({"passed": False, "stopped": True, "failing": err.failing}) if as_json else str(err)
@@ -92,7 +94,8 @@ def validate(
     except (ValueError, OSError, httpx.HTTPError) as err:  # unknown source, missing file, failed download
         typer.echo(f"validate failed: {err}", err=True)
         raise typer.Exit(1) from err
-    outcome = write_outcome(outcome, get_settings().home, data_docs=data_docs)
+    with _stdout_to_stderr(as_json):
+        outcome = write_outcome(outcome, get_settings().home, data_docs=data_docs)
     if as_json:
         typer.echo(outcome.model_dump_json(indent=2, exclude={"expectations"}))
     else:
@@ -476,7 +479,8 @@ def online_resync(as_json: bool = typer.Option(False, "--json", help="Print the 
         raise typer.Exit(1) from err
     events = EventLog(settings.event_log_uri)
     try:
-        report = resync_online(online, events, catalogue.base_history, settings.max_seq_len)
+        with _stdout_to_stderr(as_json):
+            report = resync_online(online, events, catalogue.base_history, settings.max_seq_len)
     except OnlineStoreUnavailable as err:
         typer.echo(f"online resync failed: {err}", err=True)
         raise typer.Exit(1) from err
