@@ -77,6 +77,8 @@ def run_bench(
         model_class(name)  # fails before any training on an unknown name
     max_len = max_len or get_settings().max_seq_len
     events, genre_of = load_dataset(source, Path(path))
+    policy = get_settings().event_policy
+    events = policy.positives(events)  # histories and targets: the policy's positives (recloop.policy)
     vocab = ItemVocabulary.from_ids(events["item_id"])
     split = leave_one_out(build_sequences(events, vocab))
     n_items = len(vocab)
@@ -127,6 +129,7 @@ def run_bench(
         }
     protocol = {
         **split.protocol,
+        "event_policy": policy.describe(),
         "k": k,
         "ranking": "full",
         "seen_filtered": True,

@@ -67,6 +67,7 @@ def train_and_register(events: Any, items: Any, seed: int = 0, seconds: float = 
     from registry.tracking import configure_tracking, ensure_experiment
 
     settings = get_settings()
+    events = settings.event_policy.positives(events)  # histories and targets: positives only
     vocab = ItemVocabulary.from_ids(events["item_id"].astype(str))
     split = leave_one_out(build_sequences(events, vocab))
     cfg = SASRecConfig(n_items=len(vocab), max_seq_len=settings.max_seq_len, d_model=32, n_heads=1,

@@ -26,6 +26,7 @@ from models.gru4rec import GRU4RecConfig
 from models.sequences import build_sequences, leave_one_out
 from models.trainer import TrainConfig, train_model
 from models.vocab import ItemVocabulary
+from recloop.settings import get_settings
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,8 @@ def tune(
     for setting in grid:
         if "lr" not in setting:
             raise ValueError(f"setting={setting} has no 'lr'; expected lr and GRU4RecConfig fields")
-    events = load_source(source, path).events
+    policy = get_settings().event_policy
+    events = policy.positives(load_source(source, path).events)  # positives only (recloop.policy)
     vocab = ItemVocabulary.from_ids(events["item_id"])
     split = leave_one_out(build_sequences(events, vocab))
     shared = {
@@ -120,7 +122,8 @@ def tune(
     return {
         "source": source,
         "selection": "best validation NDCG@10 (leave-one-out); test not evaluated",
-        "protocol": {**split.protocol, "n_items": len(vocab), "max_seq_len": max_len},
+        "protocol": {**split.protocol, "event_policy": policy.describe(), "n_items": len(vocab),
+                     "max_seq_len": max_len},
         "train": shared,
         "results": results,
         "interrupted": interrupted,

@@ -18,6 +18,8 @@ app = typer.Typer(
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print JSON figures.")
 model_app = typer.Typer(no_args_is_help=True, help="The MLflow model registry: list, promote, roll back.")
 app.add_typer(bench_app, name="bench")
+db_app = typer.Typer(no_args_is_help=True, help="The event-log database's schema (Alembic migrations).")
+app.add_typer(db_app, name="db")
 app.add_typer(model_app, name="model")
 online_app = typer.Typer(no_args_is_help=True, help="The online feature store (Feast): re-sync it from its sources.")
 app.add_typer(online_app, name="online")
@@ -169,6 +171,65 @@ def bench_serving_cmd(
     scratch = Path(home) if home else Path(tempfile.mkdtemp(prefix="recloop-bench-")) / "home"
     with _stdout_to_stderr():
         out = bench_serving(Path(path).resolve(), scratch.resolve(), n_requests=requests, n_feedback=feedbacks)
+    typer.echo(json.dumps(out, indent=2 if not as_json else None))
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout"),
+) -> None:
+    """Apply the event-log migrations up to head (idempotent; services also apply them on start)."""
+    import json
+
+    from recloop.logdb import HEAD_REVISION, current_revision, make_engine, upgrade
+    from recloop.settings import get_settings
+
+    engine = make_engine(get_settings().event_log_uri)
+    try:
+        before = current_revision(engine)
+        after = upgrade(engine)
+    finally:
+        engine.dispose()
+    out = {"before": before, "after": after, "head": HEAD_REVISION}
+    typer.echo(json.dumps(out) if as_json else f"event log schema: {before or 'none'} -> {after}")
+
+
+@db_app.command("current")
+def db_current(
+    as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout"),
+) -> None:
+    """The event-log database's applied revision and the code's head (exit 1 when behind)."""
+    import json
+
+    from recloop.logdb import HEAD_REVISION, current_revision, make_engine
+    from recloop.settings import get_settings
+
+    engine = make_engine(get_settings().event_log_uri)
+    try:
+        current = current_revision(engine)
+    finally:
+        engine.dispose()
+    out = {"current": current, "head": HEAD_REVISION, "up_to_date": current == HEAD_REVISION}
+    typer.echo(json.dumps(out) if as_json else f"event log schema: {current or 'none'} (head {HEAD_REVISION})")
+    if current != HEAD_REVISION:
+        raise typer.Exit(1)
+
+
+@bench_app.command("exposure")
+def bench_exposure_cmd(
+    path: str = typer.Option("../shared/data/ml-100k", help="The ml-100k folder"),
+    reps: int = typer.Option(10, help="Alternating on/off repetitions"),
+    block: int = typer.Option(200, help="Recommends per block"),
+    as_json: bool = typer.Option(True, "--json/--no-json", help="One JSON document on stdout (the only output)"),
+) -> None:
+    """In-process cost of recording exposures: recommend with the exposure log on vs off (alternating)."""
+    import json
+    from pathlib import Path
+
+    from bench.exposure_cost import run
+
+    with _stdout_to_stderr():
+        out = run(Path(path).resolve(), reps=reps, block=block)
     typer.echo(json.dumps(out, indent=2 if not as_json else None))
 
 
@@ -471,7 +532,7 @@ def online_resync(as_json: bool = typer.Option(False, "--json", help="Print the 
     from serving.runtime import load_catalogue
 
     settings = get_settings()
-    catalogue = load_catalogue(settings.lake_path, settings.max_seq_len)
+    catalogue = load_catalogue(settings.lake_path, settings.max_seq_len, settings.event_policy)
     try:
         online = OnlineFeatures(settings=settings)
     except KeyError as err:  # the feature service is not applied yet
@@ -489,6 +550,53 @@ def online_resync(as_json: bool = typer.Option(False, "--json", help="Print the 
         events.close()
     typer.echo(json.dumps(report) if as_json else
                f"re-synced {report['users']} users ({report['log_users']} with log events) in {report['seconds']} s")
+
+
+@app.command("online-metrics")
+def online_metrics_cmd(
+    since: str = typer.Option(None, help="Only exposures shown (and events received) after this ISO time (UTC)"),
+    by: str = typer.Option("variant", help="Group by: variant (served alias), version (model version), position"),
+    k: int = typer.Option(10, min=1, help="The cut-off of CTR@k"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document instead of a table"),
+) -> None:
+    """CTR@k, CTR by position, skip rate, request CTR and catalogue share from the exposure log.
+
+    Clicks and skips are the event policy's positive and negative events linked by request_id to a
+    shown item (docs/operations.md, "Online metrics"). Exit 1 on a bad --since/--by.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from recloop.online_metrics import online_report
+    from recloop.settings import get_settings
+
+    settings = get_settings()
+    try:
+        with _stdout_to_stderr(as_json):
+            report = online_report(settings.event_log_uri, settings.lake_path, settings.event_policy,
+                                   since=since, by=by, k=k)
+    except ValueError as err:
+        typer.echo(f"online-metrics failed: {err}", err=True)
+        raise typer.Exit(1) from err
+    if as_json:
+        typer.echo(json.dumps(report))
+        return
+    cols = (("impressions", "clicks", "ctr", "skips", "skip_rate") if by == "position" else
+            ("requests", "impressions", f"ctr@{k}", "request_ctr", "skip_rate", "catalogue_share", "model_versions"))
+    table = Table(title=f"online metrics by {by} since {report['protocol']['since'] or 'the start'}")
+    table.add_column(by)
+    for col in cols:  # headers with spaces wrap instead of being cut in a narrow terminal
+        table.add_column(col.replace("_", " "), justify="right")
+    rows = [*report["groups"].items(), ("overall", report["overall"])]
+    for key, group in rows:
+        cells = [group.get(c) for c in cols]
+        table.add_row(key or "(none)", *("-" if v is None else f"{v:.4f}" if isinstance(v, float)
+                                         else ",".join(v) if isinstance(v, list) else str(v) for v in cells))
+    overall = report["overall"]
+    table.caption = (f"clicks = {report['protocol']['positive']}, skips = {report['protocol']['negative']}; "
+                     f"unattributed events {overall['unattributed']}, position mismatches "
+                     f"{overall['position_mismatch']}")
+    Console().print(table)
 
 
 @app.command("mlflow-ui")

@@ -30,6 +30,20 @@ def point_prefect_at_server(settings: Settings) -> None:
     os.environ["PREFECT_HOME"] = str(settings.home / "prefect")
 
 
+def migrate_event_log(settings: Settings) -> str:
+    """Bring the event-log database (events, exposures) to the code's schema before anything starts
+    (``recloop.logdb.upgrade``: Alembic, idempotent, safe against concurrent starts). Returns the revision."""
+    from recloop.logdb import make_engine, upgrade
+
+    engine = make_engine(settings.event_log_uri)
+    try:
+        revision = upgrade(engine)
+    finally:
+        engine.dispose()
+    console.print(f"event log schema at revision {revision}")
+    return revision
+
+
 def up(settings: Settings, names: tuple[str, ...] = services.SERVICE_ORDER, wait: bool = True) -> dict[str, int]:
     """Start ``names`` (all spawned at once, then awaited in order). Returns name → PID.
 
@@ -49,6 +63,7 @@ def up(settings: Settings, names: tuple[str, ...] = services.SERVICE_ORDER, wait
         services.PortInUseError: a port is taken (the message names the holder's pid and command).
         RuntimeError: a service did not become healthy (its log file is named).
     """
+    migrate_event_log(settings)
     if "serving" in names and not has_champion(settings):
         console.print("serving: no champion yet — run `recloop pipeline` (or `recloop demo`) first; skipped")
         names = tuple(n for n in names if n != "serving")

@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from recloop import features as F
+from recloop.policy import DEFAULT_POLICY, EventPolicy
 from recloop.settings import Settings, configure_environment
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -105,12 +106,19 @@ def build_feature_tables(
     created_ts: datetime,
     as_of: datetime,
     encoder: F.TextEncoder | None,
+    policy: EventPolicy = DEFAULT_POLICY,
 ) -> dict[str, pd.DataFrame]:
-    """All source tables (pure apart from the encoder). ``item_content`` only with items and encoder."""
+    """All source tables (pure apart from the encoder). ``item_content`` only with items and encoder.
+
+    The history view (``user_recent_items``) and item popularity (``item_stats``) are built from the
+    event policy's positives (``recloop.policy``): a skip never enters a served history; ``user_stats``
+    counts all of a user's activity.
+    """
+    positives = policy.positives(events)
     tables = {
-        "user_recent_items": F.user_recent_items_table(events, n, created_ts),
+        "user_recent_items": F.user_recent_items_table(positives, n, created_ts),
         "user_stats": F.user_stats_table(events, created_ts),
-        "item_stats": F.item_stats_table(events, created_ts, as_of=as_of),
+        "item_stats": F.item_stats_table(positives, created_ts, as_of=as_of),
     }
     if items is not None and encoder is not None:
         items = items.assign(created_at=items["created_at"].fillna(pd.Timestamp(CONTENT_EPOCH)))
@@ -241,7 +249,8 @@ def refresh_features(
     past = events.loc[events["timestamp"] <= pd.Timestamp(now), "timestamp"]
     as_of = past.max().to_pydatetime() if len(past) else now
     tables = build_feature_tables(
-        events, items, n=settings.max_seq_len, created_ts=now, as_of=as_of, encoder=encoder
+        events, items, n=settings.max_seq_len, created_ts=now, as_of=as_of, encoder=encoder,
+        policy=settings.event_policy,
     )
     write_feature_tables(tables, features_dir)
     apply_repo(store, feature_repo_dir(settings))

@@ -151,7 +151,9 @@ def evaluate_flow(run_id: str, source: str | None = None, path: str | None = Non
         raise ValueError(f"events of source={source!r} path={path!r} have sha256 {sha[:12]}, but run "
                          f"{run_id} trained on {run.data.tags.get('data.sha256', '?')[:12]}")
     model, vocab, _ = _load_candidate(client, run_id)
-    split = leave_one_out(build_sequences(events, vocab))
+    policy = settings.event_policy  # the candidate's targets are positives only, as in training
+    split = leave_one_out(build_sequences(policy.positives(events), vocab))
+    split.protocol["event_policy"] = policy.describe()
     champion_version = aliases.get_alias_version(client, settings.model_name, settings.model_alias)
     champion = (store.load_version(settings.model_name, version=champion_version, client=client)
                 if champion_version is not None else None)

@@ -20,6 +20,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.ingest import accepted_frames, ingest_flow, lake_ingest_task, validate_frame_task
+from flows.monitor import MONITOR_CRON, online_metrics_flow
 from flows.pipeline import pipeline_flow, run_training_stages, summary_markdown
 from recloop.eventlog import EventLog
 from recloop.quarantine import DataValidationError
@@ -171,13 +172,16 @@ def loop_flow(source: str | None = None, path: str | None = None, train_params: 
 
 
 def serve_deployments() -> None:
-    """Serve the pipeline (by hand) and the scheduled loop from this process (blocks)."""
+    """Serve the pipeline (by hand), the scheduled loop and online metrics from this process (blocks)."""
     settings = get_settings()
     serve(
         pipeline_flow.to_deployment(name="recloop-pipeline", tags=["recloop", "pipeline"],
                                     description="ingest → validate → features → train → gate → deploy"),
         loop_flow.to_deployment(name="recloop-loop", cron=settings.loop_cron, tags=["recloop", "loop"],
                                 description="continuous optimisation on new feedback"),
+        online_metrics_flow.to_deployment(name="recloop-online-metrics", cron=MONITOR_CRON,
+                                          tags=["recloop", "monitor"],
+                                          description="online metrics of the exposure log → MLflow; retention"),
         pause_on_shutdown=False,
     )
 

@@ -35,6 +35,7 @@ from models.sequences import Split, build_sequences, leave_one_out
 from models.trainer import val_keys
 from models.vocab import ItemVocabulary
 from recloop.contract import coerce_events, coerce_items
+from recloop.policy import EventPolicy
 from recloop.settings import get_settings
 from registry import plots, store, tracking
 
@@ -147,12 +148,18 @@ def git_commit(repo: Path = REPO_ROOT) -> str:
     return f"{head}-dirty" if dirty else head
 
 
-def prepare_split(events: pd.DataFrame, base_vocab: ItemVocabulary | None = None
-                  ) -> tuple[ItemVocabulary, Split]:
-    """Vocabulary and leave-one-out split. With ``base_vocab`` (warm start) new items are appended."""
-    ids = events["item_id"].astype(str).unique()
+def prepare_split(events: pd.DataFrame, base_vocab: ItemVocabulary | None = None,
+                  policy: EventPolicy | None = None) -> tuple[ItemVocabulary, Split]:
+    """Vocabulary and leave-one-out split of the policy's positive events (``recloop.policy``: a
+    negative or context-only event is never a history item nor a target). With ``base_vocab`` (warm
+    start) new items are appended. The split's protocol records the policy (``event_policy``)."""
+    policy = policy or get_settings().event_policy
+    positives = policy.positives(events)
+    ids = positives["item_id"].astype(str).unique()
     vocab = base_vocab.extend(ids) if base_vocab is not None else ItemVocabulary.from_ids(ids)
-    return vocab, leave_one_out(build_sequences(events, vocab))
+    split = leave_one_out(build_sequences(positives, vocab))
+    split.protocol["event_policy"] = policy.describe()
+    return vocab, split
 
 
 def flat_params(prefix: str, values: Mapping[str, Any]) -> dict[str, str]:

@@ -39,6 +39,8 @@ EventType = Literal["view", "click", "like", "rating", "purchase", "skip"]
 EVENT_TYPES: tuple[str, ...] = get_args(EventType)
 MAX_ID_CHARS = 255  # user_id / item_id: the event log's column width
 MAX_EVENT_ID_CHARS = 128  # event_id: the event log's column width
+MAX_REQUEST_ID_CHARS = 64  # request_id: the exposure log's key width (an event's link to what was shown)
+MAX_POSITION = 10_000  # position: 1-based rank of the item in the exposure
 
 # The rules, as the text every checker reports (a rule is "<column> <rule>" in quarantine reasons).
 RULE_NULL = "must not be null"
@@ -111,6 +113,35 @@ def event_id_violation(value: object) -> str:
     if _is_null(value):
         return RULE_NULL
     return _text_violation(str(value), MAX_EVENT_ID_CHARS)
+
+
+RULE_NOT_TEXT = "must be a string"
+RULE_NOT_PRINTABLE = "must contain printable characters only"
+RULE_POSITION = f"must be an integer in 1..{MAX_POSITION}"
+
+
+def request_id_violation(value: object) -> str:
+    """The rule a ``request_id`` breaks ('' when valid): the opaque id of an exposure (a served list).
+
+    Rules: not null; a string; not empty once stripped; at most ``MAX_REQUEST_ID_CHARS``
+    characters; printable characters only (no control, format, line-separator or unassigned ones).
+    Valid values become ``normalise_id(value)`` (NFC, stripped).
+    """
+    if _is_null(value):
+        return RULE_NULL
+    if not isinstance(value, str):
+        return RULE_NOT_TEXT
+    rule = _text_violation(value, MAX_REQUEST_ID_CHARS)
+    if rule:
+        return rule
+    return "" if normalise_id(value).isprintable() else RULE_NOT_PRINTABLE
+
+
+def position_violation(value: object) -> str:
+    """The rule an exposure ``position`` breaks ('' when valid): an integer (not a bool) in 1..``MAX_POSITION``."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
+        return RULE_POSITION
+    return "" if 1 <= int(value) <= MAX_POSITION else RULE_POSITION
 
 
 def _text_violation(text: str, max_chars: int) -> str:

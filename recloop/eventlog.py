@@ -2,8 +2,10 @@
 
 SQLite (WAL, ``busy_timeout``) is the embedded default; PostgreSQL (``postgresql+psycopg://``)
 the production store. The table holds the ``events`` contract columns plus ``seq`` (an
-autoincrement insertion counter) and ``ingested_at`` (UTC). ``event_id`` is unique: appending
-the same event twice stores it once; the same id with different content is refused.
+autoincrement insertion counter), ``ingested_at`` (UTC) and an optional link to the exposure the
+event answers (``request_id``, ``position``: ``recloop.exposures``; not part of the event's identity).
+``event_id`` is unique: appending the same event twice stores it once; the same id with different
+content is refused. The schema is versioned: ``recloop.logdb.upgrade`` (Alembic) creates or migrates it.
 
 Per-user atomicity ("insert an event, then read that user's last n items" without lost updates
 under concurrent writers) comes from one transaction per call that first serialises writers of
@@ -22,30 +24,11 @@ import logging
 import math
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import (
-    BigInteger,
-    Column,
-    Connection,
-    DateTime,
-    Float,
-    Index,
-    Integer,
-    MetaData,
-    String,
-    Table,
-    create_engine,
-    event,
-    func,
-    select,
-    text,
-)
+from sqlalchemy import Connection, MetaData, String, func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import make_url
-from sqlalchemy.types import TypeDecorator
 
 from recloop.contract import (
     EVENT_COLUMNS,
@@ -61,32 +44,23 @@ from recloop.contract import (
     normalise_event_type,
     normalise_id,
     parse_timestamps,
+    position_violation,
+    request_id_violation,
     value_violation,
 )
+from recloop.logdb import BUSY_TIMEOUT_MS as BUSY_TIMEOUT_MS
+from recloop.logdb import UTCDateTime as UTCDateTime  # one definition, shared with the exposure log
+from recloop.logdb import _sqlite_on_begin as _sqlite_on_begin
+from recloop.logdb import _sqlite_on_connect as _sqlite_on_connect
+from recloop.logdb import drop_all, log_tables, make_engine, table_names, upgrade
+from recloop.policy import EventPolicy
 
 logger = logging.getLogger(__name__)
 CONTENT = ("user_id", "item_id", "event_type", "value", "timestamp", "source")
-BUSY_TIMEOUT_MS = 30_000
-
-
-class UTCDateTime(TypeDecorator):
-    """Timezone-aware UTC datetimes on every backend (SQLite stores naive UTC, fixed width)."""
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: Any, dialect: Any) -> datetime | None:
-        if value is None:
-            return None
-        ts = pd.Timestamp(value)
-        ts = ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
-        out = ts.to_pydatetime()
-        return out.replace(tzinfo=None) if dialect.name == "sqlite" else out
-
-    def process_result_value(self, value: Any, dialect: Any) -> datetime | None:
-        if value is None:
-            return None
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+#: An event's optional link to the exposure it answers (recloop.exposures); not part of its identity.
+LINK = ("request_id", "position")
+#: The columns of ``EventLog.linked``.
+LINKED_COLUMNS = ("request_id", "position", "user_id", "item_id", "event_type", "value", "timestamp", "received_at")
 
 
 def _lock_key(table: str, user_id: str) -> int:
@@ -99,36 +73,23 @@ class EventLog:
 
     Args:
         url: e.g. ``sqlite:///home/eventlog.db`` or ``postgresql+psycopg://user@host/db``.
-        table_name: the table (tests use a unique name per run).
-        create: create the table and indexes if missing.
+        table_name: the events table (tests use a unique name per run); the exposure tables and the
+            version table derive their names from it (``recloop.logdb.table_names``).
+        create: migrate the schema to head (``recloop.logdb.upgrade``: creates the tables, or upgrades a
+            database made by an older version in place, keeping its rows). False leaves the schema
+            alone; it must then already be at head.
+    Raises:
+        sqlalchemy.exc.SQLAlchemyError: with ``create``, the database is unreachable or a migration failed.
     """
 
     def __init__(self, url: str, *, table_name: str = "events", create: bool = True) -> None:
-        parsed = make_url(url)
-        self.is_sqlite = parsed.get_backend_name() == "sqlite"
-        if self.is_sqlite and parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        self.engine = create_engine(url, pool_pre_ping=not self.is_sqlite)
-        if self.is_sqlite:
-            event.listen(self.engine, "connect", _sqlite_on_connect)
-            event.listen(self.engine, "begin", _sqlite_on_begin)
-        self.table = Table(
-            table_name,
-            MetaData(),
-            Column("seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
-            Column("event_id", String(128), nullable=False, unique=True),
-            Column("user_id", String(255), nullable=False),
-            Column("item_id", String(255), nullable=False),
-            Column("event_type", String(16), nullable=False),
-            Column("value", Float, nullable=True),
-            Column("timestamp", UTCDateTime, nullable=False),
-            Column("source", String(128), nullable=False),
-            Column("ingested_at", UTCDateTime, nullable=False),
-            Index(f"ix_{table_name}_user_ts", "user_id", "timestamp", "seq"),
-            Index(f"ix_{table_name}_ts", "timestamp", "seq"),
-        )
+        self.engine = make_engine(url)
+        self.is_sqlite = self.engine.dialect.name == "sqlite"
+        self.names = table_names(table_name)
+        self.tables = log_tables(MetaData(), table_name)
+        self.table = self.tables.events
         if create:
-            self.table.metadata.create_all(self.engine)
+            upgrade(self.engine, table_name)
 
     # ---- writes --------------------------------------------------------------------------
     def append(self, events: pd.DataFrame | Iterable[dict[str, Any]]) -> int:
@@ -136,11 +97,13 @@ class EventLog:
 
         Args:
             events: a frame or dicts with the contract columns (``event_id`` optional: derived
-                deterministically; ``source`` optional: "feedback").
+                deterministically; ``source`` optional: "feedback"), optionally ``request_id`` (str, the
+                exposure the event answers) and ``position`` (int 1..10000, its rank there). The link is
+                not part of the event's identity: a replay of a stored ``event_id`` keeps the first link.
         Returns:
             The number of newly inserted events.
         Raises:
-            ContractError: an event violates the contract.
+            ContractError: an event violates the contract (incl. a bad ``request_id``/``position``).
             ValueError: an ``event_id`` is stored (or repeated in ``events``) with different
                 content; nothing of the call is stored.
         """
@@ -162,9 +125,15 @@ class EventLog:
         timestamp: datetime | pd.Timestamp | None = None,
         event_id: str | None = None,
         source: str = "feedback",
+        request_id: str | None = None,
+        position: int | None = None,
     ) -> bool:
-        """Insert one event (timestamp defaults to now, UTC). Returns True if newly inserted."""
-        return self.append([_event(user_id, item_id, event_type, value, timestamp, event_id, source)]) == 1
+        """Insert one event (timestamp defaults to now, UTC). Returns True if newly inserted.
+
+        ``request_id``/``position``: the exposure the event answers and the item's rank in it (see ``append``).
+        """
+        row = _event(user_id, item_id, event_type, value, timestamp, event_id, source)
+        return self.append([dict(row, request_id=request_id, position=position)]) == 1
 
     def append_and_recent(
         self, event_row: dict[str, Any], n: int, after_ts: datetime | None = None
@@ -201,17 +170,20 @@ class EventLog:
         if isinstance(events, pd.DataFrame):
             if events.empty:
                 return []
+            links = _frame_links(events)
             frame = coerce_events(events, default_source="feedback")
             frame["timestamp"] = frame["timestamp"].dt.floor("us")  # the stored precision
             frame = frame.drop(columns=["received_at"])  # the log assigns its own (ingested_at)
             rows = frame.astype({"value": object}).where(frame.notna(), None).to_dict("records")
+            for r, (request_id, position) in zip(rows, links, strict=True):
+                r["request_id"], r["position"] = request_id, position
         else:
             rows = _coerce_dicts(list(events))
         seen: dict[str, dict[str, Any]] = {}
         for r in rows:
             if r["event_id"] in seen and not _same(seen[r["event_id"]], r):
                 raise EventIdConflict(r["event_id"], _differing(seen[r["event_id"]], r), "appears twice in the batch")
-            seen[r["event_id"]] = r
+            seen.setdefault(r["event_id"], r)  # a repeat keeps the first link (request_id, position)
         now = datetime.now(UTC)
         # One call is one receipt: its rows are logged (seq) in the order of their own timestamps, stable.
         ordered = sorted(seen.values(), key=lambda r: pd.Timestamp(r["timestamp"]))
@@ -265,8 +237,49 @@ class EventLog:
         return inserted
 
     # ---- reads ---------------------------------------------------------------------------
+    # ---- the event policy (recloop/policy.py) ---------------------------------------------
+    @property
+    def policy(self) -> EventPolicy:
+        """The event policy of history reads (default: the settings' ``event_policy``)."""
+        if getattr(self, "_policy", None) is None:
+            from recloop.settings import get_settings
+
+            self._policy = get_settings().event_policy
+        return self._policy
+
+    @policy.setter
+    def policy(self, value: EventPolicy) -> None:
+        self._policy = value
+
+    def _positive_clause(self) -> Any:
+        """SQL form of ``event_role(...) == "positive"`` (tests/unit/test_event_policy.py checks they agree)."""
+        t, p = self.table, self.policy
+        plain = sorted(p.positive - {"rating"})
+        cond = t.c.event_type.in_(plain) if plain else None
+        if "rating" in p.positive:
+            rating = t.c.event_type == "rating"
+            if p.rating_negative_below is not None:  # NaN/None is not below: stays positive
+                rating = rating & ((t.c.value >= p.rating_negative_below) | t.c.value.is_(None))
+            cond = rating if cond is None else cond | rating
+        return cond if cond is not None else text("1 = 0")
+
+    def _negative_clause(self) -> Any:
+        """SQL form of ``event_role(...) == "negative"`` (checked against it like ``_positive_clause``)."""
+        t, p = self.table, self.policy
+        plain = sorted(p.negative - {"rating"})
+        cond = t.c.event_type.in_(plain) if plain else None
+        rating = None
+        if "rating" in p.negative:
+            rating = t.c.event_type == "rating"
+        elif p.rating_negative_below is not None:
+            rating = (t.c.event_type == "rating") & (t.c.value < p.rating_negative_below)
+        if rating is not None:
+            cond = rating if cond is None else cond | rating
+        return cond if cond is not None else text("1 = 0")
+
     def recent_items(self, user_id: str, n: int, after_ts: datetime | None = None) -> list[str]:
-        """The user's last ``n`` item ids in log order (``seq``), oldest first ([] for an unknown user).
+        """The user's last ``n`` positive item ids (the event policy) in log order (``seq``), oldest
+        first ([] for an unknown user). Negative and context-only events are never history.
 
         ``after_ts`` keeps only events stamped after it.
         """
@@ -275,11 +288,41 @@ class EventLog:
 
     def _recent(self, conn: Connection, user_id: str, n: int, after_ts: datetime | None = None) -> list[str]:
         t = self.table
-        cond = t.c.user_id == user_id
+        cond = (t.c.user_id == user_id) & self._positive_clause()
         if after_ts is not None:
             cond = cond & (t.c.ingested_at > pd.Timestamp(after_ts).tz_convert("UTC").to_pydatetime())
         q = select(t.c.item_id).where(cond).order_by(t.c.seq.desc()).limit(n)
         return [r[0] for r in conn.execute(q)][::-1]
+
+    def user_state(
+        self, user_id: str, after_ts: datetime | None = None, now: datetime | None = None
+    ) -> tuple[set[str], dict[str, datetime]]:
+        """What serving masks for a user beyond the online window, from the log (shared by every worker).
+
+        Two indexed reads in one connection, classified by the SQL forms of ``recloop.policy.event_role``.
+
+        Args:
+            user_id: the user.
+            after_ts: the lake snapshot's newest ``received_at`` for the user (None: the whole log).
+            now: the reference time of suppression (default now, UTC).
+        Returns:
+            (consumed, suppressed): item ids of positives received after ``after_ts``; item_id -> the
+            time its newest negative stops suppressing it (negatives received within
+            ``policy.suppress_s`` before ``now``).
+        """
+        now = now or datetime.now(UTC)
+        span = timedelta(seconds=self.policy.suppress_s)
+        t = self.table
+        mine = t.c.user_id == str(user_id)
+        pos = mine & self._positive_clause()
+        if after_ts is not None:
+            pos = pos & (t.c.ingested_at > pd.Timestamp(after_ts).tz_convert("UTC").to_pydatetime())
+        neg = mine & self._negative_clause() & (t.c.ingested_at > now - span)
+        with self.engine.connect().execution_options(sqlite_begin="BEGIN") as conn:
+            consumed = {r[0] for r in conn.execute(select(t.c.item_id).where(pos).distinct())}
+            newest = conn.execute(select(t.c.item_id, func.max(t.c.ingested_at)).where(neg).group_by(t.c.item_id))
+            suppressed = {item: _utc(received) + span for item, received in newest}
+        return consumed, suppressed
 
     def since(
         self,
@@ -340,6 +383,36 @@ class EventLog:
             row = conn.execute(select(self.table).where(self.table.c.event_id == str(event_id))).mappings().first()
         return None if row is None else dict(row)
 
+    def linked(self, since: datetime | pd.Timestamp | None = None) -> pd.DataFrame:
+        """The events linked to an exposure (``request_id`` not null), in log order (``seq``).
+
+        Join them to ``recloop.exposures.ExposureLog.read`` on ``request_id`` (and ``position``).
+
+        Args:
+            since: only events received after it (``ingested_at > since``; naive means UTC).
+        Returns:
+            A frame with ``LINKED_COLUMNS``: request_id (str), position (Int64, <NA> when unknown),
+            user_id, item_id, event_type (str), value (float64), timestamp and received_at
+            (datetime64[ns, UTC]; received_at is the log's ``ingested_at``).
+        """
+        t = self.table
+        q = select(
+            t.c.request_id, t.c.position, t.c.user_id, t.c.item_id, t.c.event_type, t.c.value, t.c.timestamp,
+            t.c.ingested_at.label("received_at"),
+        ).where(t.c.request_id.is_not(None))
+        if since is not None:
+            q = q.where(t.c.ingested_at > _utc(since))
+        with self.engine.connect().execution_options(sqlite_begin="BEGIN") as conn:
+            rows = conn.execute(q.order_by(t.c.seq)).all()
+        df = pd.DataFrame([tuple(r) for r in rows], columns=list(LINKED_COLUMNS))
+        df["position"] = df["position"].astype("Int64")
+        df["value"] = pd.to_numeric(df["value"], errors="coerce").astype("float64")
+        for col in ("timestamp", "received_at"):
+            df[col] = pd.to_datetime(df[col], utc=True).astype("datetime64[ns, UTC]")
+        for col in ("request_id", "user_id", "item_id", "event_type"):
+            df[col] = df[col].astype(object)
+        return df
+
     def users(self) -> list[str]:
         """The distinct user ids of the log, sorted (one query; a read, no write lock)."""
         with self.engine.connect().execution_options(sqlite_begin="BEGIN") as conn:
@@ -369,25 +442,59 @@ class EventLog:
         return None if value is None else int(value)
 
     def drop(self) -> None:
-        """Drop the table (tests and teardown)."""
-        self.table.drop(self.engine, checkfirst=True)
+        """Drop the log's tables (events, exposures, exposure_items) and its version table (tests and teardown)."""
+        drop_all(self.engine, self.table.name)
 
     def close(self) -> None:
         """Release pooled connections."""
         self.engine.dispose()
 
 
-def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
-    dbapi_conn.isolation_level = None  # let SQLAlchemy's "begin" event issue BEGIN itself
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-    cur.execute("PRAGMA synchronous=NORMAL")
-    cur.close()
+def _utc(value: Any) -> datetime:
+    """A timestamp (a datetime, or text from an SQLite aggregate) as tz-aware UTC (naive means UTC)."""
+    ts = pd.Timestamp(value)
+    return (ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")).to_pydatetime()
 
 
-def _sqlite_on_begin(conn: Connection) -> None:
-    conn.exec_driver_sql(conn.get_execution_options().get("sqlite_begin", "BEGIN IMMEDIATE"))
+def _missing(value: Any) -> bool:
+    return value is None or value is pd.NA or value is pd.NaT or (isinstance(value, float) and math.isnan(value))
+
+
+def _link(request_id: Any, position: Any) -> tuple[str | None, int | None]:
+    """An event's optional link to an exposure, checked by the contract's rules and normalised.
+
+    Returns:
+        (request_id or None, position or None).
+    Raises:
+        ContractError: ``request_id`` breaks ``request_id_violation`` or ``position`` ``position_violation``.
+    """
+    if _missing(request_id):
+        request_id = None
+    else:
+        rule = request_id_violation(request_id)
+        if rule:
+            raise ContractError("events", "request_id", rule, [request_id])
+        request_id = normalise_id(request_id)
+    if _missing(position):
+        position = None
+    else:
+        rule = position_violation(position)
+        if rule:
+            raise ContractError("events", "position", rule, [position])
+        position = int(position)
+    return request_id, position
+
+
+def _frame_links(events: pd.DataFrame) -> list[tuple[str | None, int | None]]:
+    """The checked ``LINK`` of each row of a frame, in row order (columns may be absent: no link).
+
+    A float ``position`` column of whole numbers (what pandas makes of integers with nulls) is accepted.
+    """
+    n = len(events)
+    request_ids = events["request_id"].tolist() if "request_id" in events.columns else [None] * n
+    positions = events["position"].tolist() if "position" in events.columns else [None] * n
+    positions = [int(p) if isinstance(p, float) and p.is_integer() else p for p in positions]
+    return [_link(r, p) for r, p in zip(request_ids, positions, strict=True)]
 
 
 def _event(
@@ -447,6 +554,7 @@ def _coerce_dicts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             repeats[key] = repeats.get(key, -1) + 1
             event_id = derive_event_id(*key, repeats[key])
         r["event_id"] = str(event_id).strip()
+        r["request_id"], r["position"] = _link(raw.get("request_id"), raw.get("position"))
         out.append(r)
     return out
 

@@ -17,6 +17,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from recloop.gate import DEFAULT_MAX_COVERAGE_DROP, DEFAULT_MIN_GAIN
+from recloop.policy import EventPolicy
 
 # Telemetry and network opt-outs (docs/stack-notes.md): the platform must never phone home.
 TELEMETRY_ENV: dict[str, str] = {
@@ -95,6 +96,31 @@ class Settings(BaseSettings):
     bot_guard_min_events: int = Field(default=1000, ge=0, description="Batches smaller than this skip the bot guard")
     unknown_item_max_share: float = Field(default=0.05, ge=0, le=1, description="Events naming new items")
 
+    # Event policy (recloop/policy.py): what each event type means for a history
+    event_positive: str = Field(
+        default="view,click,like,purchase,rating",
+        description="Event types that are consumption: history, training target, click (comma separated)",
+    )
+    event_negative: str = Field(
+        default="skip", description="Event types that are 'not interested': suppressed, never a target"
+    )
+    rating_negative_below: float | None = Field(
+        default=None, description="A rating below this is a negative (None: every rating is consumption)"
+    )
+    negative_suppress_s: float = Field(
+        default=30 * 86_400.0, ge=0, description="Seconds a negative hides its item from that user"
+    )
+
+    # Exposure log (recloop/exposures.py): what the service showed
+    exposure_log: bool = Field(default=True, description="Record every recommend answer in the exposure log")
+    exposure_flush_ms: float = Field(
+        default=100.0, gt=0, description="Exposure batches are written this often (a kill -9 loses at most these)"
+    )
+    exposure_queue_max: int = Field(default=10_000, ge=1, description="Exposures waiting to be written, at most")
+    exposure_retention_days: float = Field(
+        default=90.0, gt=0, description="Exposures older than this are pruned by the online-metrics flow"
+    )
+
     # Evaluation gate
     gate_min_gain: float = Field(default=DEFAULT_MIN_GAIN, description="Candidate NDCG@10 >= champion * (1 + min_gain)")
     gate_max_coverage_drop: float = Field(default=DEFAULT_MAX_COVERAGE_DROP, ge=0, le=1,
@@ -137,6 +163,16 @@ class Settings(BaseSettings):
         if not self.prefect_api_url:
             object.__setattr__(self, "prefect_api_url", f"http://127.0.0.1:{self.prefect_port}/api")
         return self
+
+    @model_validator(mode="after")
+    def _valid_policy(self) -> Settings:
+        EventPolicy.from_settings(self)  # raises ValueError naming the bad event type
+        return self
+
+    @property
+    def event_policy(self) -> EventPolicy:
+        """The event policy these settings define (``recloop.policy``)."""
+        return EventPolicy.from_settings(self)
 
     @property
     def mlflow_uri(self) -> str:

@@ -41,8 +41,9 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from models.ranking import encode_history, mask_scores, score_histories, top_k_items
+from models.ranking import encode_history, mask_scores, score_histories, seen_mask, top_k_items
 from models.vocab import PAD_IDX, ItemVocabulary
+from recloop.policy import DEFAULT_POLICY, EventPolicy, event_role
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,13 @@ class EventStore(Protocol):
     def recent_items(self, user_id: str, n: int, after_ts: datetime | None = None) -> list[str]: ...
 
     def get(self, event_id: str) -> dict[str, Any] | None: ...
+
+
+class ExposureSink(Protocol):
+    """Records one answer off the request path (``recloop.exposures.ExposureLog.record``)."""
+
+    def record(self, request_id: str, user_id: str, model_version: str, items: list[tuple[str, float]],
+               **kw: Any) -> bool: ...
 
 
 #: user_id -> (last items in the lake, oldest first; timestamp of the user's newest lake event)
@@ -175,11 +183,19 @@ class RecommenderCore:
         source: str = "api",
         base_history: BaseHistory | None = None,
         consumed: Mapping[str, frozenset[str]] | None = None,
+        suppressed: Mapping[str, Mapping[str, datetime]] | None = None,
+        policy: EventPolicy | None = None,
+        exposures: ExposureSink | None = None,
     ) -> None:
         self._served = served
         self.base_history: BaseHistory = base_history or {}
-        #: user_id -> every item of the user's lake history (the lake snapshot's "seen" set)
+        #: user_id -> every positive item of the user's lake history (the lake snapshot's "seen" set)
         self.consumed: Mapping[str, frozenset[str]] = consumed or {}
+        #: user_id -> {item_id: until}: the lake snapshot's negatives still in force ("not interested")
+        self.suppressed: Mapping[str, Mapping[str, datetime]] = suppressed or {}
+        self.policy = policy or DEFAULT_POLICY
+        #: where each answer is recorded (``recloop.exposures.ExposureLog``); None = not recorded
+        self.exposures = exposures
         self.online = online
         self.events = events
         self.max_seq_len = max_seq_len
@@ -234,13 +250,31 @@ class RecommenderCore:
             tail = []
         return (list(base) + tail)[-self.max_seq_len:]
 
-    def seen_items(self, user_id: str, history: list[str], stored: list[str] | None) -> set[str]:
-        """What ``exclude_seen`` masks: everything the user consumed, not only the model's window.
+    def seen_items(self, user_id: str, history: list[str], stored: list[str] | None,
+                   now: datetime | None = None) -> set[str]:
+        """What ``exclude_seen`` masks: everything the user consumed, not only the model's window, and
+        what the user said "not interested" to.
 
-        The lake snapshot's whole item set of the user (``consumed``), the stored online window (the
-        log's newer events) and the history the scores were computed from (a request's ``history``).
+        The lake snapshot's positives of the user (``consumed``), the log's positives received after
+        that snapshot (all of them, ``EventLog.user_state``), the stored online window, the history the
+        scores were computed from (a request's ``history``), and the items a negative still suppresses
+        (the lake snapshot's and the log's, ``policy.suppress_s``). An unreadable log leaves its part
+        out (logged): the lake snapshot and the online window still apply.
         """
-        return set(self.consumed.get(user_id, ())) | set(stored or ()) | set(history)
+        now = now or datetime.now(UTC)
+        seen = set(self.consumed.get(user_id, ())) | set(stored or ()) | set(history)
+        seen.update(i for i, until in self.suppressed.get(user_id, {}).items() if until > now)
+        user_state = getattr(self.events, "user_state", None)
+        if user_state is not None:
+            _, base_ts = self.base_history.get(user_id, ([], None))
+            try:
+                consumed, suppressed = user_state(user_id, after_ts=base_ts, now=now)
+            except Exception as err:  # noqa: BLE001 - the snapshot's part still masks
+                logger.warning("event log not readable; seen set without it user_id=%s error=%s", user_id[:64], err)
+            else:
+                seen |= consumed
+                seen.update(suppressed)
+        return seen
 
     def recommend(
         self, user_id: str, k: int = 10, exclude_seen: bool = True, history: list[str] | None = None
@@ -253,8 +287,12 @@ class RecommenderCore:
         user a push), the stored history is rebuilt from its sources (``history_from_sources``) and
         the strategy is ``"fallback"``; the request's ``history``, if given, is still the one used.
 
+        Every answer gets a fresh ``request_id`` and, with an exposure sink, is recorded as an
+        exposure (what was shown, by which version, from which history) off the request path.
+
         Returns:
-            dict with items [{item_id, score, title}], model_version, variant, strategy, cold_start.
+            dict with items [{item_id, score, title}], model_version, variant, strategy, cold_start,
+            request_id (32 hex chars; send it back with ``feedback`` to link the event to this answer).
         """
         served = self._served  # one read: a concurrent swap does not mix versions
         stored: list[str] | None = None
@@ -281,13 +319,22 @@ class RecommenderCore:
             strategy = "fallback"
         if exclude_seen:
             seen = self.seen_items(user_id, hist_ids, stored)
-            scores = mask_scores(scores[None, :], exclude=encode_history(served.vocab, seen))[0]
+            scores = mask_scores(scores[None, :], seen_mask([encode_history(served.vocab, seen)], len(served.vocab)))[0]
+        items = self._items(served, scores, k)
+        request_id = uuid.uuid4().hex
+        if self.exposures is not None:
+            context = [i for i in hist_ids if i in served.vocab][-served.seq_len:] if len(idx) else []
+            self.exposures.record(
+                request_id, user_id, served.version, [(x["item_id"], x["score"]) for x in items],
+                variant=self.variant, context=context, policy="greedy",
+            )
         return {
-            "items": self._items(served, scores, k),
+            "items": items,
             "model_version": served.version,
             "variant": self.variant,
             "strategy": strategy,
             "cold_start": cold_start,
+            "request_id": request_id,
         }
 
     def feedback(
@@ -298,6 +345,8 @@ class RecommenderCore:
         value: float | None = None,
         timestamp: datetime | None = None,
         event_id: str | None = None,
+        request_id: str | None = None,
+        position: int | None = None,
     ) -> dict[str, Any]:
         """Store one event, then refresh the user's online sequence from the log; return after both.
 
@@ -311,9 +360,13 @@ class RecommenderCore:
         lands ``recommend`` rebuilds this user's history from the log. An error before the event is
         stored (contract, event-id conflict, event log down) propagates.
 
+        ``request_id`` (and the 1-based ``position`` of the item in that answer) links the event to the
+        exposure ``recommend`` answered; it is stored with the event, not part of its identity.
+
         Returns:
             dict with event_id, inserted (False on an idempotent replay), known_item, recent_items,
-            degraded (True: stored, online refresh pending).
+            degraded (True: stored, online refresh pending), role (the event policy's: positive,
+            negative or context; a negative suppresses the item for ``policy.suppress_s``).
         """
         if timestamp is None and event_id is not None:
             # A client retry of the same event_id without a timestamp is the same event, not a conflict.
@@ -331,6 +384,10 @@ class RecommenderCore:
             "timestamp": ts.astimezone(UTC),
             "source": self.source,
         }
+        if request_id is not None:
+            event["request_id"] = request_id
+        if position is not None:
+            event["position"] = position
         base_items, base_ts = self.base_history.get(user_id, ([], None))
         base_items = list(base_items)
         degraded = False
@@ -352,6 +409,7 @@ class RecommenderCore:
             "known_item": item_id in self._served.vocab,
             "recent_items": len(recent),
             "degraded": degraded,
+            "role": event_role(event_type, value, self.policy),
         }
 
     def _refresh(self, user_id: str, base: list[str], base_ts: datetime | None, tail: list[str]) -> list[str]:

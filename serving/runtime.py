@@ -16,12 +16,13 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
+from recloop.policy import DEFAULT_POLICY, EventPolicy
 from recloop.settings import Settings, configure_environment, get_settings
 from serving.recommender import RecommenderCore, ServedModel, build_served
 from serving.schemas import ModelInfo
@@ -37,19 +38,26 @@ class Catalogue:
     popularity: dict[str, float] = field(default_factory=dict)
     base_history: dict[str, tuple[list[str], Any]] = field(default_factory=dict)
     consumed: dict[str, frozenset[str]] = field(default_factory=dict)
+    #: user_id -> {item_id: suppressed until (UTC)}: the lake's negatives still within the policy's time
+    suppressed: dict[str, dict[str, datetime]] = field(default_factory=dict)
 
 
-def load_catalogue(lake_path: Path, max_seq_len: int) -> Catalogue:
+def load_catalogue(lake_path: Path, max_seq_len: int, policy: EventPolicy | None = None,
+                   now: datetime | None = None) -> Catalogue:
     """Item titles, event counts and per-user lake histories from the lake (empty when absent).
 
-    ``base_history[user_id]`` is (the user's last ``max_seq_len`` item ids, oldest first, in the
-    contract's history order; the newest ``received_at`` of the user's lake events): the feedback
+    Histories, "seen" sets and popularity hold the event policy's positives only (``recloop.policy``);
+    the lake's negatives received within ``policy.suppress_s`` of ``now`` are ``suppressed``.
+    ``base_history[user_id]`` is (the user's last ``max_seq_len`` positive item ids, oldest first, in
+    the contract's history order; the newest ``received_at`` of the user's lake events): the feedback
     path appends the event log's events received after it.
     """
     import pyarrow
 
     from recloop.lake import Lake
 
+    policy = policy or DEFAULT_POLICY
+    now = now or datetime.now(UTC)
     cat = Catalogue()
     lake = Lake(lake_path)  # committed batches only; latest version of each item
     try:
@@ -57,9 +65,15 @@ def load_catalogue(lake_path: Path, max_seq_len: int) -> Catalogue:
         if len(items):
             cat.titles = dict(zip(items["item_id"].astype(str), items["title"].astype(str), strict=True))
         events = lake.events()  # ordered by (received_at, ingest order): the contract's history order
+        roles = policy.roles(events["event_type"], events["value"])
+        last_ts = events.groupby("user_id", sort=False)["received_at"].max()  # the log tail starts after it
+        negatives = events[(roles == "negative") & (events["received_at"] > now - timedelta(seconds=policy.suppress_s))]
+        for (user_id, item_id), received in negatives.groupby(["user_id", "item_id"], sort=False)["received_at"]:
+            until = received.max().to_pydatetime() + timedelta(seconds=policy.suppress_s)
+            cat.suppressed.setdefault(str(user_id), {})[str(item_id)] = until
+        events = events[roles == "positive"]
         cat.popularity = {str(k): float(v) for k, v in events["item_id"].value_counts().items()}
         tail = events.groupby("user_id", sort=False).tail(max_seq_len)
-        last_ts = events.groupby("user_id", sort=False)["received_at"].max()  # the log tail starts after it
         # "Seen" is everything the user consumed, not only the model's window (exclude_seen masks it all).
         cat.consumed = {str(u): frozenset(g.astype(str)) for u, g in events.groupby("user_id", sort=False)["item_id"]}
         cat.base_history = {
@@ -155,13 +169,16 @@ def load_champion(rt_settings: Settings, client: Any, titles: dict[str, str], po
     raise RuntimeError(f"no loadable version of {name!r}: {alias_error}; fallbacks: {failures or 'none'}")
 
 
-def build_runtime(settings: Settings | None = None, *, online: Any = None, events: Any = None) -> Runtime:
+def build_runtime(settings: Settings | None = None, *, online: Any = None, events: Any = None,
+                  exposures: Any = None) -> Runtime:
     """Connect to MLflow, the event log and the online store; load the champion (or its fallback).
 
     Args:
         settings: defaults to ``get_settings()``.
         online: the online store (default ``featurestore.online.OnlineFeatures``); tests pass a fake.
         events: the event log (default ``recloop.eventlog.EventLog`` on ``settings.event_log_uri``).
+        exposures: the exposure sink (default ``recloop.exposures.ExposureLog`` on the same database
+            when ``settings.exposure_log``).
     Raises:
         LookupError: the registered model has no ``settings.model_alias`` alias and no last good version.
         RuntimeError: nothing loads (the alias's version, the last good one, earlier champions).
@@ -172,7 +189,7 @@ def build_runtime(settings: Settings | None = None, *, online: Any = None, event
     from registry.tracking import configure_tracking
 
     client = configure_tracking(settings)
-    cat = load_catalogue(settings.lake_path, settings.max_seq_len)
+    cat = load_catalogue(settings.lake_path, settings.max_seq_len, settings.event_policy)
     titles, popularity = cat.titles, cat.popularity
     alias_version = alias_error = None
     if settings.serve_model_version:  # a pinned deployment serves exactly its version, or fails
@@ -187,10 +204,12 @@ def build_runtime(settings: Settings | None = None, *, online: Any = None, event
         from recloop.eventlog import EventLog
 
         events = EventLog(settings.event_log_uri)
+        events.policy = settings.event_policy
     core = RecommenderCore(
         served, online, events,
         max_seq_len=settings.max_seq_len, variant=settings.model_alias, base_history=cat.base_history,
-        consumed=cat.consumed,
+        consumed=cat.consumed, suppressed=cat.suppressed, policy=settings.event_policy,
+        exposures=exposures if exposures is not None else _exposure_log(settings),
     )
     # Re-sync an empty online store now (a Redis that restarted empty), then retry failed pushes and
     # watch for an emptied store in a daemon thread (serving/recommender.py, "Online-store outages").
@@ -198,6 +217,16 @@ def build_runtime(settings: Settings | None = None, *, online: Any = None, event
     logger.info("service ready model=%s version=%s degraded=%s", settings.model_name, served.version,
                 alias_error)
     return Runtime(settings, client, core, titles, popularity, alias_version, alias_error)
+
+
+def _exposure_log(settings: Settings) -> Any:
+    """The exposure log of ``settings`` (None when ``exposure_log`` is off): batched, off the request path."""
+    if not settings.exposure_log:
+        return None
+    from recloop.exposures import ExposureLog
+
+    return ExposureLog(settings.event_log_uri, flush_interval_s=settings.exposure_flush_ms / 1000.0,
+                       max_queue=settings.exposure_queue_max)
 
 
 def _online_reasons(status: Any) -> list[str]:
@@ -281,7 +310,7 @@ class ChampionWatcher:
             return False
         try:
             # A new version may know new items: refresh titles and popularity from the lake first.
-            cat = load_catalogue(s.lake_path, s.max_seq_len)
+            cat = load_catalogue(s.lake_path, s.max_seq_len, s.event_policy)
             self.rt.titles, self.rt.popularity = cat.titles, cat.popularity
             served = served_from_registry(s, self.rt.client, version, self.rt.titles, self.rt.popularity)
         except Exception as err:  # noqa: BLE001 - any load failure must keep the old model serving
@@ -294,6 +323,7 @@ class ChampionWatcher:
             return False
         self.rt.core.base_history = cat.base_history  # one reference assignment, like the model swap
         self.rt.core.consumed = cat.consumed
+        self.rt.core.suppressed = cat.suppressed
         self.rt.core.swap(served)
         self.last_error = self.alias_problem = self._failed_version = None
         self._failures = 0

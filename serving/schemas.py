@@ -20,10 +20,13 @@ from recloop.contract import (
     EVENT_TYPES,
     MAX_EVENT_ID_CHARS,
     MAX_ID_CHARS,
+    MAX_POSITION,
+    MAX_REQUEST_ID_CHARS,
     EventType,
     event_id_violation,
     id_violation,
     normalise_id,
+    request_id_violation,
 )
 
 MAX_HISTORY = 200
@@ -56,6 +59,21 @@ def contract_event_id(value: str) -> str:
 
 
 Id = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_CHARS), AfterValidator(contract_id)]
+def contract_request_id(value: str) -> str:
+    """The contract's rule of a ``request_id`` (``recloop.contract.request_id_violation``), normalised.
+
+    Raises:
+        ValueError: the rule broken.
+    """
+    rule = request_id_violation(value)
+    if rule:
+        raise ValueError(rule)
+    return normalise_id(value)
+
+
+RequestId = Annotated[
+    str, StringConstraints(min_length=1, max_length=MAX_REQUEST_ID_CHARS), AfterValidator(contract_request_id)
+]
 EventId = Annotated[
     str, StringConstraints(min_length=1, max_length=MAX_EVENT_ID_CHARS), AfterValidator(contract_event_id)
 ]
@@ -105,6 +123,11 @@ class RecommendResponse(BaseModel):
         " request's history was used; popularity when both are empty)"
     )
     cold_start: bool = Field(description="True when the user has no stored history (cold-start path)")
+    request_id: str = Field(
+        default="",
+        description="This answer's id (32 hex chars), recorded in the exposure log with what was shown;"
+        " send it back in /feedback (with the item's position) to link the event to this answer",
+    )
 
 
 class FeedbackRequest(_Strict):
@@ -121,6 +144,15 @@ class FeedbackRequest(_Strict):
         " acknowledged once (without a timestamp it reuses the stored one); the same id with other"
         " content is refused (400)",
     )
+    request_id: RequestId | None = Field(
+        default=None,
+        description="The /recommend answer this event reacts to (its request_id); links the event to"
+        " that exposure for online metrics. Not part of the event's identity",
+    )
+    position: int | None = Field(
+        default=None, ge=1, le=MAX_POSITION, strict=True,
+        description="1-based position of the item in that answer",
+    )
 
 
 class FeedbackResponse(BaseModel):
@@ -134,6 +166,12 @@ class FeedbackResponse(BaseModel):
         default=False,
         description="True when the event is stored but the online store could not be refreshed: the"
         " push is retried in the background and the next recommend rebuilds the history from the log",
+    )
+    role: Literal["positive", "negative", "context"] = Field(
+        default="positive",
+        description="What the event means under the event policy: positive (history, training target),"
+        " negative ('not interested': the item is suppressed for this user for a while, never a target)"
+        " or context (stored only)",
     )
 
 

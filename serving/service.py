@@ -245,6 +245,13 @@ class Recommender:
         self._poller = threading.Thread(target=self.watcher.run_forever, name="champion-poll", daemon=True)
         self._poller.start()
 
+    @bentoml.on_shutdown
+    def _flush_exposures(self) -> None:
+        """Graceful stop: write the exposures still queued (a kill -9 loses at most the last flush interval)."""
+        exposures = getattr(self.core, "exposures", None)
+        if exposures is not None:
+            exposures.close()
+
     def __is_ready__(self) -> bool:
         # /readyz: 200 while a model serves, so a shared store outage or a bad promotion never drops
         # every replica at once; /ready reports status ok|degraded with the reason.
@@ -274,7 +281,8 @@ class Recommender:
                 raise InvalidFeedback(f"timestamp: {rule}")
         try:
             out = self.core.feedback(
-                req.user_id, req.item_id, req.event_type, req.value, req.timestamp, req.event_id
+                req.user_id, req.item_id, req.event_type, req.value, req.timestamp, req.event_id,
+                request_id=req.request_id, position=req.position,
             )
         except ValueError as err:  # ContractError is a ValueError; nothing was stored
             raise InvalidFeedback(f"feedback refused: {err}") from err

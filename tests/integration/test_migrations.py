@@ -1,0 +1,233 @@
+"""Versioned migrations of the event-log database (recloop.logdb, Alembic) on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Engine,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    create_engine,
+    inspect,
+    select,
+)
+
+from recloop import logdb
+from recloop.eventlog import EventLog
+from recloop.settings import get_settings
+
+T0 = pd.Timestamp("2024-05-01T12:00:00Z")
+
+
+@dataclass
+class Db:
+    url: str
+    events_table: str
+    engine: Engine
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Db]:
+    table = f"events_test_{uuid.uuid4().hex[:10]}"
+    url = f"sqlite:///{tmp_path / 'eventlog.db'}" if request.param == "sqlite" else get_settings().postgres_url
+    engine = create_engine(url)
+    try:
+        with engine.connect():
+            pass
+    except Exception as err:  # noqa: BLE001 - any connection failure means the server is absent
+        engine.dispose()
+        if request.param == "postgres":
+            pytest.skip(f"PostgreSQL not reachable: {err}")
+        raise
+    yield Db(url, table, engine)
+    logdb.drop_all(engine, table)
+    assert not {n for n in inspect(engine).get_table_names() if n.startswith(table)}
+    engine.dispose()
+
+
+def _legacy_events_table(name: str) -> Table:
+    """The events table exactly as EventLog.__init__ created it before migrations existed (create_all)."""
+    return Table(
+        name,
+        MetaData(),
+        Column("seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+        Column("event_id", String(128), nullable=False, unique=True),
+        Column("user_id", String(255), nullable=False),
+        Column("item_id", String(255), nullable=False),
+        Column("event_type", String(16), nullable=False),
+        Column("value", Float, nullable=True),
+        Column("timestamp", DateTime(timezone=True), nullable=False),  # UTCDateTime's DDL
+        Column("source", String(128), nullable=False),
+        Column("ingested_at", DateTime(timezone=True), nullable=False),
+        Index(f"ix_{name}_user_ts", "user_id", "timestamp", "seq"),
+        Index(f"ix_{name}_ts", "timestamp", "seq"),
+    )
+
+
+def test_head_revision_is_the_scripts_head() -> None:
+    config = Config()
+    config.set_main_option("script_location", str(logdb.MIGRATIONS_DIR))
+    script = ScriptDirectory.from_config(config)
+    assert script.get_current_head() == logdb.HEAD_REVISION
+    assert [s.revision for s in script.walk_revisions()][::-1] == ["0001", "0002"]
+
+
+def test_table_names() -> None:
+    default = logdb.LogTableNames("events", "exposures", "exposure_items", "alembic_version")
+    assert logdb.table_names() == logdb.table_names("events") == default
+    assert logdb.table_names("events_test_ab12") == logdb.LogTableNames(
+        "events_test_ab12", "events_test_ab12_exposures", "events_test_ab12_exposure_items",
+        "events_test_ab12_alembic_version",
+    )
+    assert logdb.table_names("app_events").exposures == "app_exposures"
+
+
+def test_a_database_of_the_previous_code_upgrades_in_place(db: Db) -> None:
+    legacy = _legacy_events_table(db.events_table)
+    legacy.metadata.create_all(db.engine)
+    rows = [
+        {"event_id": f"e{k}", "user_id": f"u{k % 2}", "item_id": f"i{k}", "event_type": "click",
+         "value": None if k % 2 else 4.0, "timestamp": (T0 + pd.Timedelta(minutes=k)).to_pydatetime(),
+         "source": "feedback", "ingested_at": (T0 + pd.Timedelta(minutes=k, seconds=1)).to_pydatetime()}
+        for k in range(5)
+    ]
+    with db.engine.begin() as conn:
+        conn.execute(legacy.insert(), rows)
+        conn.execute(legacy.delete().where(legacy.c.event_id == "e2"))  # a gap in seq must survive
+        before = {r.event_id: r.seq for r in conn.execute(select(legacy.c.event_id, legacy.c.seq))}
+    assert logdb.current_revision(db.engine, db.events_table) is None
+
+    log = EventLog(db.url, table_name=db.events_table)
+    try:
+        assert logdb.current_revision(log.engine, db.events_table) == logdb.HEAD_REVISION
+        frame = log.since(with_seq=True)
+        assert dict(zip(frame["event_id"], frame["seq"], strict=True)) == before
+        assert frame["event_id"].tolist() == ["e0", "e1", "e3", "e4"]
+        assert frame["value"].isna().tolist() == [False, True, True, False]
+        assert log.get("e3")["request_id"] is None and log.get("e3")["position"] is None
+        assert log.get("e0")["value"] == 4.0 and log.get("e0")["timestamp"] == T0.to_pydatetime()
+        names = log.names
+        inspector = inspect(log.engine)
+        assert {names.exposures, names.exposure_items, names.version_table} <= set(inspector.get_table_names())
+        assert {"request_id", "position"} <= {c["name"] for c in inspector.get_columns(db.events_table)}
+        assert f"ix_{db.events_table}_request" in {ix["name"] for ix in inspector.get_indexes(db.events_table)}
+        # New rows continue the sequence and may carry a link.
+        assert log.append_one("u9", "x", "click", timestamp=T0, request_id="req-1", position=2)
+        assert log.get(log.since()["event_id"].iloc[-1])["seq"] > max(before.values())
+        assert log.linked()[["request_id", "position", "item_id"]].values.tolist() == [["req-1", 2, "x"]]
+        # A second upgrade is a no-op (the fast path) and changes nothing.
+        assert logdb.upgrade(log.engine, db.events_table) == logdb.HEAD_REVISION
+        assert log.count() == 5
+    finally:
+        log.close()
+
+
+def test_the_migrated_schema_matches_log_tables(db: Db) -> None:
+    assert logdb.upgrade(db.engine, db.events_table) == logdb.HEAD_REVISION
+    tables = logdb.log_tables(MetaData(), db.events_table)
+    inspector = inspect(db.engine)
+    for table in (tables.events, tables.exposures, tables.exposure_items):
+        columns = {c["name"]: c for c in inspector.get_columns(table.name)}
+        assert set(columns) == {c.name for c in table.c}, table.name
+        for col in table.c:
+            assert columns[col.name]["nullable"] == col.nullable, (table.name, col.name)
+        assert set(inspector.get_pk_constraint(table.name)["constrained_columns"]) == {
+            c.name for c in table.primary_key
+        }
+        assert {ix["name"] for ix in inspector.get_indexes(table.name)} >= {ix.name for ix in table.indexes}
+
+
+def test_concurrent_upgrades_of_a_fresh_database_all_succeed(db: Db) -> None:
+    barrier = threading.Barrier(4)
+    results: list[str] = []
+    errors: list[BaseException] = []
+
+    def run(k: int) -> None:
+        # Each thread stands for a process starting: its own engine (one plain, the others as the log makes them).
+        engine = create_engine(db.url) if k == 0 else logdb.make_engine(db.url)
+        try:
+            barrier.wait()
+            results.append(logdb.upgrade(engine, db.events_table))
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+        finally:
+            engine.dispose()
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    assert results == [logdb.HEAD_REVISION] * 4
+    assert logdb.current_revision(db.engine, db.events_table) == logdb.HEAD_REVISION
+
+
+_UPGRADE_IN_A_PROCESS = """
+import sys, time
+from pathlib import Path
+from recloop import logdb
+url, table, folder, k = sys.argv[1:5]
+engine = logdb.make_engine(url)
+(Path(folder) / f"ready{k}").touch()
+while not (Path(folder) / "go").exists():
+    time.sleep(0.005)
+print(logdb.upgrade(engine, table))
+"""
+
+
+def test_concurrent_upgrades_from_several_processes_all_succeed(db: Db, tmp_path: Path) -> None:
+    folder = tmp_path / "sync"
+    folder.mkdir()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _UPGRADE_IN_A_PROCESS, db.url, db.events_table, str(folder), str(k)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for k in range(4)
+    ]
+    deadline = time.monotonic() + 60
+    while len(list(folder.glob("ready*"))) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (folder / "go").touch()  # all four start upgrading at once
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [err[-2000:] for _, err in outs]
+    assert [out.strip() for out, _ in outs] == [logdb.HEAD_REVISION] * 4
+    assert logdb.current_revision(db.engine, db.events_table) == logdb.HEAD_REVISION
+
+
+def test_a_fresh_event_log_is_at_head(db: Db) -> None:
+    log = EventLog(db.url, table_name=db.events_table)
+    try:
+        assert logdb.current_revision(log.engine, db.events_table) == logdb.HEAD_REVISION
+        assert log.count() == 0
+    finally:
+        log.close()
+
+
+def test_create_false_leaves_the_schema_alone(db: Db) -> None:
+    log = EventLog(db.url, table_name=db.events_table, create=False)
+    try:
+        assert logdb.current_revision(log.engine, db.events_table) is None
+        assert not inspect(log.engine).has_table(db.events_table)
+    finally:
+        log.close()
