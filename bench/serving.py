@@ -243,10 +243,29 @@ def bench_serving(ml100k: Path, home: Path, n_requests: int = 2000, n_feedback: 
     t0 = time.perf_counter()
     with running_server(env, free_port(), home / "serve.log") as base:
         start_s = time.perf_counter() - t0
-        load_test(base, users, 200, 4)  # warm-up
+        warm = load_test(base, users, 200, 4)  # warm-up
         c1 = load_test(base, users, n_requests // 4, 1)
         c8 = load_test(base, users, n_requests, 8)
         fb = feedback_test(base, users[::-1], n_feedback)
     goals = {"c1_p50_ms": 3, "c1_p99_ms": 8, "c8_req_per_s": 400, "c8_p99_ms": 40, "reflected_share": 1.0}
+    answers = sum(r["requests"] - r["errors"] for r in (warm, c1, c8)) + 2 * n_feedback
     return {"model_version": prep["version"], "prepare_s": round(prep_s, 1),
-            "server_start_s": round(start_s, 1), "recommend_c1": c1, "recommend_c8": c8, **fb, "goals": goals}
+            "server_start_s": round(start_s, 1), "recommend_c1": c1, "recommend_c8": c8, **fb,
+            "exposure_log": _exposure_counts(answers), "goals": goals}
+
+
+def _exposure_counts(answers: int) -> dict[str, Any]:
+    """Whether the exposure log was on and how many of the ``answers`` it holds after the server stopped
+    (a graceful stop writes the queue: every answer should be there)."""
+    from recloop.exposures import ExposureLog
+    from recloop.settings import get_settings
+
+    settings = get_settings()
+    if not settings.exposure_log:
+        return {"enabled": False}
+    store = ExposureLog(settings.event_log_uri)
+    try:
+        written = store.count()
+    finally:
+        store.close()
+    return {"enabled": True, "flush_ms": settings.exposure_flush_ms, "answers": answers, "written": written}

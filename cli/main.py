@@ -23,6 +23,9 @@ app.add_typer(db_app, name="db")
 app.add_typer(model_app, name="model")
 online_app = typer.Typer(no_args_is_help=True, help="The online feature store (Feast): re-sync it from its sources.")
 app.add_typer(online_app, name="online")
+experiment_app = typer.Typer(no_args_is_help=True, help="Online experiments: the champion against a challenger "
+                             "(A/B test or interleaving); start, status, stop, conclude.")
+app.add_typer(experiment_app, name="experiment")
 
 
 @app.command()
@@ -230,6 +233,24 @@ def bench_exposure_cmd(
 
     with _stdout_to_stderr():
         out = run(Path(path).resolve(), reps=reps, block=block)
+    typer.echo(json.dumps(out, indent=2 if not as_json else None))
+
+
+@bench_app.command("interleaving")
+def bench_interleaving_cmd(
+    path: str = typer.Option("../shared/data/ml-100k", help="The ml-100k folder"),
+    reps: int = typer.Option(10, help="Alternating single/interleaved repetitions"),
+    block: int = typer.Option(200, help="Recommends per block"),
+    as_json: bool = typer.Option(True, "--json/--no-json", help="One JSON document on stdout (the only output)"),
+) -> None:
+    """In-process cost of team-draft interleaving against the champion alone (alternating blocks)."""
+    import json
+    from pathlib import Path
+
+    from bench.exposure_cost import run_interleaving
+
+    with _stdout_to_stderr():
+        out = run_interleaving(Path(path).resolve(), reps=reps, block=block)
     typer.echo(json.dumps(out, indent=2 if not as_json else None))
 
 
@@ -597,6 +618,173 @@ def online_metrics_cmd(
                      f"unattributed events {overall['unattributed']}, position mismatches "
                      f"{overall['position_mismatch']}")
     Console().print(table)
+
+
+def _weights_option(text: str) -> tuple[float, float]:
+    """``--weights 90,10`` → (90.0, 10.0); typer.BadParameter (exit 2) when not two positive numbers."""
+    import math
+
+    try:
+        weights = tuple(float(part) for part in text.split(","))
+    except ValueError as err:
+        raise typer.BadParameter(f"{text!r}: expected two numbers, e.g. 50,50") from err
+    if len(weights) != 2 or not all(0 < w < math.inf for w in weights):
+        raise typer.BadParameter(f"{text!r}: expected two positive numbers, e.g. 50,50 or 90,10")
+    return weights[0], weights[1]
+
+
+def _experiment_fail(action: str, err: Exception, code: int = 1) -> typer.Exit:
+    typer.echo(f"experiment {action} failed: {err}", err=True)
+    return typer.Exit(code)
+
+
+@experiment_app.command("start")
+def experiment_start(
+    challenger: str = typer.Option(..., "--challenger", help="The challenger: a version number or @ALIAS "
+                                   "(resolved once, now)"),
+    mode: str = typer.Option("ab", "--mode", help="ab (each user sees one arm) or interleave (both arms' lists "
+                             "merged for every user)"),
+    weights: str = typer.Option("50,50", "--weights", help="champion,challenger traffic weights of an A/B test"),
+    as_json: bool = typer.Option(False, "--json", help="Print the experiment as one JSON document"),
+) -> None:
+    """Start an online experiment: the version the served alias points to now against CHALLENGER.
+
+    Serving splits users by a salted hash of their id (a user keeps one arm); automatic promotion
+    pauses until the experiment is concluded. Exit 1: one is already running, no champion, or an
+    unknown version/alias; exit 2: a bad --mode/--weights, or the challenger is the champion.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from recloop.experiments import MODES, ExperimentConflict, ExperimentStore
+    from recloop.settings import get_settings
+    from registry.aliases import get_alias_version
+    from registry.tracking import configure_tracking
+
+    if mode not in MODES:
+        raise typer.BadParameter(f"{mode!r}: expected one of {', '.join(MODES)}", param_hint="--mode")
+    pair = _weights_option(weights)
+    settings = get_settings()
+    name, alias = settings.model_name, settings.model_alias
+    with _stdout_to_stderr(as_json):
+        client = configure_tracking(settings)
+        try:
+            champion = get_alias_version(client, name, alias)
+            if champion is None:
+                raise _experiment_fail("start", LookupError(f"{name!r} has no {alias!r} version to test against"))
+            if challenger.startswith("@"):
+                version = get_alias_version(client, name, challenger[1:])
+                if version is None:
+                    raise _experiment_fail("start", LookupError(f"{name!r} has no alias {challenger[1:]!r}"))
+            else:
+                version = str(client.get_model_version(name, challenger.strip()).version)
+        except MlflowException as err:
+            raise _experiment_fail("start", LookupError(f"unknown version {challenger!r} of {name!r}: "
+                                                        f"{err.message}")) from err
+        if version == champion:
+            raise _experiment_fail("start", ValueError(f"the challenger ({challenger} = version {version}) is the "
+                                                       f"{alias}; pick another version"), code=2)
+        store = ExperimentStore(settings.event_log_uri)
+        try:
+            experiment = store.start(mode=mode, champion_version=champion, challenger_version=version, weights=pair)
+        except ExperimentConflict as err:
+            raise _experiment_fail("start", err) from err
+        finally:
+            store.close()
+    if as_json:
+        typer.echo(json.dumps(experiment.as_dict()))
+        return
+    split = "interleaved" if mode == "interleave" else f"{pair[0]:g}/{pair[1]:g}"
+    typer.echo(f"started {experiment.experiment_id}: {alias} version {champion} vs challenger version {version} "
+               f"({mode}, {split}); automatic promotion pauses until `recloop experiment conclude`")
+
+
+@experiment_app.command("status")
+def experiment_status(as_json: bool = typer.Option(False, "--json", help="Print one JSON document")) -> None:
+    """The running online experiment (else the latest) and its current report. Exit 1 when there is none."""
+    from flows.experiment import experiment_report, report_markdown
+    from recloop.experiments import CONCLUDED, ExperimentStore
+    from recloop.settings import get_settings
+
+    settings = get_settings()
+    with _stdout_to_stderr(as_json):
+        with ExperimentStore(settings.event_log_uri) as store:
+            experiment = store.active() or store.latest()
+        if experiment is None:
+            raise _experiment_fail("status", LookupError("no online experiment has been started"))
+        report = (experiment.result if experiment.status == CONCLUDED and experiment.result is not None
+                  else experiment_report(experiment, settings))
+    if as_json:
+        definition = {k: v for k, v in experiment.as_dict().items() if k != "result"}  # the result is the report
+        typer.echo(json.dumps({"experiment": definition, "report": report}, default=str))
+        return
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    Console().print(Markdown(report_markdown(experiment, report, full=False)))
+
+
+@experiment_app.command("stop")
+def experiment_stop(as_json: bool = typer.Option(False, "--json", help="Print the experiment as JSON")) -> None:
+    """Stop the running online experiment: every user gets the champion again. Exit 1 when none runs.
+
+    Nothing is promoted; `recloop experiment conclude` analyses it and acts on the outcome.
+    """
+    from recloop.experiments import ExperimentStore, NoRunningExperiment
+    from recloop.settings import get_settings
+
+    with _stdout_to_stderr(as_json):
+        with ExperimentStore(get_settings().event_log_uri) as store:
+            try:
+                experiment = store.stop()
+            except NoRunningExperiment as err:
+                raise _experiment_fail("stop", err) from err
+    typer.echo(json.dumps(experiment.as_dict()) if as_json else
+               f"stopped {experiment.experiment_id}; conclude it with `recloop experiment conclude`")
+
+
+@experiment_app.command("conclude")
+def experiment_conclude(
+    force: bool = typer.Option(False, "--force", help="Promote a winning challenger even if it failed the offline "
+                               "gate or does not load (tagged forced=true, experiment.forced=true)"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document"),
+) -> None:
+    """Stop the online experiment (if running), analyse it, and promote the challenger if it won.
+
+    The promotion goes through the checks of `recloop model promote` (it must load in a fresh process;
+    a version that failed the gate needs --force). A winning champion, or no winner, leaves the alias.
+    Both versions get experiment.* tags in MLflow. Exit 1: nothing to conclude, or the promotion was
+    refused (the experiment then stays stopped; conclude again with --force).
+    """
+    from mlflow.exceptions import MlflowException
+
+    from flows.experiment import conclude_experiment
+    from recloop.experiments import NoRunningExperiment
+    from recloop.settings import get_settings
+    from registry.aliases import PromotionRefused
+
+    with _stdout_to_stderr(as_json):
+        try:
+            out = conclude_experiment(get_settings(), force=force)
+        except NoRunningExperiment as err:
+            raise _experiment_fail("conclude", err) from err
+        except PromotionRefused as err:
+            typer.echo(f"experiment conclude refused: {err}; the experiment is stopped, not concluded "
+                       "(--force promotes anyway)", err=True)
+            raise typer.Exit(1) from err
+        except MlflowException as err:
+            raise _experiment_fail("conclude", RuntimeError(err.message)) from err
+    if as_json:
+        typer.echo(json.dumps(out, default=str))
+        return
+    decision = out["report"].get("decision") or {}
+    winner = decision.get("winner")
+    typer.echo(f"concluded {out['experiment']['experiment_id']}: "
+               + ("no winner" if winner is None else f"{winner} wins")
+               + (f" ({decision.get('test')}, p = {decision.get('p_value')})" if decision.get("test") else "")
+               + (f"; promoted version {out['alias_version']}" if out["promoted"] else
+                  f"; the alias stays on version {out['alias_version']}"))
+    if decision.get("reason"):
+        typer.echo(decision["reason"])
 
 
 @app.command("mlflow-ui")

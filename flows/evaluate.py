@@ -9,6 +9,10 @@ test split. The champion may know fewer items: its inputs and scores are mapped 
 Outputs: test metrics on the run (``test.<metric>``, ``test.<model>.<metric>``), the report
 (JSON + markdown) and plots as artifacts, the gate decision and its numbers as tags on the run and on
 the new model version, and a Prefect markdown artifact with key ``evaluation-report``.
+
+Automatic promotion pauses while an online experiment runs (``auto_promotion_blocked``): a passing
+candidate is registered and becomes ``challenger``, but the served alias stays, and the run and the
+version are tagged ``promotion.skipped``.
 """
 
 from __future__ import annotations
@@ -33,8 +37,9 @@ from models.metrics import evaluate
 from models.ranking import MappedScorer, mask_scores, score_histories, seen_mask, top_k
 from models.sequences import EvalSet, Split, build_sequences, leave_one_out
 from models.vocab import ItemVocabulary
+from recloop.experiments import ExperimentStore
 from recloop.gate import GateDecision, decide
-from recloop.settings import get_settings
+from recloop.settings import Settings, get_settings
 from registry import aliases, plots, store, tracking
 
 REPORT_KEYS = ("ndcg@10", "hr@10", "recall@10", "mrr@10", "coverage@10", "novelty@10", "mean_pop@10",
@@ -98,6 +103,39 @@ def top10_lists(model: Any, test: EvalSet, n_items: int) -> np.ndarray:
     """(n_users, 10) item_idx recommended to each test user, seen items excluded."""
     scores = mask_scores(score_histories(model, test.histories), seen_mask(test.histories, n_items))
     return top_k(scores, 10)
+
+
+def auto_promotion_blocked(settings: Settings) -> str | None:
+    """Why automatic promotion must not move the served alias now, or None when it may.
+
+    It may not while an online experiment runs (its champion must stay the version it started with);
+    nor when the experiments table cannot be read (fail closed: the alias stays).
+    """
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        with ExperimentStore(settings.event_log_uri) as experiments:
+            running = experiments.active()
+    except SQLAlchemyError as err:
+        return f"online experiments unreadable ({type(err).__name__}: {str(err)[:200]})"
+    return None if running is None else f"online experiment {running.experiment_id} running"
+
+
+def promote_unless_blocked(client: MlflowClient, settings: Settings, run_id: str, version: str, logger: Any) -> bool:
+    """Point the served alias at ``version`` (gate passed) unless ``auto_promotion_blocked`` says why not.
+
+    Returns:
+        True when promoted; False when blocked: the run and the version are then tagged
+        ``promotion.skipped=<reason>`` and the alias stays.
+    """
+    blocked = auto_promotion_blocked(settings)
+    if blocked is None:
+        aliases.promote(client, settings.model_name, version, alias=settings.model_alias, reason="auto: gate passed")
+        return True
+    client.set_tag(run_id, "promotion.skipped", blocked)
+    client.set_model_version_tag(settings.model_name, version, "promotion.skipped", blocked)
+    logger.info("auto-promotion of version %s skipped: %s", version, blocked)
+    return False
 
 
 @task(cache_policy=NO_CACHE)
@@ -184,9 +222,7 @@ def evaluate_flow(run_id: str, source: str | None = None, path: str | None = Non
     if decision.passed:
         aliases.set_challenger(client, settings.model_name, mv.version)
         if settings.auto_promote if auto_promote is None else bool(auto_promote):
-            aliases.promote(client, settings.model_name, mv.version, alias=settings.model_alias,
-                            reason="auto: gate passed")
-            promoted = True
+            promoted = promote_unless_blocked(client, settings, run_id, str(mv.version), logger)
     stage = "promoted" if promoted else ("challenger" if decision.passed else "rejected")
     client.set_tag(run_id, "stage", stage)
     client.set_tag(run_id, "model.version", str(mv.version))

@@ -19,6 +19,7 @@ from prefect import flow, get_run_logger, serve, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.experiment import experiment_report_flow
 from flows.ingest import accepted_frames, ingest_flow, lake_ingest_task, validate_frame_task
 from flows.monitor import MONITOR_CRON, online_metrics_flow
 from flows.pipeline import pipeline_flow, run_training_stages, summary_markdown
@@ -172,7 +173,7 @@ def loop_flow(source: str | None = None, path: str | None = None, train_params: 
 
 
 def serve_deployments() -> None:
-    """Serve the pipeline (by hand), the scheduled loop and online metrics from this process (blocks)."""
+    """Serve the pipeline (by hand), the scheduled loop, online metrics and the online-experiment report (blocks)."""
     settings = get_settings()
     serve(
         pipeline_flow.to_deployment(name="recloop-pipeline", tags=["recloop", "pipeline"],
@@ -182,6 +183,9 @@ def serve_deployments() -> None:
         online_metrics_flow.to_deployment(name="recloop-online-metrics", cron=MONITOR_CRON,
                                           tags=["recloop", "monitor"],
                                           description="online metrics of the exposure log → MLflow; retention"),
+        experiment_report_flow.to_deployment(name="recloop-online-experiment", cron=MONITOR_CRON,
+                                             tags=["recloop", "experiment"],
+                                             description="report on the running (else latest) online experiment"),
         pause_on_shutdown=False,
     )
 

@@ -1,11 +1,12 @@
 """The event-log database: its table names, its tables at head and its versioned migrations (Alembic).
 
-One schema holds the feedback log (``recloop.eventlog``) and the exposure log (``recloop.exposures``).
-Every name derives from the events table's name, so tests can run side by side in one database:
+One schema holds the feedback log (``recloop.eventlog``), the exposure log (``recloop.exposures``) and
+the online experiments (``recloop.experiments``). Every name derives from the events table's name, so
+tests can run side by side in one database:
 
-- ``events`` → ``exposures``, ``exposure_items``, version table ``alembic_version``;
+- ``events`` → ``exposures``, ``exposure_items``, ``experiments``, version table ``alembic_version``;
 - ``events_test_ab12`` → ``events_test_ab12_exposures``, ``events_test_ab12_exposure_items``,
-  ``events_test_ab12_alembic_version``
+  ``events_test_ab12_experiments``, ``events_test_ab12_alembic_version``
 
 (prefix = ``events_table[:-6]`` when the name ends with "events", else ``events_table + "_"``.)
 
@@ -21,6 +22,11 @@ Tables at head (``HEAD_REVISION``):
   the history item ids, oldest first, the scores were computed from); indexes on (ts) and (user_id, ts).
 - ``exposure_items``: one row per shown item: (``request_id``, ``position``) primary key, ``item_id``,
   ``score``, ``team``, ``propensity``. No foreign key: the writer batches both tables.
+- ``experiments``: one row per online experiment (champion against challenger): ``experiment_id``
+  (primary key), ``mode`` ("ab" | "interleave"), ``champion_version``, ``challenger_version``,
+  ``weight_champion``, ``weight_challenger``, ``salt``, ``status`` ("running" | "stopped" | "concluded"),
+  ``started_at``, ``stopped_at``, ``concluded_at`` (nullable), ``result`` (JSON text, nullable), ``note``;
+  index ``ix_<experiments>_status``. At most one is running (``recloop.experiments.ExperimentStore``).
 
 Migrations live in ``recloop/migrations`` (Alembic scripts; the names come from
 ``config.attributes["log_table_names"]``, never from the scripts). ``upgrade`` applies them under a
@@ -71,7 +77,7 @@ logger = logging.getLogger(__name__)
 _ALEMBIC_LOCK = threading.Lock()
 
 #: The newest migration (``recloop/migrations/versions``); a test keeps it equal to the scripts' head.
-HEAD_REVISION = "0002"
+HEAD_REVISION = "0003"
 #: The migration scripts (an Alembic ``script_location``).
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 #: SQLite ``busy_timeout``: how long a writer waits for the database write lock.
@@ -84,6 +90,9 @@ EXPERIMENT_ID_CHARS = 64
 ARM_CHARS = 32
 POLICY_CHARS = 32
 TEAM_CHARS = 32
+EXPERIMENT_MODE_CHARS = 16
+EXPERIMENT_STATUS_CHARS = 16
+SALT_CHARS = 64
 
 
 class UTCDateTime(TypeDecorator):
@@ -115,6 +124,7 @@ class LogTableNames:
     exposures: str
     exposure_items: str
     version_table: str
+    experiments: str
 
 
 @dataclass(frozen=True)
@@ -124,13 +134,14 @@ class LogTables:
     events: Table
     exposures: Table
     exposure_items: Table
+    experiments: Table
 
 
 def table_names(events_table: str = "events") -> LogTableNames:
     """The schema's names derived from the events table's name.
 
     Args:
-        events_table: e.g. "events" (→ exposures, exposure_items, alembic_version) or
+        events_table: e.g. "events" (→ exposures, exposure_items, alembic_version, experiments) or
             "events_test_ab12" (→ events_test_ab12_exposures, ...).
     Raises:
         ValueError: ``events_table`` is empty.
@@ -143,6 +154,7 @@ def table_names(events_table: str = "events") -> LogTableNames:
         exposures=prefix + "exposures",
         exposure_items=prefix + "exposure_items",
         version_table=prefix + "alembic_version",
+        experiments=prefix + "experiments",
     )
 
 
@@ -193,7 +205,25 @@ def log_tables(metadata: MetaData, events_table: str = "events") -> LogTables:
         Column("propensity", Float, nullable=True),
         PrimaryKeyConstraint("request_id", "position", name=f"pk_{n.exposure_items}"),
     )
-    return LogTables(events=events, exposures=exposures, exposure_items=exposure_items)
+    experiments = Table(
+        n.experiments,
+        metadata,
+        Column("experiment_id", String(EXPERIMENT_ID_CHARS), primary_key=True),
+        Column("mode", String(EXPERIMENT_MODE_CHARS), nullable=False),
+        Column("champion_version", String(MODEL_VERSION_CHARS), nullable=False),
+        Column("challenger_version", String(MODEL_VERSION_CHARS), nullable=False),
+        Column("weight_champion", Float, nullable=False),
+        Column("weight_challenger", Float, nullable=False),
+        Column("salt", String(SALT_CHARS), nullable=False),
+        Column("status", String(EXPERIMENT_STATUS_CHARS), nullable=False),
+        Column("started_at", UTCDateTime, nullable=False),
+        Column("stopped_at", UTCDateTime, nullable=True),
+        Column("concluded_at", UTCDateTime, nullable=True),
+        Column("result", Text, nullable=True),
+        Column("note", Text, nullable=True),
+        Index(f"ix_{n.experiments}_status", "status"),
+    )
+    return LogTables(events=events, exposures=exposures, exposure_items=exposure_items, experiments=experiments)
 
 
 # ---- engines -------------------------------------------------------------------------------------
@@ -314,7 +344,7 @@ def drop_all(engine: Engine, events_table: str = "events") -> None:
     tables = log_tables(metadata, events_table)
     version = Table(n.version_table, metadata, Column("version_num", String(32), primary_key=True))
     with engine.begin() as conn:
-        for table in (tables.exposure_items, tables.exposures, tables.events, version):
+        for table in (tables.experiments, tables.exposure_items, tables.exposures, tables.events, version):
             table.drop(conn, checkfirst=True)
 
 

@@ -43,6 +43,8 @@ import torch
 
 from models.ranking import encode_history, mask_scores, score_histories, seen_mask, top_k_items
 from models.vocab import PAD_IDX, ItemVocabulary
+from recloop.experiments import assign_arm
+from recloop.interleaving import TEAM_A, TEAM_B, request_rng, team_draft
 from recloop.policy import DEFAULT_POLICY, EventPolicy, event_role
 
 logger = logging.getLogger(__name__)
@@ -110,6 +112,34 @@ class ServedModel:
     popularity: np.ndarray
     titles: dict[str, str]
     loaded_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+
+
+@dataclass(frozen=True)
+class ExperimentArms:
+    """A running online experiment as serving needs it: its definition and both arms' models, pinned to
+    registry versions at start (swapped in and out as one reference, like ``ServedModel``).
+
+    Attributes:
+        experiment_id, mode ("ab" | "interleave"), weights (champion, challenger), salt: the stored
+            definition (``recloop.experiments.OnlineExperiment``).
+        champion, challenger: the two arms' served models.
+    """
+
+    experiment_id: str
+    mode: str
+    weights: tuple[float, float]
+    salt: str
+    champion: ServedModel
+    challenger: ServedModel
+
+    def served(self, arm: str) -> ServedModel:
+        """The model of ``arm`` ("champion" | "challenger")."""
+        return self.champion if arm == TEAM_A else self.challenger
+
+    def describe(self) -> dict[str, Any]:
+        """For ``/model_info``: the definition and the versions served."""
+        return {"experiment_id": self.experiment_id, "mode": self.mode, "weights": list(self.weights),
+                "champion_version": self.champion.version, "challenger_version": self.challenger.version}
 
 
 def score_history(model: Any, seq_len: int, idx: np.ndarray) -> np.ndarray:
@@ -196,6 +226,8 @@ class RecommenderCore:
         self.policy = policy or DEFAULT_POLICY
         #: where each answer is recorded (``recloop.exposures.ExposureLog``); None = not recorded
         self.exposures = exposures
+        #: the running online experiment's two pinned models (None: the champion alone, today's cost)
+        self.experiment_arms: ExperimentArms | None = None
         self.online = online
         self.events = events
         self.max_seq_len = max_seq_len
@@ -295,6 +327,7 @@ class RecommenderCore:
             request_id (32 hex chars; send it back with ``feedback`` to link the event to this answer).
         """
         served = self._served  # one read: a concurrent swap does not mix versions
+        arms = self.experiment_arms  # one read: start/stop of an online experiment is atomic per request
         stored: list[str] | None = None
         fallback = user_id in self._pending  # its online row is behind the log until the retry lands
         if not fallback:
@@ -307,28 +340,37 @@ class RecommenderCore:
             stored = self.history_from_sources(user_id)
         cold_start = not stored
         hist_ids = history if history is not None else (stored or [])
-        idx = encode_history(served.vocab, hist_ids)
-        if len(idx):
-            scores = score_history(served.model, served.seq_len, idx)
-            strategy = "history" if history is not None else "sequential"
-        else:
-            scores = served.popularity.copy()
-            strategy = "popularity"
-            logger.info("cold start user_id=%s strategy=popularity", user_id[:64])
+        seen = self.seen_items(user_id, hist_ids, stored) if exclude_seen else None
+        request_id = uuid.uuid4().hex
+        experiment_id = arm = None
+        teams: list[str] | None = None
+        if arms is None:
+            items, strategy, context = self._rank(served, hist_ids, seen, k, user_id)
+        elif arms.mode == "ab":
+            arm = assign_arm(arms.salt, user_id, arms.weights)
+            served = arms.served(arm)
+            experiment_id = arms.experiment_id
+            items, strategy, context = self._rank(served, hist_ids, seen, k, user_id)
+        else:  # team-draft interleaving of the two arms' lists (two forward passes plus the merge)
+            experiment_id, arm = arms.experiment_id, "interleaved"
+            a_items, strategy, context = self._rank(arms.champion, hist_ids, seen, k, user_id)
+            b_items, _, _ = self._rank(arms.challenger, hist_ids, seen, k, user_id)
+            merged, teams = team_draft([x["item_id"] for x in a_items], [x["item_id"] for x in b_items], k,
+                                       request_rng(request_id))
+            by_team = {TEAM_A: {x["item_id"]: x for x in a_items}, TEAM_B: {x["item_id"]: x for x in b_items}}
+            items = [dict(by_team[t][i], team=t) for i, t in zip(merged, teams, strict=True)]
+            served = arms.champion
+        if strategy == "sequential" and history is not None:
+            strategy = "history"
         if fallback:
             strategy = "fallback"
-        if exclude_seen:
-            seen = self.seen_items(user_id, hist_ids, stored)
-            scores = mask_scores(scores[None, :], seen_mask([encode_history(served.vocab, seen)], len(served.vocab)))[0]
-        items = self._items(served, scores, k)
-        request_id = uuid.uuid4().hex
         if self.exposures is not None:
-            context = [i for i in hist_ids if i in served.vocab][-served.seq_len:] if len(idx) else []
             self.exposures.record(
                 request_id, user_id, served.version, [(x["item_id"], x["score"]) for x in items],
                 variant=self.variant, context=context, policy="greedy",
+                experiment_id=experiment_id, arm=arm, teams=teams,
             )
-        return {
+        out = {
             "items": items,
             "model_version": served.version,
             "variant": self.variant,
@@ -336,6 +378,31 @@ class RecommenderCore:
             "cold_start": cold_start,
             "request_id": request_id,
         }
+        if experiment_id is not None:
+            out.update(experiment_id=experiment_id, arm=arm)
+        return out
+
+    def _rank(self, served: ServedModel, hist_ids: list[str], seen: set[str] | None, k: int,
+              user_id: str) -> tuple[list[dict[str, Any]], str, list[str]]:
+        """One model's top-k after ``hist_ids`` (popularity when none is known), ``seen`` masked.
+
+        Returns:
+            (items, strategy, context): response items; "sequential" (or "history" when the caller
+            passed a request history, set by ``recommend``) or "popularity"; the known history ids
+            the scores came from (the exposure's ``context``).
+        """
+        idx = encode_history(served.vocab, hist_ids)
+        if len(idx):
+            scores = score_history(served.model, served.seq_len, idx)
+            strategy = "sequential"
+            context = [i for i in hist_ids if i in served.vocab][-served.seq_len:]
+        else:
+            scores = served.popularity.copy()
+            strategy, context = "popularity", []
+            logger.info("cold start user_id=%s strategy=popularity", user_id[:64])
+        if seen is not None:
+            scores = mask_scores(scores[None, :], seen_mask([encode_history(served.vocab, seen)], len(served.vocab)))[0]
+        return self._items(served, scores, k), strategy, context
 
     def feedback(
         self,

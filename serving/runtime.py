@@ -24,7 +24,7 @@ import torch
 
 from recloop.policy import DEFAULT_POLICY, EventPolicy
 from recloop.settings import Settings, configure_environment, get_settings
-from serving.recommender import RecommenderCore, ServedModel, build_served
+from serving.recommender import ExperimentArms, RecommenderCore, ServedModel, build_served
 from serving.schemas import ModelInfo
 
 logger = logging.getLogger(__name__)
@@ -96,6 +96,7 @@ class Runtime:
     popularity: dict[str, float]
     alias_version: str | None = None  # the alias's version at start (None: pinned, or no alias)
     alias_error: str | None = None  # why the alias's version is not the one served (a fallback), else None
+    experiments: Any = None  # recloop.experiments.ExperimentStore: the shared online-experiment definition
 
 
 def served_from_registry(rt_settings: Settings, client: Any, version: str | None,
@@ -170,7 +171,7 @@ def load_champion(rt_settings: Settings, client: Any, titles: dict[str, str], po
 
 
 def build_runtime(settings: Settings | None = None, *, online: Any = None, events: Any = None,
-                  exposures: Any = None) -> Runtime:
+                  exposures: Any = None, experiments: Any = None) -> Runtime:
     """Connect to MLflow, the event log and the online store; load the champion (or its fallback).
 
     Args:
@@ -179,6 +180,8 @@ def build_runtime(settings: Settings | None = None, *, online: Any = None, event
         events: the event log (default ``recloop.eventlog.EventLog`` on ``settings.event_log_uri``).
         exposures: the exposure sink (default ``recloop.exposures.ExposureLog`` on the same database
             when ``settings.exposure_log``).
+        experiments: the online-experiment store (default ``recloop.experiments.ExperimentStore`` on the
+            same database); ``ChampionWatcher.poll_experiment`` routes by it.
     Raises:
         LookupError: the registered model has no ``settings.model_alias`` alias and no last good version.
         RuntimeError: nothing loads (the alias's version, the last good one, earlier champions).
@@ -216,7 +219,11 @@ def build_runtime(settings: Settings | None = None, *, online: Any = None, event
     core.start_online_sync(settings.online_check_interval_s)
     logger.info("service ready model=%s version=%s degraded=%s", settings.model_name, served.version,
                 alias_error)
-    return Runtime(settings, client, core, titles, popularity, alias_version, alias_error)
+    if experiments is None:
+        from recloop.experiments import ExperimentStore
+
+        experiments = ExperimentStore(settings.event_log_uri)
+    return Runtime(settings, client, core, titles, popularity, alias_version, alias_error, experiments)
 
 
 def _exposure_log(settings: Settings) -> Any:
@@ -269,6 +276,10 @@ class ChampionWatcher:
         self._failures = 1 if self._failed_version else 0
         self._retry_at = time.monotonic() + self._backoff() if self._failed_version else 0.0
         self._stop = threading.Event()
+        #: why the running online experiment is not served (its arms failed to load), else None
+        self.experiment_error: str | None = None
+        self._failed_experiment: str | None = None
+        self._experiment_retry_at = 0.0
 
     @property
     def model_loaded(self) -> bool:
@@ -330,6 +341,58 @@ class ChampionWatcher:
         _record_last_good(s, self.rt.client, served.version)
         return True
 
+    def poll_experiment(self) -> bool:
+        """Pick up the start or stop of an online experiment from the shared store (every worker and
+        replica polls it with the alias, so all route alike within ``serve_poll_interval_s``).
+
+        On start both arms are loaded at their pinned versions (the served model is reused when it is
+        one of them) and swapped in as one reference; on stop the reference is cleared and the champion
+        serves alone. A load failure keeps the current routing, is reported by ``status`` and retried
+        after ``serve_poll_interval_s``. Returns True when the routing changed.
+        """
+        store = self.rt.experiments
+        if store is None:
+            return False
+        core = self.rt.core
+        try:
+            exp = store.active()
+        except Exception as err:  # noqa: BLE001 - the store may be down; keep the current routing
+            self.experiment_error = _describe(err)
+            logger.warning("online experiment poll failed: %s", self.experiment_error)
+            return False
+        current = core.experiment_arms
+        if exp is None:
+            self.experiment_error = self._failed_experiment = None
+            if current is None:
+                return False
+            core.experiment_arms = None
+            logger.info("online experiment %s ended: serving the champion alone", current.experiment_id)
+            return True
+        if current is not None and current.experiment_id == exp.experiment_id:
+            return False
+        if exp.experiment_id == self._failed_experiment and time.monotonic() < self._experiment_retry_at:
+            return False
+        try:
+            arms = ExperimentArms(exp.experiment_id, exp.mode, (float(exp.weights[0]), float(exp.weights[1])),
+                                  exp.salt, self._pinned(exp.champion_version), self._pinned(exp.challenger_version))
+        except Exception as err:  # noqa: BLE001 - an arm that does not load never takes traffic
+            self.experiment_error = f"online experiment {exp.experiment_id} not served: {_describe(err)}"
+            self._failed_experiment = exp.experiment_id
+            self._experiment_retry_at = time.monotonic() + self.rt.settings.serve_poll_interval_s
+            logger.error(self.experiment_error)
+            return False
+        core.experiment_arms = arms
+        self.experiment_error = self._failed_experiment = None
+        logger.info("online experiment %s started: %s", exp.experiment_id, arms.describe())
+        return True
+
+    def _pinned(self, version: str) -> ServedModel:
+        """The served model of registry ``version`` (the current one when it is that version)."""
+        served = self.rt.core.served
+        if served.version == str(version):
+            return served
+        return served_from_registry(self.rt.settings, self.rt.client, str(version), self.rt.titles, self.rt.popularity)
+
     def status(self, event_log: bool = True, online_store: bool = True, online: Any = None
                ) -> tuple[Literal["ok", "degraded"], str | None]:
         """``("ok", None)`` or ``("degraded", "<reasons>")`` for ``/ready``.
@@ -347,6 +410,8 @@ class ChampionWatcher:
                            f"{self.alias_problem}; serving last good version {served.version}")
         if self.registry_error:
             reasons.append(f"model registry unreachable: {self.registry_error}")
+        if self.experiment_error:
+            reasons.append(self.experiment_error)
         if not event_log:
             reasons.append("event log unreachable")
         if not online_store:
@@ -364,6 +429,7 @@ class ChampionWatcher:
         """Poll every ``settings.serve_poll_interval_s`` until ``stop()`` (daemon thread body)."""
         while not self._stop.wait(self.rt.settings.serve_poll_interval_s):
             self.poll_once()
+            self.poll_experiment()
 
     def stop(self) -> None:
         self._stop.set()
@@ -380,4 +446,5 @@ class ChampionWatcher:
             loaded_at=served.loaded_at,
             last_poll_at=self.last_poll_at,
             last_error=self.last_error,
+            experiment=arms.describe() if (arms := self.rt.core.experiment_arms) is not None else None,
         )

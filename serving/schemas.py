@@ -108,6 +108,10 @@ class ScoredItem(BaseModel):
     item_id: str = Field(description="Raw catalogue id")
     score: float = Field(description="Model score (higher is better; comparable within one response)")
     title: str = Field(description="Catalogue title, or the id when unknown")
+    team: str | None = Field(
+        default=None,
+        description="Interleaving only: the arm whose list contributed this slot ('champion' | 'challenger')",
+    )
 
 
 class RecommendResponse(BaseModel):
@@ -127,6 +131,12 @@ class RecommendResponse(BaseModel):
         default="",
         description="This answer's id (32 hex chars), recorded in the exposure log with what was shown;"
         " send it back in /feedback (with the item's position) to link the event to this answer",
+    )
+    experiment_id: str | None = Field(default=None, description="The online experiment this answer is part of")
+    arm: str | None = Field(
+        default=None,
+        description="The experiment arm that answered: 'champion' | 'challenger' (A/B test) or 'interleaved'"
+        " (team-draft interleaving; each item's team says which arm contributed it)",
     )
 
 
@@ -201,6 +211,10 @@ class ModelInfo(BaseModel):
     loaded_at: str | None = Field(description="UTC ISO time the served version was swapped in")
     last_poll_at: str | None
     last_error: str | None = Field(description="Last failed load/poll, kept until a load succeeds")
+    experiment: dict | None = Field(
+        default=None,
+        description="The running online experiment as served (id, mode, weights, both versions), else None",
+    )
 
 
 class ReadyResponse(BaseModel):

@@ -242,6 +242,7 @@ class Recommender:
         self.settings = self.runtime.settings
         self.core = self.runtime.core
         self.watcher = ChampionWatcher(self.runtime)
+        self.watcher.poll_experiment()  # a replica started mid-experiment routes like the others at once
         self._poller = threading.Thread(target=self.watcher.run_forever, name="champion-poll", daemon=True)
         self._poller.start()
 

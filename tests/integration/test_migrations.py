@@ -88,15 +88,15 @@ def test_head_revision_is_the_scripts_head() -> None:
     config.set_main_option("script_location", str(logdb.MIGRATIONS_DIR))
     script = ScriptDirectory.from_config(config)
     assert script.get_current_head() == logdb.HEAD_REVISION
-    assert [s.revision for s in script.walk_revisions()][::-1] == ["0001", "0002"]
+    assert [s.revision for s in script.walk_revisions()][::-1] == ["0001", "0002", "0003"]
 
 
 def test_table_names() -> None:
-    default = logdb.LogTableNames("events", "exposures", "exposure_items", "alembic_version")
+    default = logdb.LogTableNames("events", "exposures", "exposure_items", "alembic_version", "experiments")
     assert logdb.table_names() == logdb.table_names("events") == default
     assert logdb.table_names("events_test_ab12") == logdb.LogTableNames(
         "events_test_ab12", "events_test_ab12_exposures", "events_test_ab12_exposure_items",
-        "events_test_ab12_alembic_version",
+        "events_test_ab12_alembic_version", "events_test_ab12_experiments",
     )
     assert logdb.table_names("app_events").exposures == "app_exposures"
 
@@ -127,7 +127,8 @@ def test_a_database_of_the_previous_code_upgrades_in_place(db: Db) -> None:
         assert log.get("e0")["value"] == 4.0 and log.get("e0")["timestamp"] == T0.to_pydatetime()
         names = log.names
         inspector = inspect(log.engine)
-        assert {names.exposures, names.exposure_items, names.version_table} <= set(inspector.get_table_names())
+        assert {names.exposures, names.exposure_items, names.experiments, names.version_table} <= set(
+            inspector.get_table_names())
         assert {"request_id", "position"} <= {c["name"] for c in inspector.get_columns(db.events_table)}
         assert f"ix_{db.events_table}_request" in {ix["name"] for ix in inspector.get_indexes(db.events_table)}
         # New rows continue the sequence and may carry a link.
@@ -145,7 +146,7 @@ def test_the_migrated_schema_matches_log_tables(db: Db) -> None:
     assert logdb.upgrade(db.engine, db.events_table) == logdb.HEAD_REVISION
     tables = logdb.log_tables(MetaData(), db.events_table)
     inspector = inspect(db.engine)
-    for table in (tables.events, tables.exposures, tables.exposure_items):
+    for table in (tables.events, tables.exposures, tables.exposure_items, tables.experiments):
         columns = {c["name"]: c for c in inspector.get_columns(table.name)}
         assert set(columns) == {c.name for c in table.c}, table.name
         for col in table.c:
@@ -154,6 +155,55 @@ def test_the_migrated_schema_matches_log_tables(db: Db) -> None:
             c.name for c in table.primary_key
         }
         assert {ix["name"] for ix in inspector.get_indexes(table.name)} >= {ix.name for ix in table.indexes}
+
+
+def _upgrade_to(engine: Engine, events_table: str, revision: str) -> None:
+    """``alembic upgrade <revision>`` of the schema (an older database, as an earlier release left it)."""
+    from alembic import command
+
+    config = Config()
+    config.set_main_option("script_location", str(logdb.MIGRATIONS_DIR))
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        config.attributes["log_table_names"] = logdb.table_names(events_table)
+        command.upgrade(config, revision)
+
+
+def test_a_0002_database_upgrades_to_0003_keeping_its_rows(db: Db) -> None:
+    from recloop.experiments import ExperimentStore
+
+    _upgrade_to(db.engine, db.events_table, "0002")
+    assert logdb.current_revision(db.engine, db.events_table) == "0002"
+    names = logdb.table_names(db.events_table)
+    assert not inspect(db.engine).has_table(names.experiments)
+    tables = logdb.log_tables(MetaData(), db.events_table)
+    with db.engine.begin() as conn:
+        conn.execute(tables.events.insert(), [{
+            "event_id": "e0", "user_id": "u0", "item_id": "i0", "event_type": "click", "value": None,
+            "timestamp": T0.to_pydatetime(), "source": "feedback", "ingested_at": T0.to_pydatetime(),
+            "request_id": "req-0", "position": 1}])
+        conn.execute(tables.exposures.insert(), [{
+            "request_id": "req-0", "user_id": "u0", "ts": T0.to_pydatetime(), "model_version": "3",
+            "variant": "champion", "policy": "greedy", "context": "[]"}])
+
+    store = ExperimentStore(db.url, events_table=db.events_table)  # opening it upgrades in place
+    try:
+        assert logdb.current_revision(store.engine, db.events_table) == logdb.HEAD_REVISION == "0003"
+        inspector = inspect(store.engine)
+        assert f"ix_{names.experiments}_status" in {ix["name"] for ix in inspector.get_indexes(names.experiments)}
+        assert store.active() is None
+        started = store.start(mode="ab", champion_version="3", challenger_version="4")
+        assert store.active() == started
+    finally:
+        store.close()
+    log = EventLog(db.url, table_name=db.events_table)
+    try:
+        assert log.count() == 1 and log.get("e0")["request_id"] == "req-0"
+        assert log.linked()["request_id"].tolist() == ["req-0"]
+    finally:
+        log.close()
+    with db.engine.connect() as conn:
+        assert conn.execute(select(tables.exposures.c.request_id)).scalars().all() == ["req-0"]
 
 
 def test_concurrent_upgrades_of_a_fresh_database_all_succeed(db: Db) -> None:

@@ -269,6 +269,82 @@ def test_champion_swap_under_8_concurrent_clients_fails_no_request(server) -> No
     assert {server["version"], new_version} <= versions
 
 
+def test_online_experiment_under_8_clients_routes_records_and_survives_a_champion_swap(server) -> None:
+    """After the swap test (two versions exist): an A/B test and then an interleaving experiment, both
+    pinned to the two versions, under 8 clients. Every worker picks up start/stop from the shared store
+    within the poll interval; the arms (or teams) land in the exposures; a champion swap in the
+    middle fails no request; after stop the champion serves alone."""
+    from mlflow.tracking import MlflowClient
+
+    from recloop.experiments import ExperimentStore, assign_arm
+    from registry.aliases import get_alias_version, set_alias
+
+    settings = get_settings()
+    client = MlflowClient()
+    champion = get_alias_version(client, settings.model_name, settings.model_alias)
+    challenger = server["version"] if champion != server["version"] else "2"
+    store = ExperimentStore(settings.event_log_uri)
+    stop = threading.Event()
+    answers: list[dict] = []
+    failures: list[int] = []
+    lock = threading.Lock()
+
+    def client_thread(c: int) -> None:
+        with httpx.Client(base_url=server["base"], timeout=30) as http:
+            j = 0
+            while not stop.is_set():
+                r = http.post("/recommend", json={"user_id": str(1 + (c * 53 + j) % 943), "k": 6})
+                with lock:
+                    (answers.append(r.json()) if r.status_code == 200 else failures.append(r.status_code))
+                j += 1
+
+    def until(predicate, timeout_s: float = 20.0) -> None:
+        wait_for(lambda: any(predicate(a) for a in answers[-16:]), timeout_s=timeout_s)
+
+    threads = [threading.Thread(target=client_thread, args=(c,)) for c in range(8)]
+    for t in threads:
+        t.start()
+    try:
+        ab = store.start(mode="ab", champion_version=champion, challenger_version=challenger)
+        until(lambda a: a.get("experiment_id") == ab.experiment_id)
+        set_alias(client, settings.model_name, settings.model_alias, challenger)  # a champion swap mid-experiment
+        until(lambda a: a.get("experiment_id") == ab.experiment_id and a["arm"] == "challenger")
+        stop.wait(2.0)
+        store.stop()
+        until(lambda a: a.get("experiment_id") is None)
+        inter = store.start(mode="interleave", champion_version=champion, challenger_version=challenger)
+        until(lambda a: a.get("experiment_id") == inter.experiment_id)
+        stop.wait(2.0)
+        store.stop()
+        until(lambda a: a.get("experiment_id") is None)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        store.close()
+    assert failures == [] and len(answers) > 100
+    in_ab = [a for a in answers if a.get("experiment_id") == ab.experiment_id]
+    in_inter = [a for a in answers if a.get("experiment_id") == inter.experiment_id]
+    assert in_ab and in_inter
+    assert all(a["arm"] == "interleaved" and {x["team"] for x in a["items"]} <= {"champion", "challenger"}
+               for a in in_inter)
+    tail = answers[-8:]
+    assert all(a.get("experiment_id") is None and a["model_version"] == challenger for a in tail)  # champion alone
+    exposures = _exposures()
+    wanted = {a["request_id"] for a in in_ab + in_inter}
+    wait_for(lambda: wanted <= set(exposures.read()[0]["request_id"]), timeout_s=15)
+    shown, items = exposures.read()
+    rows = shown.set_index("request_id")
+    for a in in_ab:  # the arm is the stored hash of the user; the arm's pinned version answered
+        row = rows.loc[a["request_id"]]
+        assert a["arm"] == row["arm"] == assign_arm(ab.salt, str(row["user_id"]), ab.weights)
+        assert row["experiment_id"] == ab.experiment_id
+        assert a["model_version"] == (champion if a["arm"] == "champion" else challenger)
+    teams = items[items["request_id"].isin({a["request_id"] for a in in_inter})]
+    assert set(teams["team"]) == {"champion", "challenger"}
+    exposures.close()
+
+
 def test_kill_9_under_load_loses_no_acknowledged_feedback(server) -> None:
     """Runs last (it kills the server): ``kill -9`` of the whole service during 8-client recommend +
     feedback load. Every acknowledged feedback is in the event log; the exposures lost are counted and
