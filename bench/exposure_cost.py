@@ -178,6 +178,7 @@ def run_interleaving(ml100k: Path, *, reps: int = 10, block: int = 200, k: int =
             "models": "two SASRec of the default size, untrained, same vocabulary",
             "reps": reps, "block": block, "k": k, "seed": seed, "torch_threads": 1, "exposure_log": "off",
             "alternation": "single/interleaved blocks, order flipped every repetition",
+            "event_policy": settings.event_policy.describe(),
         },
         "single": pcts(lat["single"]),
         "interleaved": pcts(lat["interleaved"]),

@@ -95,7 +95,8 @@ def materialize_features(events: Any) -> int:
     settings = get_settings()
     now = datetime.now(UTC)
     tables = build_feature_tables(events, None, n=settings.max_seq_len, created_ts=now,
-                                  as_of=events["timestamp"].max().to_pydatetime(), encoder=None)
+                                  as_of=events["timestamp"].max().to_pydatetime(), encoder=None,
+                                  policy=settings.event_policy)
     write_feature_tables(tables, settings.home / "features")
     store = open_feature_store(settings)
     apply_repo(store, feature_repo_dir(settings))
@@ -249,7 +250,9 @@ def bench_serving(ml100k: Path, home: Path, n_requests: int = 2000, n_feedback: 
         fb = feedback_test(base, users[::-1], n_feedback)
     goals = {"c1_p50_ms": 3, "c1_p99_ms": 8, "c8_req_per_s": 400, "c8_p99_ms": 40, "reflected_share": 1.0}
     answers = sum(r["requests"] - r["errors"] for r in (warm, c1, c8)) + 2 * n_feedback
-    return {"model_version": prep["version"], "prepare_s": round(prep_s, 1),
+    protocol = {"data": "ml-100k", "event_policy": get_settings().event_policy.describe(),
+                "recommends_c8": n_requests, "recommends_c1": n_requests // 4, "feedback_rounds": n_feedback}
+    return {"protocol": protocol, "model_version": prep["version"], "prepare_s": round(prep_s, 1),
             "server_start_s": round(start_s, 1), "recommend_c1": c1, "recommend_c8": c8, **fb,
             "exposure_log": _exposure_counts(answers), "goals": goals}
 
