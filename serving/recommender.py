@@ -282,31 +282,37 @@ class RecommenderCore:
             tail = []
         return (list(base) + tail)[-self.max_seq_len:]
 
-    def seen_items(self, user_id: str, history: list[str], stored: list[str] | None,
-                   now: datetime | None = None) -> set[str]:
-        """What ``exclude_seen`` masks: everything the user consumed, not only the model's window, and
-        what the user said "not interested" to.
+    def masked_items(self, user_id: str, history: list[str], stored: list[str] | None,
+                     now: datetime | None = None) -> tuple[set[str], set[str]]:
+        """(consumed, suppressed) of a user, from one read of the log (``EventLog.user_state``).
 
-        The lake snapshot's positives of the user (``consumed``), the log's positives received after
-        that snapshot (all of them, ``EventLog.user_state``), the stored online window, the history the
-        scores were computed from (a request's ``history``), and the items a negative still suppresses
-        (the lake snapshot's and the log's, ``policy.suppress_s``). An unreadable log leaves its part
-        out (logged): the lake snapshot and the online window still apply.
+        consumed: the lake snapshot's positives of the user (``consumed``), the log's positives received
+        after that snapshot (all of them), the stored online window and the history the scores were
+        computed from (a request's ``history``). suppressed: the items a negative still hides ("not
+        interested", the lake snapshot's and the log's, ``policy.suppress_s``). An unreadable log leaves
+        its part out (logged): the lake snapshot and the online window still apply.
         """
         now = now or datetime.now(UTC)
-        seen = set(self.consumed.get(user_id, ())) | set(stored or ()) | set(history)
-        seen.update(i for i, until in self.suppressed.get(user_id, {}).items() if until > now)
+        consumed = set(self.consumed.get(user_id, ())) | set(stored or ()) | set(history)
+        suppressed = {i for i, until in self.suppressed.get(user_id, {}).items() if until > now}
         user_state = getattr(self.events, "user_state", None)
         if user_state is not None:
             _, base_ts = self.base_history.get(user_id, ([], None))
             try:
-                consumed, suppressed = user_state(user_id, after_ts=base_ts, now=now)
+                log_consumed, log_suppressed = user_state(user_id, after_ts=base_ts, now=now)
             except Exception as err:  # noqa: BLE001 - the snapshot's part still masks
                 logger.warning("event log not readable; seen set without it user_id=%s error=%s", user_id[:64], err)
             else:
-                seen |= consumed
-                seen.update(suppressed)
-        return seen
+                consumed |= log_consumed
+                suppressed.update(log_suppressed)
+        return consumed, suppressed
+
+    def seen_items(self, user_id: str, history: list[str], stored: list[str] | None,
+                   now: datetime | None = None) -> set[str]:
+        """What ``exclude_seen`` masks: everything the user consumed, not only the model's window, and
+        what the user said "not interested" to (``masked_items``: consumed | suppressed)."""
+        consumed, suppressed = self.masked_items(user_id, history, stored, now)
+        return consumed | suppressed
 
     def recommend(
         self, user_id: str, k: int = 10, exclude_seen: bool = True, history: list[str] | None = None
@@ -340,7 +346,8 @@ class RecommenderCore:
             stored = self.history_from_sources(user_id)
         cold_start = not stored
         hist_ids = history if history is not None else (stored or [])
-        seen = self.seen_items(user_id, hist_ids, stored) if exclude_seen else None
+        consumed, suppressed = self.masked_items(user_id, hist_ids, stored)
+        seen = consumed | suppressed if exclude_seen else suppressed  # "not interested" holds either way
         request_id = uuid.uuid4().hex
         experiment_id = arm = None
         teams: list[str] | None = None

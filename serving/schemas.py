@@ -93,7 +93,8 @@ class RecommendRequest(_Strict):
     exclude_seen: bool = Field(
         default=True, strict=True,
         description="Drop every item the user consumed (the stored history, not only the model's window, "
-        "plus the request's history)",
+        "plus the request's history). Items the user said 'not interested' to (a negative event such as "
+        "skip, for negative_suppress_s) are dropped either way",
     )
     history: list[Id] | None = Field(
         default=None,

@@ -127,6 +127,8 @@ def test_suppression_expires_and_is_shared_through_the_log(tmp_path: Path) -> No
     top = worker_b.recommend("u", k=5)["items"][0]["item_id"]
     worker_a.feedback("u", top, "skip")
     assert top not in [x["item_id"] for x in worker_b.recommend("u", k=5)["items"]]  # the other worker sees it
+    unmasked = [x["item_id"] for x in worker_b.recommend("u", k=50, exclude_seen=False)["items"]]
+    assert "i1" in unmasked and top not in unmasked  # "not interested" holds even without exclude_seen
     consumed, suppressed = log_b.user_state("u")
     assert consumed == {"i1"} and set(suppressed) == {top}
     later = datetime.now(UTC) + pd.Timedelta(hours=2)
