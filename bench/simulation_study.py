@@ -439,12 +439,14 @@ def loop_run(lake: Lake, truth: GroundTruth, config: SimConfig, s: LoopSettings,
         log.close()
     last = s.rounds - 1
     diff = welch_interval(user_ctrs(last_results["loop"]), user_ctrs(last_results["frozen"]))
+
+    def gap(r: int) -> float:
+        return rounds[r]["policies"]["loop"]["ctr"] - rounds[r]["policies"]["frozen"]["ctr"]
+
     return {"seed": seed, "truth": config.truth, "groups": {k: len(v) for k, v in groups.items()},
             "calibration": sim.calibration, "champion": champion.info, "rounds": rounds, "retrains": retrains,
-            "loop_minus_frozen_last_round": {"round": last,
-                                             "ctr": rounds[last]["policies"]["loop"]["ctr"]
-                                             - rounds[last]["policies"]["frozen"]["ctr"],
-                                             "mean_user_ctr": diff}}
+            "loop_minus_frozen_last_round": {"round": last, "ctr": gap(last), "round0_ctr": gap(0),
+                                             "diff_in_diff_ctr": gap(last) - gap(0), "mean_user_ctr": diff}}
 
 
 def _aggregate(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -493,6 +495,11 @@ def loop_study(lake: Lake, seeds: Sequence[int] = (0, 1, 2), *, rounds: int = 5,
         "loop_vs_frozen": {
             "round": last, "metric": "ctr (loop - frozen)",
             "over_seeds": t_interval(run["loop_minus_frozen_last_round"]["ctr"] for run in runs),
+            "diff_in_diff": {"what": "(loop - frozen CTR at the last round) - (loop - frozen CTR at round 0): both "
+                                     "groups serve the same champion in round 0, so this removes the groups' "
+                                     "composition difference",
+                             "over_seeds": t_interval(run["loop_minus_frozen_last_round"]["diff_in_diff_ctr"]
+                                                      for run in runs)},
             "per_seed_mean_user_ctr": {str(run["seed"]): run["loop_minus_frozen_last_round"]["mean_user_ctr"]
                                        for run in runs},
         },
@@ -514,9 +521,14 @@ def _second_truth(runs: Sequence[dict[str, Any]], second_runs: Sequence[dict[str
 
     a, b = summary(same), summary(second_runs)
     order = {t: sorted(POLICIES, key=lambda p, x=x: -(x[p]["ctr"] or 0)) for t, x in ((truth, a), (second, b))}
+    def per_round(rs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{name: t_interval(run["rounds"][r]["policies"][name]["ctr"] for run in rs)["mean"]
+                 for name in POLICIES} for r in range(last + 1)]
+
     return {
         "truth": second, "seeds": seeds, "round": last,
         "last_round": b,
+        "ctr_by_round": {truth: per_round(same), second: per_round(second_runs)},
         "same_seeds_with_first_truth": a,
         "ctr_ratio_second_over_first": {p: (b[p]["ctr"] / a[p]["ctr"]) if a[p]["ctr"] else None for p in POLICIES},
         "ctr_order": order,
@@ -814,18 +826,20 @@ QUICK_EXPERIMENT = {"seeds": (0,), "max_sessions": 60, "batch_sessions": 30}
 
 def run_studies(source: str, path: str | Path | None, *, quick: bool = False, studies: Sequence[str] = ("loop",
                 "experiment"), loop: dict[str, Any] | None = None, experiment: dict[str, Any] | None = None,
-                source_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Both studies on one source (one JSON-able document)."""
+                source_options: dict[str, Any] | None = None, sim_options: dict[str, Any] | None = None
+                ) -> dict[str, Any]:
+    """Both studies on one source (one JSON-able document); ``sim_options`` override ``SimConfig`` fields."""
     t0 = time.perf_counter()
     lake = load_lake(source, path, **(source_options or {}))
     _progress(f"lake: {lake.describe()}")
+    sim = SimConfig(**(sim_options or {}))
     cache: dict[Any, Trained] = {}
     truths: dict[str, GroundTruth] = {}
     out: dict[str, Any] = {"bench": "simulation_study", "quick": quick, "source": source,
                            "path": None if path is None else str(path)}
     if "loop" in studies:
         kw = {**(QUICK_LOOP if quick else {}), **(loop or {})}
-        out["loop_study"] = loop_study(lake, cache=cache, truths=truths, **kw)
+        out["loop_study"] = loop_study(lake, cache=cache, truths=truths, sim=sim, truth=sim.truth, **kw)
     if "experiment" in studies:
         kw = {**(QUICK_EXPERIMENT if quick else {}), **(experiment or {})}
         if quick:
@@ -835,7 +849,7 @@ def run_studies(source: str, path: str | Path | None, *, quick: bool = False, st
             for key in ("champion_seconds", "champion_epochs"):
                 if key in loop:
                     kw.setdefault(key, loop[key])
-        out["experiment_study"] = experiment_study(lake, cache=cache, truths=truths, **kw)
+        out["experiment_study"] = experiment_study(lake, cache=cache, truths=truths, sim=sim, truth=sim.truth, **kw)
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return _plain(out)
 
@@ -856,6 +870,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--source", default="movielens-100k")
     p.add_argument("--path", default=None, help="the data folder (default for movielens-100k: ../shared/data/ml-100k)")
     p.add_argument("--option", action="append", default=[], help="source option key=value (repeatable)")
+    p.add_argument("--sim", action="append", default=[], help="SimConfig field key=value, e.g. skip_examined=false")
     p.add_argument("--study", choices=("loop", "experiment", "all"), default="all")
     p.add_argument("--quick", action="store_true", help="1 seed, 2 rounds, few users: a smoke test")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
@@ -864,6 +879,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--users-per-policy", type=int)
     p.add_argument("--sessions-per-round", type=int)
     p.add_argument("--champion-seconds", type=float)
+    p.add_argument("--champion-epochs", type=int, help="epoch cap of the champion (with its time budget)")
     p.add_argument("--retrain-epochs", type=int)
     p.add_argument("--second-truth", default=None, help="'itemknn' (default) | 'ease' | 'none'")
     p.add_argument("--exp-seeds", type=int, nargs="+")
@@ -874,9 +890,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     loop = {k: v for k, v in {"seeds": a.seeds, "rounds": a.rounds, "users_per_policy": a.users_per_policy,
                               "sessions_per_round": a.sessions_per_round, "champion_seconds": a.champion_seconds,
-                              "retrain_epochs": a.retrain_epochs, "second_truth": a.second_truth,
+                              "champion_epochs": a.champion_epochs, "retrain_epochs": a.retrain_epochs,
+                              "second_truth": a.second_truth,
                               "num_threads": a.threads}.items() if v is not None}
     experiment = {k: v for k, v in {"seeds": a.exp_seeds, "max_sessions": a.max_sessions,
+                                    "champion_seconds": a.champion_seconds, "champion_epochs": a.champion_epochs,
                                     "batch_sessions": a.batch_sessions, "weak": a.weak,
                                     "num_threads": a.threads}.items() if v is not None}
     if a.second_truth is not None and a.second_truth.lower() == "none":
@@ -885,7 +903,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = a.path if a.path is not None else (str(DEFAULT_PATH) if a.source == "movielens-100k" else None)
     with contextlib.redirect_stdout(sys.stderr):  # stdout holds the one JSON document
         report = run_studies(a.source, path, quick=a.quick, studies=studies, loop=loop, experiment=experiment,
-                             source_options=_options(a.option))
+                             source_options=_options(a.option), sim_options=_options(a.sim))
     print(json.dumps(report, allow_nan=False, indent=None if a.json else 2))
     return 0
 

@@ -254,6 +254,25 @@ def bench_interleaving_cmd(
     typer.echo(json.dumps(out, indent=2 if not as_json else None))
 
 
+@bench_app.command("exploration")
+def bench_exploration_cmd(
+    path: str = typer.Option("../shared/data/ml-100k", help="The ml-100k folder"),
+    policy: str = typer.Option("epsilon:0.1", help="Exploration policy (epsilon:EPS | plackett_luce:tau=T,n=N)"),
+    reps: int = typer.Option(10, help="Alternating greedy/explore repetitions"),
+    block: int = typer.Option(200, help="Recommends per block"),
+    as_json: bool = typer.Option(True, "--json/--no-json", help="One JSON document on stdout (the only output)"),
+) -> None:
+    """In-process cost of exploring (sampling the slate and its propensities) against greedy ranking."""
+    import json
+    from pathlib import Path
+
+    from bench.exposure_cost import run_exploration
+
+    with _stdout_to_stderr():
+        out = run_exploration(Path(path).resolve(), policy=policy, reps=reps, block=block)
+    typer.echo(json.dumps(out, indent=2 if not as_json else None))
+
+
 @bench_app.command("features")
 def bench_features_cmd(
     path: str = typer.Option(None, help="The ml-100k folder (default: recloop.sources download cache)"),
@@ -423,6 +442,71 @@ def loop(
         from flows.pipeline import summary_markdown
 
         typer.echo(summary_markdown("recloop continuous loop", stages))
+
+
+@app.command()
+def simulate(
+    users: int = typer.Option(50, min=1, help="Simulated users (sampled with --seed from the dataset's users)"),
+    rounds: int = typer.Option(2, min=1, help="Rounds; the loop runs between two rounds"),
+    sessions_per_round: int = typer.Option(2, "--sessions-per-round", min=1, help="Sessions per user and round"),
+    seed: int = typer.Option(0, help="Seed of the user sample and the simulator"),
+    source: str = typer.Option("movielens-100k", help="Data source of the scratch platform"),
+    path: str = typer.Option(None, help="File or folder of the source"),
+    target: str = typer.Option(None, "--target", help="Drive this running service (its users and ground truth "
+                               "come from the lake of RECLOOP_HOME) instead of a scratch platform"),
+    loop: bool = typer.Option(None, "--loop/--no-loop", help="Run the loop flow between rounds (default: on for "
+                              "the scratch platform, off with --target)"),
+    truth: str = typer.Option("ease", help="The simulated users' ground truth: ease | itemknn"),
+    k: int = typer.Option(10, min=1, help="Slate length"),
+    epochs: int = typer.Option(None, help="Epochs of the scratch platform's first model (default 20)"),
+    max_train_seconds: float = typer.Option(90.0, min=1.0, help="Training budget of the first model"),
+    home: str = typer.Option(None, help="Scratch home (default a new temp dir; kept after the run)"),
+    force_first: bool = typer.Option(False, "--force-first", help="Serve the scratch platform's first model even "
+                                     "when the gate holds it back (tagged forced; stated in the protocol)"),
+    as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout (progress on stderr)"),
+) -> None:
+    """Simulated users against the real HTTP service, with the real loop (retrain, gate, deploy) between rounds.
+
+    By default a scratch platform (own temp home, free ports) is started, fed with SOURCE, and torn down
+    at the end. Reports CTR@k, skip rate, catalogue share and novelty per round, the served version and
+    sessions/s; logs an MLflow run in experiment recloop-simulation. Exit codes: 0 done; 1 a failure or
+    any failed request (the JSON is printed first); 3 the gate held the first model back (nothing served).
+    """
+    from pathlib import Path
+
+    if truth not in ("ease", "itemknn"):
+        raise typer.BadParameter(f"{truth!r}: expected ease or itemknn", param_hint="--truth")
+    if target and loop:
+        _prefect_env()  # the loop runs on the user's platform: its Prefect server
+    from flows.simulate import GateHeldBack
+    from flows.simulate import simulate as run_simulation
+    from recloop.settings import get_settings
+
+    train_params = {"epochs": epochs or 20, "max_train_seconds": max_train_seconds}
+    try:
+        with _stdout_to_stderr(as_json):
+            result = run_simulation(get_settings(), users=users, rounds=rounds, sessions_per_round=sessions_per_round,
+                                    seed=seed, target_url=target, source=source, path=path, loop=loop, truth=truth,
+                                    k=k, train_params=train_params, home=Path(home) if home else None,
+                                    force_first=force_first)
+    except GateHeldBack as err:
+        typer.echo(f"simulate: {err}\nTrain longer (--epochs N --max-train-seconds S) or pass --force-first; "
+                   "the scratch platform is stopped.", err=True)
+        raise typer.Exit(3) from err
+    except (RuntimeError, ValueError, OSError, httpx.HTTPError) as err:
+        typer.echo(f"simulate failed: {err}", err=True)
+        raise typer.Exit(1) from err
+    if as_json:
+        typer.echo(json.dumps(result, default=str))
+    else:
+        from flows.simulate import rounds_markdown
+
+        typer.echo(rounds_markdown(result))
+        typer.echo(f"sessions/s {result['sessions_per_s']}; MLflow run {result['mlflow_run_id']} "
+                   f"({result['mlflow_uri']}); wall {result['wall_s']} s")
+    if result["errors"]:
+        typer.echo(f"simulate: {result['errors']} failed requests (see error_samples per round)", err=True)
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -645,16 +729,24 @@ def experiment_start(
     mode: str = typer.Option("ab", "--mode", help="ab (each user sees one arm) or interleave (both arms' lists "
                              "merged for every user)"),
     weights: str = typer.Option("50,50", "--weights", help="champion,challenger traffic weights of an A/B test"),
+    explore_champion: str | None = typer.Option(
+        None, "--explore-champion", help="The champion arm's exploration policy (greedy | epsilon:0.1 | "
+        "plackett_luce:tau=0.5,n=50); default: the service's (RECLOOP_EXPLORATION)"),
+    explore_challenger: str | None = typer.Option(
+        None, "--explore-challenger", help="The challenger arm's exploration policy; default: the service's"),
     as_json: bool = typer.Option(False, "--json", help="Print the experiment as one JSON document"),
 ) -> None:
     """Start an online experiment: the version the served alias points to now against CHALLENGER.
 
     Serving splits users by a salted hash of their id (a user keeps one arm); automatic promotion
-    pauses until the experiment is concluded. Exit 1: one is already running, no champion, or an
-    unknown version/alias; exit 2: a bad --mode/--weights, or the challenger is the champion.
+    pauses until the experiment is concluded. Each arm may explore with its own policy (its
+    propensities are logged with every exposure, for off-policy estimates). Exit 1: one is already
+    running, no champion, or an unknown version/alias; exit 2: a bad --mode/--weights/--explore-*, or
+    the challenger is the champion.
     """
     from mlflow.exceptions import MlflowException
 
+    from models.exploration import ExplorationPolicy
     from recloop.experiments import MODES, ExperimentConflict, ExperimentStore
     from recloop.settings import get_settings
     from registry.aliases import get_alias_version
@@ -663,6 +755,12 @@ def experiment_start(
     if mode not in MODES:
         raise typer.BadParameter(f"{mode!r}: expected one of {', '.join(MODES)}", param_hint="--mode")
     pair = _weights_option(weights)
+    for option, text in (("--explore-champion", explore_champion), ("--explore-challenger", explore_challenger)):
+        if text is not None:
+            try:
+                ExplorationPolicy.parse(text)
+            except ValueError as err:
+                raise typer.BadParameter(str(err), param_hint=option) from err
     settings = get_settings()
     name, alias = settings.model_name, settings.model_alias
     with _stdout_to_stderr(as_json):
@@ -685,7 +783,9 @@ def experiment_start(
                                                        f"{alias}; pick another version"), code=2)
         store = ExperimentStore(settings.event_log_uri)
         try:
-            experiment = store.start(mode=mode, champion_version=champion, challenger_version=version, weights=pair)
+            experiment = store.start(mode=mode, champion_version=champion, challenger_version=version, weights=pair,
+                                     exploration=(explore_champion, explore_challenger),
+                                     parse_exploration=ExplorationPolicy.parse)
         except ExperimentConflict as err:
             raise _experiment_fail("start", err) from err
         finally:
@@ -694,8 +794,12 @@ def experiment_start(
         typer.echo(json.dumps(experiment.as_dict()))
         return
     split = "interleaved" if mode == "interleave" else f"{pair[0]:g}/{pair[1]:g}"
+    explored = ""
+    if experiment.exploration != (None, None):
+        explored = "; exploration " + ", ".join(f"{arm} {text or 'the service policy'}" for arm, text in
+                                                zip(("champion", "challenger"), experiment.exploration, strict=True))
     typer.echo(f"started {experiment.experiment_id}: {alias} version {champion} vs challenger version {version} "
-               f"({mode}, {split}); automatic promotion pauses until `recloop experiment conclude`")
+               f"({mode}, {split}{explored}); automatic promotion pauses until `recloop experiment conclude`")
 
 
 @experiment_app.command("status")

@@ -10,6 +10,11 @@ Outputs: test metrics on the run (``test.<metric>``, ``test.<model>.<metric>``),
 (JSON + markdown) and plots as artifacts, the gate decision and its numbers as tags on the run and on
 the new model version, and a Prefect markdown artifact with key ``evaluation-report``.
 
+After the offline gate, off-policy estimates of the candidate's and the champion's online CTR on the
+exposure log (``flows/ope.py``: SNIPS, DR, IIPS, PI) go into the report and on the run as ``ope.*``
+metrics, and their rule is ANDed into the decision when it ran; a skipped rule (too few exploratory
+requests, small ESS, unsupported mass, no log) changes nothing and says why (tag ``gate.ope``).
+
 Automatic promotion pauses while an online experiment runs (``auto_promotion_blocked``): a passing
 candidate is registered and becomes ``challenger``, but the served alias stays, and the run and the
 version are tagged ``promotion.skipped``.
@@ -31,6 +36,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.ope import apply_ope_gate, ope_markdown, ope_metrics, ope_tag, ope_task
 from flows.train import data_fingerprint, load_events, mlflow_key
 from models.baselines import BASELINES
 from models.metrics import evaluate
@@ -172,7 +178,8 @@ def evaluate_flow(run_id: str, source: str | None = None, path: str | None = Non
         auto_promote: default ``settings.auto_promote``; when True a passing candidate becomes champion.
         baselines: which baselines to run and gate against (default: all of ``BASELINES``).
     Returns:
-        ``{"run_id", "version", "passed", "promoted", "decision", "metrics"}``.
+        ``{"run_id", "version", "passed", "promoted", "decision", "metrics", "report_md", "ope"}`` (``ope``:
+        ``flows.ope.ope_task``'s result).
     Raises:
         ValueError: the events differ from the ones the candidate was trained on.
     """
@@ -200,17 +207,22 @@ def evaluate_flow(run_id: str, source: str | None = None, path: str | None = Non
     baselines = {n: m for n, m in results.items() if n not in ("candidate", "champion")}
     decision = decide(results["candidate"], results.get("champion"), baselines,
                       min_gain=settings.gate_min_gain, max_coverage_drop=settings.gate_max_coverage_drop)
-    gate_tags = {**decision.as_tags(), "gate.champion_version": champion_version or "none"}
+    ope = ope_task(settings, model, vocab, champion)
+    decision = apply_ope_gate(decision, ope["gate"])
+    gate_tags = {**decision.as_tags(), "gate.champion_version": champion_version or "none",
+                 "gate.ope": ope_tag(ope["gate"])}
     for name, metrics in results.items():
         prefix = "test." if name == "candidate" else f"test.{name}."
         for key, value in metrics.items():
             if math.isfinite(value):
                 client.log_metric(run_id, prefix + mlflow_key(key), value)
+    for key, value in ope_metrics(ope).items():
+        client.log_metric(run_id, key, value)
     for key, value in gate_tags.items():
         client.set_tag(run_id, key, value)
 
-    report_md = markdown_table(results, decision)
-    _log_report(client, run_id, results, decision, report_md, model, split, vocab, champion_version)
+    report_md = markdown_table(results, decision) + ope_markdown(ope)
+    _log_report(client, run_id, results, decision, report_md, model, split, vocab, champion_version, ope)
     create_markdown_artifact(key="evaluation-report", markdown=report_md,
                              description=f"candidate run {run_id}")
 
@@ -229,17 +241,17 @@ def evaluate_flow(run_id: str, source: str | None = None, path: str | None = Non
     logger.info("evaluated run_id=%s version=%s passed=%s promoted=%s", run_id, mv.version, decision.passed,
                 promoted)
     return {"run_id": run_id, "version": str(mv.version), "passed": decision.passed, "promoted": promoted,
-            "decision": decision.as_dict(), "metrics": results, "report_md": report_md}
+            "decision": decision.as_dict(), "metrics": results, "report_md": report_md, "ope": ope}
 
 
 def _log_report(client: MlflowClient, run_id: str, results: dict[str, dict[str, float]],
                 decision: GateDecision, report_md: str, model: Any, split: Split, vocab: ItemVocabulary,
-                champion_version: str | None) -> None:
+                champion_version: str | None, ope: dict[str, Any] | None = None) -> None:
     """Report JSON + markdown and the comparison / popularity plots as run artifacts."""
     n_items = len(vocab)
     report = {"protocol": {**split.protocol, "ranking": "full", "k": 10, "exclude_seen": True,
                            "split_of": "test"},
-              "metrics": results, "gate": decision.as_dict(), "champion_version": champion_version}
+              "metrics": results, "gate": decision.as_dict(), "champion_version": champion_version, "ope": ope}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         (out / "evaluation.json").write_text(json.dumps(report, indent=2, default=float))

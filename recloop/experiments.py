@@ -10,9 +10,9 @@ online experiment runs at a time.
 - ``assign_arm``: the deterministic user → arm assignment (pure; a user keeps one arm for the whole
   experiment, in every worker and replica, with no state to share but the salt).
 - ``ExperimentStore``: the experiments table of the event-log database (``recloop.logdb``, revision
-  0003): ``start`` (refused while one runs), ``active`` (the running one: one indexed read, cheap
-  enough for every serving worker to poll every few seconds), ``stop``, ``conclude`` (stores the
-  result JSON), ``get``, ``latest``, ``list``.
+  0003; 0004 adds each arm's exploration policy): ``start`` (refused while one runs), ``active`` (the
+  running one: one indexed read, cheap enough for every serving worker to poll every few seconds),
+  ``stop``, ``conclude`` (stores the result JSON), ``get``, ``latest``, ``list``.
 
 Lifecycle: ``running`` → ``stopped`` (serving goes back to the champion for everyone) → ``concluded``
 (the analysis and its decision are stored; a running experiment may be concluded directly).
@@ -27,7 +27,7 @@ import hashlib
 import json
 import math
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
@@ -35,6 +35,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, MetaData, Row, select, text, update
 
 from recloop.logdb import (
+    EXPLORATION_CHARS,
     MODEL_VERSION_CHARS,
     SALT_CHARS,
     log_tables,
@@ -83,6 +84,9 @@ class OnlineExperiment:
         status: "running", "stopped" or "concluded".
         started_at / stopped_at / concluded_at: tz-aware UTC times (the last two None until then).
         result: the conclusion's report (JSON-friendly dict), None until concluded.
+        exploration: (champion, challenger) exploration policy texts of the arms
+            (``models.exploration.ExplorationPolicy.parse``, e.g. "epsilon:0.1"); None = the service's
+            global policy (``settings.exploration``).
     """
 
     experiment_id: str
@@ -96,6 +100,7 @@ class OnlineExperiment:
     stopped_at: datetime | None = None
     concluded_at: datetime | None = None
     result: dict[str, Any] | None = field(default=None, compare=False)
+    exploration: tuple[str | None, str | None] = (None, None)
 
     @property
     def running(self) -> bool:
@@ -122,10 +127,11 @@ class OnlineExperiment:
             weights=_weights(data["weights"]), salt=str(data["salt"]), status=str(data["status"]),
             started_at=_parse_time(data["started_at"]), stopped_at=_parse_time(data.get("stopped_at")),
             concluded_at=_parse_time(data.get("concluded_at")), result=data.get("result"),
+            exploration=_exploration_pair(data.get("exploration")),
         )
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-friendly: times as ISO 8601 strings (or None), weights as a list."""
+        """JSON-friendly: times as ISO 8601 strings (or None), weights and exploration as lists."""
         return {
             "experiment_id": self.experiment_id,
             "mode": self.mode,
@@ -138,6 +144,7 @@ class OnlineExperiment:
             "stopped_at": _iso(self.stopped_at),
             "concluded_at": _iso(self.concluded_at),
             "result": self.result,
+            "exploration": list(self.exploration),
         }
 
 
@@ -193,6 +200,8 @@ class ExperimentStore:
         weights: tuple[float, float] = DEFAULT_WEIGHTS,
         salt: str | None = None,
         now: datetime | None = None,
+        exploration: tuple[str | None, str | None] = (None, None),
+        parse_exploration: Callable[[str], object] | None = None,
     ) -> OnlineExperiment:
         """Start an online experiment; refused while another one runs.
 
@@ -206,10 +215,15 @@ class ExperimentStore:
             weights: (champion, challenger) traffic weights of an A/B test, each > 0 and finite.
             salt: the assignment salt (default a new random 32-hex-digit string).
             now: the start time (default now, UTC; naive means UTC).
+            exploration: (champion, challenger) exploration policy texts, e.g. ("epsilon:0.1", None); None
+                (or "") = the service's global policy. Stored stripped, at most 64 printable characters.
+            parse_exploration: the parser each text must pass: ``models.exploration.ExplorationPolicy.parse``
+                (the CLI passes it; the kernel does not import ``models/``). None: only the policy name is
+                checked (greedy | epsilon | plackett_luce); serving parses the text when it loads the arms.
         Returns:
             The running experiment (``experiment_id`` = "exp-" + 12 hex digits).
         Raises:
-            ValueError: a bad mode, weights, versions or salt.
+            ValueError: a bad mode, weights, versions, salt or exploration text.
             ExperimentConflict: an experiment is running (its id is in the message).
         """
         if mode not in MODES:
@@ -222,9 +236,11 @@ class ExperimentStore:
         salt = secrets.token_hex(16) if salt is None else str(salt)
         if not salt or len(salt) > SALT_CHARS or not salt.isprintable():
             raise ValueError(f"salt must be 1..{SALT_CHARS} printable characters")
+        explore = _exploration_pair(exploration, parse_exploration)
         experiment = OnlineExperiment(
             experiment_id="exp-" + secrets.token_hex(6), mode=mode, champion_version=champion,
             challenger_version=challenger, weights=weights, salt=salt, status=RUNNING, started_at=_now(now),
+            exploration=explore,
         )
         with self._locked() as conn:
             running = conn.execute(
@@ -236,6 +252,7 @@ class ExperimentStore:
                 experiment_id=experiment.experiment_id, mode=mode, champion_version=champion,
                 challenger_version=challenger, weight_champion=weights[0], weight_challenger=weights[1],
                 salt=salt, status=RUNNING, started_at=experiment.started_at,
+                exploration_champion=explore[0], exploration_challenger=explore[1],
             ))
         return experiment
 
@@ -399,6 +416,7 @@ def _experiment(row: Row) -> OnlineExperiment:
                                                              float(m["weight_challenger"])),
         salt=m["salt"], status=m["status"], started_at=m["started_at"], stopped_at=m["stopped_at"],
         concluded_at=m["concluded_at"], result=None if m["result"] is None else json.loads(m["result"]),
+        exploration=(m["exploration_champion"], m["exploration_challenger"]),
     )
 
 
@@ -410,6 +428,37 @@ def _weights(weights: Any) -> tuple[float, float]:
     if len(w) != 2 or not all(0 < x < math.inf for x in w):
         raise ValueError(f"weights={weights!r}; expected two positive finite numbers")
     return w[0], w[1]
+
+
+#: The exploration policy names (``models.exploration.POLICIES``; checked here when no parser is given).
+_EXPLORATION_NAMES = ("greedy", "epsilon", "plackett_luce")
+
+
+def _exploration_pair(value: Any, parse: Callable[[str], object] | None = None) -> tuple[str | None, str | None]:
+    """(champion, challenger) exploration texts, stripped ("" → None), each checked (``ExperimentStore.start``)."""
+    if value is None:
+        return None, None
+    pair = tuple(value)
+    if len(pair) != 2:
+        raise ValueError(f"exploration={value!r}; expected (champion, challenger) policy texts or None")
+    return _exploration("champion", pair[0], parse), _exploration("challenger", pair[1], parse)
+
+
+def _exploration(arm: str, value: Any, parse: Callable[[str], object] | None) -> str | None:
+    text = None if value is None else str(value).strip()
+    if not text:
+        return None
+    if len(text) > EXPLORATION_CHARS or not text.isprintable():
+        raise ValueError(f"exploration of the {arm}: {value!r}; expected 1..{EXPLORATION_CHARS} printable characters")
+    if parse is not None:
+        try:
+            parse(text)
+        except ValueError as err:
+            raise ValueError(f"exploration of the {arm}: {err}") from err
+    elif text.split(":", 1)[0].strip().lower() not in _EXPLORATION_NAMES:
+        raise ValueError(f"exploration of the {arm}: {text!r}; expected greedy | epsilon:EPS | "
+                         "plackett_luce:tau=T,n=N")
+    return text
 
 
 def _version(name: str, value: Any) -> str:

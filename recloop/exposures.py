@@ -1,9 +1,9 @@
 """The exposure log: what each request showed, written off the request path (SQLAlchemy 2, SQLite | PostgreSQL).
 
 One ``record`` per served list: the ``exposures`` row (request id, user, time, model version, variant,
-experiment arm, policy, the history the scores were computed from) and one ``exposure_items`` row per
-shown item (1-based position, item, score, interleaving team, propensity). Feedback events carry the
-same ``request_id`` and ``position`` (``EventLog.append(..., request_id=, position=)``), so
+experiment arm, policy, the history the scores were computed from, the exploration pool size) and one
+``exposure_items`` row per shown item (1-based position, item, score, interleaving team, propensity).
+Feedback events carry the same ``request_id`` and ``position`` (``EventLog.append(..., request_id=, position=)``), so
 ``EventLog.linked()`` joins them to what was shown. Tables and names: ``recloop.logdb``.
 
 ``record`` never touches the database on the caller's thread: it appends to a bounded in-memory queue
@@ -60,7 +60,7 @@ logger = logging.getLogger(__name__)
 
 #: The columns of the two frames ``ExposureLog.read`` returns.
 EXPOSURE_COLUMNS = ("request_id", "user_id", "ts", "model_version", "variant", "experiment_id", "arm", "policy",
-                    "context")
+                    "context", "pool_size")
 EXPOSURE_ITEM_COLUMNS = ("request_id", "position", "item_id", "score", "team", "propensity")
 MAX_ITEMS = 10_000  # positions 1..MAX_ITEMS (recloop.contract.MAX_POSITION)
 MAX_BACKOFF_S = 5.0
@@ -82,6 +82,7 @@ class _Record(NamedTuple):
     teams: tuple[Any, ...] | None
     propensities: tuple[Any, ...] | None
     ts: Any
+    pool_size: Any = None
 
 
 class ExposureLog:
@@ -155,6 +156,7 @@ class ExposureLog:
         teams: Sequence[str | None] | None = None,
         propensities: Sequence[float | None] | None = None,
         ts: datetime | None = None,
+        pool_size: int | None = None,
     ) -> bool:
         """Queue one exposure for writing; never blocks on, or touches, the database.
 
@@ -171,6 +173,8 @@ class ExposureLog:
             teams: per item, the interleaving team that contributed it (same length as ``items``).
             propensities: per item, the probability it was shown at that position (same length).
             ts: when it was served (default now, UTC; naive means UTC).
+            pool_size: the number of candidates the exploration policy could draw from, after masking
+                (``models.exploration.Slate.pool_size``; an integer >= 0, or None when unknown).
         Returns:
             True when queued; False when dropped (the queue holds ``max_queue`` records, or closed).
             Invalid fields are found by the writer: the record is then skipped and counted as invalid.
@@ -178,7 +182,7 @@ class ExposureLog:
         rec = _Record(
             request_id, user_id, model_version, tuple(items), variant, tuple(context), policy, experiment_id, arm,
             None if teams is None else tuple(teams), None if propensities is None else tuple(propensities),
-            ts if ts is not None else datetime.now(UTC),
+            ts if ts is not None else datetime.now(UTC), pool_size,
         )
         with self._cond:
             if self._closed or len(self._pending) + self._in_flight >= self.max_queue:
@@ -313,7 +317,8 @@ class ExposureLog:
 
         Returns:
             (exposures, items): ``EXPOSURE_COLUMNS`` ordered by (ts, request_id), ``ts``
-            datetime64[ns, UTC], ``context`` a list[str] (oldest first; [] when none);
+            datetime64[ns, UTC], ``context`` a list[str] (oldest first; [] when none), ``pool_size``
+            Int64 (<NA> when unknown);
             ``EXPOSURE_ITEM_COLUMNS`` ordered by (ts, request_id, position), ``position`` int64,
             ``score``/``propensity`` float64 (NaN when none), ``team`` str or None.
         """
@@ -334,6 +339,7 @@ class ExposureLog:
         exp = pd.DataFrame(exp_rows, columns=[c.name for c in e.c])[list(EXPOSURE_COLUMNS)]
         exp["ts"] = pd.to_datetime(exp["ts"], utc=True).astype("datetime64[ns, UTC]")
         exp["context"] = [json.loads(c) if c else [] for c in exp["context"]]
+        exp["pool_size"] = pd.array(exp["pool_size"].tolist(), dtype="Int64")
         for col in ("request_id", "user_id", "model_version", "variant", "experiment_id", "arm", "policy", "context"):
             exp[col] = exp[col].astype(object)
         its = pd.DataFrame(item_rows, columns=[c.name for c in i.c])[list(EXPOSURE_ITEM_COLUMNS)]
@@ -449,6 +455,7 @@ def _rows(rec: _Record) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         "arm": _text("arm", rec.arm, ARM_CHARS),
         "policy": _text("policy", rec.policy, POLICY_CHARS, required=True),
         "context": json.dumps([normalise_id(x) for x in rec.context]),
+        "pool_size": _count("pool_size", rec.pool_size),
     }
     rows = []
     for k, pair in enumerate(rec.items):
@@ -493,6 +500,14 @@ def _float(name: str, value: Any) -> float | None:
     except (TypeError, ValueError) as err:
         raise _Invalid(f"{name} must be numeric or null: {value!r}") from err
     return out if math.isfinite(out) else None
+
+
+def _count(name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not float(value).is_integer() or not 0 <= int(value) < 2**31:
+        raise _Invalid(f"{name} must be an integer in [0, 2**31) or null: {value!r}")
+    return int(value)
 
 
 def _utc(value: datetime | pd.Timestamp) -> datetime:

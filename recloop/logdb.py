@@ -18,14 +18,18 @@ Tables at head (``HEAD_REVISION``):
   ``ix_<events>_user_ts`` (user_id, timestamp, seq), ``ix_<events>_ts`` (timestamp, seq) and
   ``ix_<events>_request`` (request_id).
 - ``exposures``: one row per served list: ``request_id`` (primary key), ``user_id``, ``ts``,
-  ``model_version``, ``variant``, ``experiment_id``, ``arm``, ``policy`` and ``context`` (JSON array of
-  the history item ids, oldest first, the scores were computed from); indexes on (ts) and (user_id, ts).
+  ``model_version``, ``variant``, ``experiment_id``, ``arm``, ``policy``, ``context`` (JSON array of
+  the history item ids, oldest first, the scores were computed from) and ``pool_size`` (nullable: the
+  candidates the exploration policy could draw from, after masking; revision 0004); indexes on (ts) and
+  (user_id, ts).
 - ``exposure_items``: one row per shown item: (``request_id``, ``position``) primary key, ``item_id``,
   ``score``, ``team``, ``propensity``. No foreign key: the writer batches both tables.
 - ``experiments``: one row per online experiment (champion against challenger): ``experiment_id``
   (primary key), ``mode`` ("ab" | "interleave"), ``champion_version``, ``challenger_version``,
   ``weight_champion``, ``weight_challenger``, ``salt``, ``status`` ("running" | "stopped" | "concluded"),
-  ``started_at``, ``stopped_at``, ``concluded_at`` (nullable), ``result`` (JSON text, nullable), ``note``;
+  ``started_at``, ``stopped_at``, ``concluded_at`` (nullable), ``result`` (JSON text, nullable), ``note``,
+  ``exploration_champion`` and ``exploration_challenger`` (nullable: each arm's exploration policy text,
+  ``models.exploration.ExplorationPolicy.parse``; null = the service's policy; revision 0004);
   index ``ix_<experiments>_status``. At most one is running (``recloop.experiments.ExperimentStore``).
 
 Migrations live in ``recloop/migrations`` (Alembic scripts; the names come from
@@ -77,7 +81,7 @@ logger = logging.getLogger(__name__)
 _ALEMBIC_LOCK = threading.Lock()
 
 #: The newest migration (``recloop/migrations/versions``); a test keeps it equal to the scripts' head.
-HEAD_REVISION = "0003"
+HEAD_REVISION = "0004"
 #: The migration scripts (an Alembic ``script_location``).
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 #: SQLite ``busy_timeout``: how long a writer waits for the database write lock.
@@ -93,6 +97,7 @@ TEAM_CHARS = 32
 EXPERIMENT_MODE_CHARS = 16
 EXPERIMENT_STATUS_CHARS = 16
 SALT_CHARS = 64
+EXPLORATION_CHARS = 64
 
 
 class UTCDateTime(TypeDecorator):
@@ -191,6 +196,7 @@ def log_tables(metadata: MetaData, events_table: str = "events") -> LogTables:
         Column("arm", String(ARM_CHARS), nullable=True),
         Column("policy", String(POLICY_CHARS), nullable=False, server_default="greedy"),
         Column("context", Text, nullable=True),
+        Column("pool_size", Integer, nullable=True),
         Index(f"ix_{n.exposures}_ts", "ts"),
         Index(f"ix_{n.exposures}_user_ts", "user_id", "ts"),
     )
@@ -221,6 +227,8 @@ def log_tables(metadata: MetaData, events_table: str = "events") -> LogTables:
         Column("concluded_at", UTCDateTime, nullable=True),
         Column("result", Text, nullable=True),
         Column("note", Text, nullable=True),
+        Column("exploration_champion", String(EXPLORATION_CHARS), nullable=True),
+        Column("exploration_challenger", String(EXPLORATION_CHARS), nullable=True),
         Index(f"ix_{n.experiments}_status", "status"),
     )
     return LogTables(events=events, exposures=exposures, exposure_items=exposure_items, experiments=experiments)

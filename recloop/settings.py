@@ -121,6 +121,24 @@ class Settings(BaseSettings):
         default=90.0, gt=0, description="Exposures older than this are pruned by the online-metrics flow"
     )
 
+    # Exploration (models/exploration.py) and off-policy estimates in the gate (flows/ope.py)
+    exploration: str = Field(
+        default="greedy",
+        description="The service's exploration policy: greedy | epsilon:0.05 | plackett_luce:tau=0.5,n=50 "
+        "(an online experiment may set one per arm); every slot's propensity is logged with the exposure",
+    )
+    ope_gate: bool = Field(default=True, description="Add the off-policy CTR estimate rule to the gate")
+    ope_estimator: Literal["snips", "dr", "iips", "pi"] = Field(default="snips", description="Estimator the rule uses")
+    ope_tolerance: float = Field(
+        default=0.01, ge=0,
+        description="The candidate's lower 95% bound may fall this far (absolute CTR) below the champion's estimate",
+    )
+    ope_min_requests: int = Field(default=500, ge=1, description="Fewer logged exploratory requests: rule skipped")
+    ope_min_ess: float = Field(default=100.0, ge=0, description="Smaller effective sample size: rule skipped")
+    ope_max_unsupported_share: float = Field(
+        default=0.2, ge=0, le=1, description="More target mass outside the logged support: rule skipped"
+    )
+
     # Evaluation gate
     gate_min_gain: float = Field(default=DEFAULT_MIN_GAIN, description="Candidate NDCG@10 >= champion * (1 + min_gain)")
     gate_max_coverage_drop: float = Field(default=DEFAULT_MAX_COVERAGE_DROP, ge=0, le=1,
@@ -167,6 +185,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _valid_policy(self) -> Settings:
         EventPolicy.from_settings(self)  # raises ValueError naming the bad event type
+        _check_exploration(self.exploration)
         return self
 
     @property
@@ -197,6 +216,14 @@ class Settings(BaseSettings):
     def lake_path(self) -> Path:
         """Root of the Parquet lake (events/, items/, users/)."""
         return self.home / "lake"
+
+
+def _check_exploration(text: str) -> None:
+    """The exploration text's grammar (``models.exploration.ExplorationPolicy.parse`` is the parser;
+    the kernel does not import models/): a name and optional parameters."""
+    name = text.split(":", 1)[0].strip()
+    if name not in ("greedy", "epsilon", "plackett_luce"):
+        raise ValueError(f"exploration={text!r}: expected greedy | epsilon:EPS | plackett_luce:tau=T,n=N")
 
 
 @lru_cache

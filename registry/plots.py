@@ -116,3 +116,39 @@ def popularity_distribution(item_counts: np.ndarray, recommended_idx: np.ndarray
     fig.tight_layout()
     fig.savefig(path)
     return path
+
+
+def ctr_over_rounds(rounds: Sequence[Mapping[str, object]], path: Path, k: int = 10) -> Path:
+    """CTR@k (left axis) and skip rate (right axis) per round of a user simulation (``flows/simulate.py``),
+    each round's served model version annotated.
+
+    Args:
+        rounds: one dict per round with ``round``, ``ctr_at_k``, ``skip_rate`` and ``model_version``.
+        path: PNG to write.
+        k: the slate length (axis label).
+    Raises:
+        ValueError: ``rounds`` is empty.
+    """
+    if not rounds:
+        raise ValueError("rounds is empty; expected one dict per round")
+    x = [int(r.get("round", i)) for i, r in enumerate(rounds)]
+    ctr = [float(r.get("ctr_at_k") or 0.0) for r in rounds]  # type: ignore[arg-type]
+    skip = [float(r.get("skip_rate") or 0.0) for r in rounds]  # type: ignore[arg-type]
+    fig = Figure(figsize=(6.4, 3.4), dpi=DPI)
+    ax = fig.subplots()
+    ax.plot(x, ctr, marker="o", color="tab:blue", label=f"CTR@{k}")
+    ax.set(xlabel="round", ylabel=f"CTR@{k} (clicks / slots)", xticks=x, ylim=(0, max(max(ctr) * 1.3, 1e-3)),
+           title="simulated users: CTR over rounds")
+    ax.yaxis.label.set_color("tab:blue")
+    for xi, yi, r in zip(x, ctr, rounds, strict=True):
+        ax.annotate(f"v{r.get('model_version')}", (xi, yi), textcoords="offset points", xytext=(0, 6), ha="center",
+                    fontsize=7)
+    ax_skip = ax.twinx()
+    ax_skip.plot(x, skip, marker="s", linestyle="--", color="tab:red", label="skip rate")
+    ax_skip.set(ylabel="skip rate (skips / slots)", ylim=(0, max(max(skip) * 1.3, 1e-3)))
+    ax_skip.yaxis.label.set_color("tab:red")
+    lines = ax.get_lines()[:1] + ax_skip.get_lines()[:1]
+    ax.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path)
+    return path

@@ -28,6 +28,7 @@ sources (start-up when the store is empty, ``recloop online resync``, and the ba
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -36,11 +37,12 @@ import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
 
+from models.exploration import ExplorationPolicy, explore
 from models.ranking import encode_history, mask_scores, score_histories, seen_mask, top_k_items
 from models.vocab import PAD_IDX, ItemVocabulary
 from recloop.experiments import assign_arm
@@ -114,6 +116,31 @@ class ServedModel:
     loaded_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
 
 
+class Ranked(NamedTuple):
+    """One model's slate for a request (``RecommenderCore._rank``)."""
+
+    items: list[dict[str, Any]]
+    strategy: str
+    context: list[str]
+    propensities: list[float | None]
+    pool_size: int
+    policy: str
+
+
+def policy_text(policy: ExplorationPolicy) -> str:
+    """The exposure log's ``policy`` text of an exploration policy (<= 32 chars; ``ExplorationPolicy.parse``
+    reads it back): ``greedy``, ``epsilon:0.1``, ``plackett_luce:tau=0.5,n=50``."""
+    if policy.name == "epsilon":
+        return f"epsilon:{policy.epsilon:g}"[:32]
+    if policy.name == "plackett_luce":
+        return f"plackett_luce:tau={policy.temperature:g},n={policy.top_n}"[:32]
+    return "greedy"
+
+
+def _request_seed(request_id: str) -> int:
+    return int.from_bytes(hashlib.sha256(request_id.encode()).digest()[:8], "big")
+
+
 @dataclass(frozen=True)
 class ExperimentArms:
     """A running online experiment as serving needs it: its definition and both arms' models, pinned to
@@ -131,6 +158,12 @@ class ExperimentArms:
     salt: str
     champion: ServedModel
     challenger: ServedModel
+    exploration: tuple[ExplorationPolicy | None, ExplorationPolicy | None] = (None, None)
+
+    def exploration_of(self, arm: str, default: ExplorationPolicy | None) -> ExplorationPolicy | None:
+        """The arm's exploration policy (the experiment's, else the service's ``default``)."""
+        own = self.exploration[0] if arm == TEAM_A else self.exploration[1]
+        return own if own is not None else default
 
     def served(self, arm: str) -> ServedModel:
         """The model of ``arm`` ("champion" | "challenger")."""
@@ -139,7 +172,8 @@ class ExperimentArms:
     def describe(self) -> dict[str, Any]:
         """For ``/model_info``: the definition and the versions served."""
         return {"experiment_id": self.experiment_id, "mode": self.mode, "weights": list(self.weights),
-                "champion_version": self.champion.version, "challenger_version": self.challenger.version}
+                "champion_version": self.champion.version, "challenger_version": self.challenger.version,
+                "exploration": [None if p is None else policy_text(p) for p in self.exploration]}
 
 
 def score_history(model: Any, seq_len: int, idx: np.ndarray) -> np.ndarray:
@@ -216,6 +250,7 @@ class RecommenderCore:
         suppressed: Mapping[str, Mapping[str, datetime]] | None = None,
         policy: EventPolicy | None = None,
         exposures: ExposureSink | None = None,
+        exploration: ExplorationPolicy | None = None,
     ) -> None:
         self._served = served
         self.base_history: BaseHistory = base_history or {}
@@ -226,6 +261,8 @@ class RecommenderCore:
         self.policy = policy or DEFAULT_POLICY
         #: where each answer is recorded (``recloop.exposures.ExposureLog``); None = not recorded
         self.exposures = exposures
+        #: the service's exploration policy (None/greedy: the top k; an experiment may set one per arm)
+        self.exploration = exploration
         #: the running online experiment's two pinned models (None: the champion alone, today's cost)
         self.experiment_arms: ExperimentArms | None = None
         self.online = online
@@ -352,21 +389,25 @@ class RecommenderCore:
         experiment_id = arm = None
         teams: list[str] | None = None
         if arms is None:
-            items, strategy, context = self._rank(served, hist_ids, seen, k, user_id)
+            ranked = self._rank(served, hist_ids, seen, k, user_id, self.exploration, request_id)
         elif arms.mode == "ab":
             arm = assign_arm(arms.salt, user_id, arms.weights)
             served = arms.served(arm)
             experiment_id = arms.experiment_id
-            items, strategy, context = self._rank(served, hist_ids, seen, k, user_id)
-        else:  # team-draft interleaving of the two arms' lists (two forward passes plus the merge)
+            ranked = self._rank(served, hist_ids, seen, k, user_id, arms.exploration_of(arm, self.exploration),
+                                request_id)
+        else:  # team-draft interleaving of the two arms' greedy lists (two forward passes plus the merge)
             experiment_id, arm = arms.experiment_id, "interleaved"
-            a_items, strategy, context = self._rank(arms.champion, hist_ids, seen, k, user_id)
-            b_items, _, _ = self._rank(arms.challenger, hist_ids, seen, k, user_id)
-            merged, teams = team_draft([x["item_id"] for x in a_items], [x["item_id"] for x in b_items], k,
+            a = self._rank(arms.champion, hist_ids, seen, k, user_id)
+            b = self._rank(arms.challenger, hist_ids, seen, k, user_id)
+            merged, teams = team_draft([x["item_id"] for x in a.items], [x["item_id"] for x in b.items], k,
                                        request_rng(request_id))
-            by_team = {TEAM_A: {x["item_id"]: x for x in a_items}, TEAM_B: {x["item_id"]: x for x in b_items}}
+            by_team = {TEAM_A: {x["item_id"]: x for x in a.items}, TEAM_B: {x["item_id"]: x for x in b.items}}
             items = [dict(by_team[t][i], team=t) for i, t in zip(merged, teams, strict=True)]
+            # a merged slot's marginal probability is not logged (None): OPE uses A/B or single-policy logs
+            ranked = Ranked(items, a.strategy, a.context, [None] * len(items), a.pool_size, "interleaving")
             served = arms.champion
+        items, strategy, context = ranked.items, ranked.strategy, ranked.context
         if strategy == "sequential" and history is not None:
             strategy = "history"
         if fallback:
@@ -374,8 +415,9 @@ class RecommenderCore:
         if self.exposures is not None:
             self.exposures.record(
                 request_id, user_id, served.version, [(x["item_id"], x["score"]) for x in items],
-                variant=self.variant, context=context, policy="greedy",
-                experiment_id=experiment_id, arm=arm, teams=teams,
+                variant=self.variant, context=context, policy=ranked.policy,
+                experiment_id=experiment_id, arm=arm, teams=teams, propensities=ranked.propensities,
+                pool_size=ranked.pool_size,
             )
         out = {
             "items": items,
@@ -389,14 +431,19 @@ class RecommenderCore:
             out.update(experiment_id=experiment_id, arm=arm)
         return out
 
-    def _rank(self, served: ServedModel, hist_ids: list[str], seen: set[str] | None, k: int,
-              user_id: str) -> tuple[list[dict[str, Any]], str, list[str]]:
-        """One model's top-k after ``hist_ids`` (popularity when none is known), ``seen`` masked.
+    def _rank(self, served: ServedModel, hist_ids: list[str], seen: set[str] | None, k: int, user_id: str,
+              exploration: ExplorationPolicy | None = None, request_id: str = "") -> Ranked:
+        """One model's slate after ``hist_ids`` (popularity when none is known), ``seen`` masked.
+
+        Greedy (the default): the top k (``models.ranking.top_k_items``), each slot's propensity 1. Any
+        other exploration policy draws the slate with ``models.exploration.explore`` from the pool left
+        after masking, with a coin stream seeded by the request id (replayable), and logs each slot's
+        marginal propensity P(item at position) and the pool size.
 
         Returns:
-            (items, strategy, context): response items; "sequential" (or "history" when the caller
-            passed a request history, set by ``recommend``) or "popularity"; the known history ids
-            the scores came from (the exposure's ``context``).
+            ``Ranked``: response items; "sequential" (or "history" when the caller passed a request
+            history, set by ``recommend``) or "popularity"; the known history ids the scores came from
+            (the exposure's ``context``); per-slot propensities; pool size; the policy's text.
         """
         idx = encode_history(served.vocab, hist_ids)
         if len(idx):
@@ -409,7 +456,16 @@ class RecommenderCore:
             logger.info("cold start user_id=%s strategy=popularity", user_id[:64])
         if seen is not None:
             scores = mask_scores(scores[None, :], seen_mask([encode_history(served.vocab, seen)], len(served.vocab)))[0]
-        return self._items(served, scores, k), strategy, context
+        pool = int(np.isfinite(scores).sum())
+        if exploration is None or exploration.name == "greedy":
+            items = self._items(served, scores, k)
+            return Ranked(items, strategy, context, [1.0] * len(items), pool, "greedy")
+        slate = explore(scores, k, exploration, np.random.default_rng(_request_seed(request_id)))
+        ids = served.vocab.decode(slate.items)
+        items = [{"item_id": i, "score": float(scores[t]), "title": served.titles.get(i, i)}
+                 for i, t in zip(ids, slate.items, strict=True)]
+        return Ranked(items, strategy, context, [float(p) for p in slate.propensities], slate.pool_size,
+                      policy_text(exploration))
 
     def feedback(
         self,

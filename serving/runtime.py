@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import torch
 
+from models.exploration import ExplorationPolicy
 from recloop.policy import DEFAULT_POLICY, EventPolicy
 from recloop.settings import Settings, configure_environment, get_settings
 from serving.recommender import ExperimentArms, RecommenderCore, ServedModel, build_served
@@ -213,6 +214,7 @@ def build_runtime(settings: Settings | None = None, *, online: Any = None, event
         max_seq_len=settings.max_seq_len, variant=settings.model_alias, base_history=cat.base_history,
         consumed=cat.consumed, suppressed=cat.suppressed, policy=settings.event_policy,
         exposures=exposures if exposures is not None else _exposure_log(settings),
+        exploration=ExplorationPolicy.parse(settings.exploration),
     )
     # Re-sync an empty online store now (a Redis that restarted empty), then retry failed pushes and
     # watch for an emptied store in a daemon thread (serving/recommender.py, "Online-store outages").
@@ -373,8 +375,11 @@ class ChampionWatcher:
         if exp.experiment_id == self._failed_experiment and time.monotonic() < self._experiment_retry_at:
             return False
         try:
+            exploration = tuple(None if text is None else ExplorationPolicy.parse(text)
+                                for text in getattr(exp, "exploration", (None, None)))
             arms = ExperimentArms(exp.experiment_id, exp.mode, (float(exp.weights[0]), float(exp.weights[1])),
-                                  exp.salt, self._pinned(exp.champion_version), self._pinned(exp.challenger_version))
+                                  exp.salt, self._pinned(exp.champion_version), self._pinned(exp.challenger_version),
+                                  exploration)
         except Exception as err:  # noqa: BLE001 - an arm that does not load never takes traffic
             self.experiment_error = f"online experiment {exp.experiment_id} not served: {_describe(err)}"
             self._failed_experiment = exp.experiment_id

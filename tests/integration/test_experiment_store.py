@@ -130,6 +130,50 @@ def test_bad_definitions_are_refused(store: ExperimentStore, kwargs: dict, match
     assert store.active() is None
 
 
+def test_exploration_per_arm_is_validated_stored_and_round_trips(store: ExperimentStore) -> None:
+    from models.exploration import ExplorationPolicy
+
+    parse = ExplorationPolicy.parse
+    plain = store.start(mode="ab", champion_version="1", challenger_version="2", now=T0)
+    assert plain.exploration == (None, None) and store.active().exploration == (None, None)
+    assert plain.as_dict()["exploration"] == [None, None]
+    store.conclude(plain.experiment_id, {})
+    exp = store.start(mode="ab", champion_version="1", challenger_version="2", now=T0,
+                      exploration=(" epsilon:0.1 ", "plackett_luce:tau=0.5,n=50"), parse_exploration=parse)
+    assert exp.exploration == ("epsilon:0.1", "plackett_luce:tau=0.5,n=50")
+    assert store.active() == exp and store.active().exploration == exp.exploration
+    assert store.get(exp.experiment_id).exploration == exp.exploration
+    assert exp.as_dict()["exploration"] == ["epsilon:0.1", "plackett_luce:tau=0.5,n=50"]
+    assert type(exp).from_dict(exp.as_dict()) == exp
+    assert type(exp).from_dict({k: v for k, v in exp.as_dict().items() if k != "exploration"}).exploration == (
+        None, None)  # a dict written before per-arm exploration existed
+    stopped = store.stop()
+    assert stopped.exploration == exp.exploration
+    store.conclude(exp.experiment_id, {})
+    one = store.start(mode="ab", champion_version="1", challenger_version="2", exploration=("", "greedy"),
+                      parse_exploration=parse)
+    assert one.exploration == (None, "greedy")  # "" is the service's policy, as None
+
+
+@pytest.mark.parametrize(("exploration", "match"), [
+    (("epsilon:1.5", None), "champion.*epsilon"),
+    ((None, "softmax:1"), "challenger"),
+    ((None, "plackett_luce:tau=0"), "challenger.*temperature"),
+    (("epsilon:" + "1" * 70, None), "64 printable"),
+    (("epsilon:0.1",), "champion, challenger"),
+])
+def test_a_bad_exploration_is_refused(store: ExperimentStore, exploration: tuple, match: str) -> None:
+    from models.exploration import ExplorationPolicy
+
+    with pytest.raises(ValueError, match=match):
+        store.start(mode="ab", champion_version="1", challenger_version="2", exploration=exploration,
+                    parse_exploration=ExplorationPolicy.parse)
+    assert store.active() is None
+    if exploration == (None, "softmax:1"):  # without a parser, the kernel still checks the policy's name
+        with pytest.raises(ValueError, match="challenger"):
+            store.start(mode="ab", champion_version="1", challenger_version="2", exploration=exploration)
+
+
 def test_two_concurrent_starts_exactly_one_succeeds(db: Db, store: ExperimentStore) -> None:
     n = 4
     barrier = threading.Barrier(n)
@@ -158,3 +202,12 @@ def test_two_concurrent_starts_exactly_one_succeeds(db: Db, store: ExperimentSto
     assert len(started) == 1 and len(refused) == n - 1
     assert [e.experiment_id for e in store.list()] == started
     assert store.active().experiment_id == started[0]
+
+
+def test_the_cli_refuses_a_bad_exploration_before_touching_anything() -> None:
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    out = CliRunner().invoke(app, ["experiment", "start", "--challenger", "2", "--explore-challenger", "epsilon:2"])
+    assert out.exit_code == 2 and "--explore-challenger" in out.output and "epsilon" in out.output

@@ -82,6 +82,25 @@ def test_read_windows_teams_and_propensities(xlog: ExposureLog) -> None:
     assert items["propensity"].tolist() == [0.5, 0.25] and pd.isna(items["score"].iloc[1])
 
 
+def test_propensities_and_pool_size_round_trip(xlog: ExposureLog) -> None:
+    xlog.record("eps", "u1", "3", [("x", 0.9), ("y", 0.4), ("z", 0.1)], context=["h"], policy="epsilon:0.1",
+                propensities=[0.9, 0.1 / 47, 0.9], pool_size=50, ts=T0)
+    xlog.record("pl", "u2", "3", [("x", 0.9)], policy="plackett_luce:tau=0.5,n=50", propensities=[0.37],
+                pool_size=0, ts=T0 + timedelta(seconds=1))
+    xlog.record("old", "u3", "3", [("x", 0.9)], ts=T0 + timedelta(seconds=2))  # no pool size: null
+    for bad in (-1, 1.5, "many", True, 2**31):
+        assert xlog.record(f"bad-{bad}", "u", "3", [("x", 1.0)], pool_size=bad)  # the writer refuses it
+    assert xlog.flush()
+    assert xlog.stats()["invalid"] == 5
+    exposures, items = xlog.read()
+    assert exposures["request_id"].tolist() == ["eps", "pl", "old"]
+    assert str(exposures["pool_size"].dtype) == "Int64"
+    assert exposures["pool_size"].tolist()[:2] == [50, 0] and pd.isna(exposures["pool_size"].iloc[2])
+    assert exposures["policy"].tolist() == ["epsilon:0.1", "plackett_luce:tau=0.5,n=50", "greedy"]
+    assert items["propensity"].iloc[:4].tolist() == [0.9, 0.1 / 47, 0.9, 0.37]
+    assert pd.isna(items["propensity"].iloc[4])
+
+
 def test_a_feedback_event_links_to_its_exposure(sqlite_url: str, xlog: ExposureLog) -> None:
     events = EventLog(sqlite_url)
     try:
@@ -190,13 +209,16 @@ def test_postgres_round_trip() -> None:
     try:
         for k in range(200):
             assert log.record(f"req-{k}", f"u{k % 7}", "5", _items(k, 4), context=["h1", f"h{k}"],
-                              ts=T0 + timedelta(minutes=k))
+                              ts=T0 + timedelta(minutes=k), policy="epsilon:0.1", propensities=[0.9, 0.9, 0.9, 0.01],
+                              pool_size=100 + k)
         log.record("req-0", "other", "5", [("dup", 1.0)])  # a stored request_id wins
         assert log.flush(10)
         assert log.count() == 200
         exposures, items = log.read()
         assert exposures["context"].iloc[5] == ["h1", "h5"] and len(items) == 800
         assert items[items["request_id"] == "req-0"]["item_id"].tolist() == [i for i, _ in _items(0, 4)]
+        assert exposures["pool_size"].tolist() == list(range(100, 300)) and str(exposures["pool_size"].dtype) == "Int64"
+        assert items[items["request_id"] == "req-7"]["propensity"].tolist() == [0.9, 0.9, 0.9, 0.01]
         events.append_one("u3", "i3", "click", request_id="req-3", position=1)
         linked = events.linked()
         assert linked.merge(items, on=["request_id", "position"])["item_id_y"].tolist() == ["i3"]

@@ -88,7 +88,7 @@ def test_head_revision_is_the_scripts_head() -> None:
     config.set_main_option("script_location", str(logdb.MIGRATIONS_DIR))
     script = ScriptDirectory.from_config(config)
     assert script.get_current_head() == logdb.HEAD_REVISION
-    assert [s.revision for s in script.walk_revisions()][::-1] == ["0001", "0002", "0003"]
+    assert [s.revision for s in script.walk_revisions()][::-1] == ["0001", "0002", "0003", "0004"]
 
 
 def test_table_names() -> None:
@@ -188,7 +188,7 @@ def test_a_0002_database_upgrades_to_0003_keeping_its_rows(db: Db) -> None:
 
     store = ExperimentStore(db.url, events_table=db.events_table)  # opening it upgrades in place
     try:
-        assert logdb.current_revision(store.engine, db.events_table) == logdb.HEAD_REVISION == "0003"
+        assert logdb.current_revision(store.engine, db.events_table) == logdb.HEAD_REVISION
         inspector = inspect(store.engine)
         assert f"ix_{names.experiments}_status" in {ix["name"] for ix in inspector.get_indexes(names.experiments)}
         assert store.active() is None
@@ -204,6 +204,58 @@ def test_a_0002_database_upgrades_to_0003_keeping_its_rows(db: Db) -> None:
         log.close()
     with db.engine.connect() as conn:
         assert conn.execute(select(tables.exposures.c.request_id)).scalars().all() == ["req-0"]
+
+
+def test_a_0003_database_upgrades_to_0004_keeping_its_rows(db: Db) -> None:
+    from recloop.experiments import ExperimentStore
+    from recloop.exposures import ExposureLog
+
+    _upgrade_to(db.engine, db.events_table, "0003")
+    assert logdb.current_revision(db.engine, db.events_table) == "0003"
+    names = logdb.table_names(db.events_table)
+    inspector = inspect(db.engine)
+    assert "pool_size" not in {c["name"] for c in inspector.get_columns(names.exposures)}
+    assert "exploration_champion" not in {c["name"] for c in inspector.get_columns(names.experiments)}
+    md = MetaData()  # the 0003 tables, as that release wrote them (no new columns)
+    exposures = Table(names.exposures, md, autoload_with=db.engine)
+    items = Table(names.exposure_items, md, autoload_with=db.engine)
+    experiments = Table(names.experiments, md, autoload_with=db.engine)
+    with db.engine.begin() as conn:
+        conn.execute(exposures.insert(), [{
+            "request_id": "req-0", "user_id": "u0", "ts": T0.to_pydatetime(), "model_version": "3",
+            "variant": "champion", "policy": "greedy", "context": '["h1"]'}])
+        conn.execute(items.insert(), [{"request_id": "req-0", "position": 1, "item_id": "i1", "score": 0.5,
+                                       "team": None, "propensity": 1.0}])
+        conn.execute(experiments.insert(), [{
+            "experiment_id": "exp-000000000001", "mode": "ab", "champion_version": "3", "challenger_version": "4",
+            "weight_champion": 50.0, "weight_challenger": 50.0, "salt": "s", "status": "stopped",
+            "started_at": T0.to_pydatetime(), "stopped_at": T0.to_pydatetime(), "note": "kept"}])
+
+    xlog = ExposureLog(db.url, events_table=db.events_table, flush_interval_s=0.02)  # opening it upgrades
+    try:
+        assert logdb.current_revision(xlog.engine, db.events_table) == logdb.HEAD_REVISION == "0004"
+        xlog.record("req-1", "u1", "4", [("i2", 0.9), ("i3", 0.1)], context=["h2"], policy="epsilon:0.1",
+                    propensities=[0.9, 0.01], pool_size=120, ts=T0 + pd.Timedelta(minutes=1))
+        assert xlog.flush()
+        shown, slots = xlog.read()
+        assert shown["request_id"].tolist() == ["req-0", "req-1"]
+        assert shown["context"].tolist() == [["h1"], ["h2"]] and shown["policy"].tolist() == ["greedy", "epsilon:0.1"]
+        assert shown["pool_size"].isna().tolist() == [True, False] and shown["pool_size"].iloc[1] == 120
+        assert slots["propensity"].tolist() == pytest.approx([1.0, 0.9, 0.01])
+    finally:
+        xlog.close()
+    store = ExperimentStore(db.url, events_table=db.events_table)
+    try:
+        old = store.get("exp-000000000001")
+        assert old is not None and old.status == "stopped" and old.exploration == (None, None)
+        started = store.start(mode="ab", champion_version="3", challenger_version="4",
+                              exploration=(None, "epsilon:0.2"))
+        assert store.active() == started and store.active().exploration == (None, "epsilon:0.2")
+    finally:
+        store.close()
+    with db.engine.connect() as conn:
+        notes = conn.execute(select(experiments.c.experiment_id, experiments.c.note)).all()
+        assert dict(notes) == {"exp-000000000001": "kept", started.experiment_id: None}
 
 
 def test_concurrent_upgrades_of_a_fresh_database_all_succeed(db: Db) -> None:

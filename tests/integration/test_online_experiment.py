@@ -134,10 +134,12 @@ def test_cli_lifecycle_start_status_stop_conclude_promotes_the_winner(reg: dict[
     assert _cli("start", "--challenger", "2", "--weights", "0,1").exit_code == 2
     assert _cli("start", "--challenger", "2", "--mode", "bandit").exit_code == 2
 
-    started = _cli("start", "--challenger", "2", "--mode", "ab", "--weights", "60,40", "--json")
+    started = _cli("start", "--challenger", "2", "--mode", "ab", "--weights", "60,40", "--explore-challenger",
+                   "epsilon:0.1", "--json")
     assert started.exit_code == 0, started.output
     experiment = json.loads(started.stdout)
     assert (experiment["champion_version"], experiment["challenger_version"]) == ("1", "2")
+    assert experiment["exploration"] == [None, "epsilon:0.1"]
     assert experiment["weights"] == [60.0, 40.0] and experiment["status"] == "running"
     again = _cli("start", "--challenger", "3")
     assert again.exit_code == 1 and experiment["experiment_id"] in again.stderr

@@ -227,6 +227,48 @@ def test_similar_items_and_metadata_endpoints(server) -> None:
     assert info["version"] == server["version"] and info["n_items"] == 1682 and info["last_error"] is None
 
 
+def test_simulated_users_over_http_every_reaction_acknowledged_and_linked(server) -> None:
+    """``flows.simulate.HttpDriver``: 10 simulated ml-100k users, one session each, against the real service."""
+    import time
+
+    from flows.simulate import HttpDriver, lake_histories, round_metrics, sample_users
+    from models.simulator import GroundTruth, SimConfig, UserSimulator
+
+    policy = get_settings().event_policy
+    events = server["events"]
+    histories = lake_histories(events, policy)
+    users = sample_users(list(histories), 10, seed=0)
+    truth = GroundTruth.fit(policy.positives(events), kind="ease")
+    sim = UserSimulator(truth, {u: histories[u] for u in users}, SimConfig(k=10, seed=0))
+    with HttpDriver(server["base"]) as driver:
+        t0 = time.perf_counter()
+        results = [sim.run_session(u, driver.recommend, driver.feedback, session=0) for u in users]
+        wall = time.perf_counter() - t0
+        assert driver.errors == 0, driver.error_log
+        acknowledged = list(driver.acknowledged)
+        assert set(driver.versions) == {server["version"]}
+    reactions = sum(r.clicks + r.skips for r in results)
+    assert reactions > 0 and len(acknowledged) == reactions
+    assert {a["role"] for a in acknowledged} <= {"positive", "negative"}
+    log = _log()
+    assert all(log.get(a["event_id"]) is not None for a in acknowledged)
+    linked = {(r.request_id, int(r.position), r.item_id, r.event_type) for r in log.linked().itertuples()}
+    assert {(a["request_id"], a["position"], a["item_id"], a["event_type"]) for a in acknowledged} <= linked
+    shown_requests = {rid for r in results for rid in r.request_ids}
+    assert {a["request_id"] for a in acknowledged} <= shown_requests
+    log.close()
+    popularity = policy.positives(events)["item_id"].astype(str).value_counts().to_dict()
+    m = round_metrics(results, 10, len(truth.item_ids), popularity)
+    assert m["sessions"] == 10 and m["slots"] == 10 * sum(r.slates for r in results)
+    assert 0.0 <= m["ctr_at_k"] <= 1.0 and 0.0 <= m["skip_rate"] <= 1.0 and m["ctr_at_k"] + m["skip_rate"] <= 1.0
+    assert m["clicks"] + m["skips"] >= sum(r.slates for r in results)  # position 1 is always examined
+    assert 1.0 <= m["slates_per_session"] <= sim.config.max_slates and 0.0 < m["catalogue_share"] <= 1.0
+    assert m["novelty"] > 0
+    print(f"simulated users over HTTP: {len(results)} sessions, {m['slots']} slots, {reactions} feedback in "
+          f"{wall:.2f} s = {len(results) / wall:.1f} sessions/s; CTR@10 {m['ctr_at_k']:.3f}, "
+          f"skip rate {m['skip_rate']:.3f}")
+
+
 def test_champion_swap_under_8_concurrent_clients_fails_no_request(server) -> None:
     """Runs last in the module: it moves the alias to a new version."""
     stop = threading.Event()
