@@ -65,6 +65,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from recloop.online_metrics import frame_with
 from recloop.policy import EventPolicy
 
 ARMS: tuple[str, str] = ("champion", "challenger")
@@ -716,16 +717,6 @@ def _opt_text(v: Any) -> str | None:
     return None if v is None else str(v)
 
 
-def _frame(df: pd.DataFrame | None, required: tuple[str, ...], name: str) -> pd.DataFrame:
-    """The frame with at least ``required`` (an empty frame may lack columns; a non-empty one may not)."""
-    if df is None or (len(df) == 0 and not set(required) <= set(df.columns)):
-        return pd.DataFrame({c: pd.Series(dtype=object) for c in required})
-    missing = [c for c in required if c not in df.columns]
-    if missing:
-        raise ValueError(f"{name} frame lacks columns {missing}; has {list(df.columns)}")
-    return df
-
-
 def _text(s: pd.Series) -> pd.Series:
     """Ids as strings; missing (None/NaN) as ''."""
     s = s.astype(object).where(s.notna(), "")
@@ -741,7 +732,7 @@ def _label(s: pd.Series) -> pd.Series:
 
 def _experiment_exposures(exposures: pd.DataFrame | None, experiment: Any) -> pd.DataFrame:
     """The experiment's requests: request_id, user_id, arm (lower case), model_version, ts (first row per id)."""
-    ex = _frame(exposures, ("request_id", "user_id", "experiment_id"), "exposures")
+    ex = frame_with(exposures, ("request_id", "user_id", "experiment_id"), "exposures")
     n = len(ex)
     col = {c: (ex[c] if c in ex.columns else pd.Series([None] * n, index=ex.index, dtype=object))
            for c in ("arm", "model_version", "ts")}
@@ -757,7 +748,7 @@ def _experiment_exposures(exposures: pd.DataFrame | None, experiment: Any) -> pd
 
 def _slots(items: pd.DataFrame | None, ex: pd.DataFrame) -> pd.DataFrame:
     """The slots of ``ex``'s requests (a repeated (request_id, position) once) with team, user, arm and ts."""
-    it = _frame(items, ("request_id", "position", "item_id"), "items")
+    it = frame_with(items, ("request_id", "position", "item_id"), "items")
     pos = pd.to_numeric(it["position"], errors="coerce")
     if len(it) and (pos.isna().any() or (pos < 1).any() or (pos != pos.round()).any()):
         raise ValueError("items: position must be an integer >= 1 (1-based slots)")
@@ -780,7 +771,7 @@ def _clicks(events: pd.DataFrame | None, slots: pd.DataFrame, policy: EventPolic
     item, preferring the slot at the event's reported ``position``, else the lowest position; the first
     event row (log order) of a (request_id, item_id) is kept.
     """
-    ev = _frame(events, ("request_id", "item_id", "event_type"), "events")
+    ev = frame_with(events, ("request_id", "item_id", "event_type"), "events")
     roles = policy.roles(ev["event_type"], ev["value"] if "value" in ev.columns else None)
     pos = (pd.to_numeric(ev["position"], errors="coerce") if "position" in ev.columns
            else pd.Series(np.nan, index=ev.index))

@@ -193,7 +193,7 @@ def _natural(key: str) -> tuple[int, float, str]:
     return (0, float(key), key) if re.fullmatch(r"\d+(\.\d+)?", key) else (1, 0.0, key)
 
 
-def _frame(df: pd.DataFrame | None, required: tuple[str, ...], name: str) -> pd.DataFrame:
+def frame_with(df: pd.DataFrame | None, required: tuple[str, ...], name: str) -> pd.DataFrame:
     """The frame with at least ``required`` (an empty frame may lack columns; a non-empty one may not)."""
     if df is None or (len(df) == 0 and not set(required) <= set(df.columns)):
         return pd.DataFrame({c: pd.Series(dtype=object) for c in required})
@@ -209,7 +209,7 @@ def _text(s: pd.Series) -> pd.Series:
 
 
 def _exposures(df: pd.DataFrame | None) -> pd.DataFrame:
-    ex = _frame(df, ("request_id", "user_id"), "exposures")
+    ex = frame_with(df, ("request_id", "user_id"), "exposures")
     out = pd.DataFrame({c: _text(ex[c]) if c in ex.columns else pd.Series("", index=ex.index, dtype=object)
                         for c in _EXPOSURE_COLUMNS})
     return out.drop_duplicates("request_id").reset_index(drop=True)
@@ -217,7 +217,7 @@ def _exposures(df: pd.DataFrame | None) -> pd.DataFrame:
 
 def _slots(df: pd.DataFrame | None, ex: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     """Slots of known requests with their request's group columns, and how many slots had no request."""
-    it = _frame(df, _ITEM_COLUMNS, "items")
+    it = frame_with(df, _ITEM_COLUMNS, "items")
     pos = pd.to_numeric(it["position"], errors="coerce")
     if len(it) and (pos.isna().any() or (pos < 1).any() or (pos != pos.round()).any()):
         raise ValueError("items: position must be an integer >= 1 (1-based slots)")
@@ -231,7 +231,7 @@ def _slots(df: pd.DataFrame | None, ex: pd.DataFrame) -> tuple[pd.DataFrame, int
 
 def _events(df: pd.DataFrame | None, policy: EventPolicy) -> pd.DataFrame:
     """Positive and negative events: request_id, item_id, role, position (NaN when not given)."""
-    ev = _frame(df, _EVENT_COLUMNS, "events")
+    ev = frame_with(df, _EVENT_COLUMNS, "events")
     roles = policy.roles(ev["event_type"], ev["value"] if "value" in ev.columns else None)
     pos = (pd.to_numeric(ev["position"], errors="coerce") if "position" in ev.columns
            else pd.Series(np.nan, index=ev.index))
