@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import random
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -46,3 +49,37 @@ def recloop_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def _seed() -> None:
     random.seed(0)
     np.random.seed(0)
+
+
+@dataclass
+class LogDb:
+    """An event-log database for one test: its URL, a unique events-table name, an engine."""
+
+    url: str
+    events_table: str
+    engine: object
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def log_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LogDb]:
+    """SQLite in the test's folder, or the PostgreSQL at ``settings.postgres_url`` (skipped when absent), with a
+    unique events-table name; every table of that schema (and its version table) is dropped afterwards."""
+    from sqlalchemy import create_engine, inspect
+
+    from recloop import logdb
+
+    table = f"events_test_{uuid.uuid4().hex[:10]}"
+    url = f"sqlite:///{tmp_path / 'eventlog.db'}" if request.param == "sqlite" else get_settings().postgres_url
+    engine = create_engine(url)
+    try:
+        with engine.connect():
+            pass
+    except Exception as err:  # noqa: BLE001 - any connection failure means the server is absent
+        engine.dispose()
+        if request.param == "postgres":
+            pytest.skip(f"PostgreSQL not reachable: {err}")
+        raise
+    yield LogDb(url, table, engine)
+    logdb.drop_all(engine, table)
+    assert not {n for n in inspect(engine).get_table_names() if n.startswith(table)}
+    engine.dispose()

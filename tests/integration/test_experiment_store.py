@@ -7,50 +7,29 @@ starts from threads, each with its own store as separate processes would have), 
 from __future__ import annotations
 
 import threading
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, inspect
+from conftest import LogDb
 
-from recloop import logdb
 from recloop.experiments import (
     ExperimentConflict,
     ExperimentStore,
     NoRunningExperiment,
     UnknownExperiment,
 )
-from recloop.settings import get_settings
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
 
-@dataclass
-class Db:
-    url: str
-    events_table: str
+Db = LogDb
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Db]:
-    table = f"events_test_{uuid.uuid4().hex[:10]}"
-    url = f"sqlite:///{tmp_path / 'eventlog.db'}" if request.param == "sqlite" else get_settings().postgres_url
-    engine = create_engine(url)
-    try:
-        with engine.connect():
-            pass
-    except Exception as err:  # noqa: BLE001 - any connection failure means the server is absent
-        engine.dispose()
-        if request.param == "postgres":
-            pytest.skip(f"PostgreSQL not reachable: {err}")
-        raise
-    yield Db(url, table)
-    logdb.drop_all(engine, table)
-    assert not {n for n in inspect(engine).get_table_names() if n.startswith(table)}
-    engine.dispose()
+@pytest.fixture
+def db(log_db: LogDb) -> LogDb:
+    """The shared event-log database fixture (tests/conftest.py)."""
+    return log_db
 
 
 @pytest.fixture()

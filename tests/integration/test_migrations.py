@@ -6,15 +6,13 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from alembic.config import Config
 from alembic.script import ScriptDirectory
+from conftest import LogDb
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -33,35 +31,17 @@ from sqlalchemy import (
 
 from recloop import logdb
 from recloop.eventlog import EventLog
-from recloop.settings import get_settings
 
 T0 = pd.Timestamp("2024-05-01T12:00:00Z")
 
 
-@dataclass
-class Db:
-    url: str
-    events_table: str
-    engine: Engine
+Db = LogDb
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Db]:
-    table = f"events_test_{uuid.uuid4().hex[:10]}"
-    url = f"sqlite:///{tmp_path / 'eventlog.db'}" if request.param == "sqlite" else get_settings().postgres_url
-    engine = create_engine(url)
-    try:
-        with engine.connect():
-            pass
-    except Exception as err:  # noqa: BLE001 - any connection failure means the server is absent
-        engine.dispose()
-        if request.param == "postgres":
-            pytest.skip(f"PostgreSQL not reachable: {err}")
-        raise
-    yield Db(url, table, engine)
-    logdb.drop_all(engine, table)
-    assert not {n for n in inspect(engine).get_table_names() if n.startswith(table)}
-    engine.dispose()
+@pytest.fixture
+def db(log_db: LogDb) -> LogDb:
+    """The shared event-log database fixture (tests/conftest.py)."""
+    return log_db
 
 
 def _legacy_events_table(name: str) -> Table:
