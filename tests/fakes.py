@@ -6,6 +6,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 
 import torch
 
@@ -72,3 +73,20 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float = 5.0, poll_s: floa
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         time.sleep(poll_s)
+
+
+def tiny_checkpoint(path: Path, n_items: int = 30) -> Path:
+    """A checkpoint of a tiny SASRec trained for one epoch on seeded toy sequences (items ``i1`` .. ``i<n>``)."""
+    import numpy as np
+
+    from models.checkpoint import save_checkpoint
+    from models.sequences import leave_one_out
+    from models.trainer import TrainConfig, train_model
+
+    vocab = ItemVocabulary([f"i{k}" for k in range(1, n_items + 1)])
+    rng = np.random.default_rng(0)
+    seqs = {f"u{u}": (rng.integers(0, n_items) + np.arange(rng.integers(5, 10))) % n_items + 1 for u in range(30)}
+    config = SASRecConfig(n_items=n_items, max_seq_len=8, d_model=8, n_heads=1, n_layers=1)
+    tcfg = TrainConfig(epochs=1, batch_size=16, seed=1, device="cpu", num_threads=1)
+    result = train_model(leave_one_out(seqs), vocab, config, tcfg, progress=False)
+    return save_checkpoint(path, result.model.cpu(), vocab, {})

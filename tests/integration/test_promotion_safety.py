@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import numpy as np
 import pytest
+from fakes import tiny_checkpoint
 from typer.testing import CliRunner
 
 from recloop.settings import get_settings
@@ -54,19 +54,7 @@ class MemoryOnline:
 
 
 def _tiny_checkpoint(path: Path) -> Path:
-    from models.checkpoint import save_checkpoint
-    from models.sasrec import SASRecConfig
-    from models.sequences import leave_one_out
-    from models.trainer import TrainConfig, train_model
-    from models.vocab import ItemVocabulary
-
-    vocab = ItemVocabulary([f"i{k}" for k in range(1, N_ITEMS + 1)])
-    rng = np.random.default_rng(0)
-    seqs = {f"u{u}": (rng.integers(0, N_ITEMS) + np.arange(rng.integers(5, 10))) % N_ITEMS + 1 for u in range(30)}
-    config = SASRecConfig(n_items=N_ITEMS, max_seq_len=8, d_model=8, n_heads=1, n_layers=1)
-    tcfg = TrainConfig(epochs=1, batch_size=16, seed=1, device="cpu", num_threads=1)
-    result = train_model(leave_one_out(seqs), vocab, config, tcfg, progress=False)
-    return save_checkpoint(path, result.model.cpu(), vocab, {})
+    return tiny_checkpoint(path, N_ITEMS)
 
 
 @pytest.fixture(scope="module")
