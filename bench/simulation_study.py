@@ -82,7 +82,7 @@ DEFINITIONS = {
     "ctr": "clicks / slots shown (CTR@k; every slot of every slate counts, examined or not)",
     "clicks_per_session": "clicks / sessions",
     "slates_per_session": "slates shown / sessions",
-    "skip_rate": "skips (examined, not clicked) / slots shown",
+    "skip_rate": "skips (examined, not clicked, disliked: utility < SimConfig.skip_below) / slots shown",
     "catalogue_share": "distinct items shown in the round / catalogue size",
     "novelty": "mean over slots shown of -log2((users with a positive on the item in the lake + 1) / "
                "(lake users + 1)) (Zhou et al., PNAS 2010; models.metrics.novelty)",
@@ -870,7 +870,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--source", default="movielens-100k")
     p.add_argument("--path", default=None, help="the data folder (default for movielens-100k: ../shared/data/ml-100k)")
     p.add_argument("--option", action="append", default=[], help="source option key=value (repeatable)")
-    p.add_argument("--sim", action="append", default=[], help="SimConfig field key=value, e.g. skip_examined=false")
+    p.add_argument("--sim", action="append", default=[], help="SimConfig field key=value (JSON), e.g. skip_below=null")
     p.add_argument("--study", choices=("loop", "experiment", "all"), default="all")
     p.add_argument("--quick", action="store_true", help="1 seed, 2 rounds, few users: a smoke test")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")

@@ -239,7 +239,8 @@ def test_simulated_users_over_http_every_reaction_acknowledged_and_linked(server
     histories = lake_histories(events, policy)
     users = sample_users(list(histories), 10, seed=0)
     truth = GroundTruth.fit(policy.positives(events), kind="ease")
-    sim = UserSimulator(truth, {u: histories[u] for u in users}, SimConfig(k=10, seed=0))
+    # skip_below=1e9: every examined, unclicked slot is reported as a skip, so each slate sends feedback
+    sim = UserSimulator(truth, {u: histories[u] for u in users}, SimConfig(k=10, seed=0, skip_below=1e9))
     with HttpDriver(server["base"]) as driver:
         t0 = time.perf_counter()
         results = [sim.run_session(u, driver.recommend, driver.feedback, session=0) for u in users]
