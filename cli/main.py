@@ -273,6 +273,37 @@ def bench_exploration_cmd(
     typer.echo(json.dumps(out, indent=2 if not as_json else None))
 
 
+@bench_app.command("ope")
+def bench_ope_cmd(
+    path: str = typer.Option("../shared/data/ml-100k", help="The ml-100k folder"),
+    quick: bool = typer.Option(False, "--quick", help="2 seeds, 40 users, 1-epoch models: a smoke test"),
+    seeds: int = typer.Option(None, help="Seeds 0..N-1 (default 20)"),
+    users: int = typer.Option(None, help="Simulated users per seed, one session each (default 500; 0: all)"),
+    policy: str = typer.Option(None, help="The logging exploration policy (default epsilon:0.1)"),
+    price: bool = typer.Option(True, "--price/--no-price", help="Also the price-of-exploring rounds (eps 0/0.05/0.1)"),
+    as_json: bool = typer.Option(True, "--json/--no-json", help="One JSON document on stdout (the only output)"),
+) -> None:
+    """Off-policy estimates (SNIPS, DR) of a model's top-slot CTR from an epsilon-greedy log against the CTR it
+    then earns online, with simulated users over the in-process serving core; and the price of exploring."""
+    import json
+    from pathlib import Path
+
+    from bench.ope_study import run_ope_study
+
+    kw: dict = {}
+    if seeds is not None:
+        kw["seeds"] = tuple(range(seeds))
+    if users is not None:
+        kw["users"] = users or None
+    if policy is not None:
+        kw["logging_policy"] = policy
+    if not price:
+        kw["price_epsilons"] = None
+    with _stdout_to_stderr():
+        out = run_ope_study("movielens-100k", Path(path).resolve(), quick=quick, **kw)
+    typer.echo(json.dumps(out, indent=2 if not as_json else None, allow_nan=False))
+
+
 @bench_app.command("features")
 def bench_features_cmd(
     path: str = typer.Option(None, help="The ml-100k folder (default: recloop.sources download cache)"),
