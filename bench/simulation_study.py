@@ -60,6 +60,7 @@ from models.vocab import PAD_IDX, ItemVocabulary
 from recloop.contract import EVENT_COLUMNS
 from recloop.eventlog import EventLog
 from recloop.experiment_analysis import analyse_experiment
+from recloop.experiments import jsonable
 from recloop.policy import EventPolicy
 from recloop.settings import get_settings
 from recloop.sources import load_source
@@ -800,25 +801,6 @@ def _progress(message: str) -> None:
     print(f"[simulation_study {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def _plain(obj: Any) -> Any:
-    """JSON-able: numpy scalars as numbers, tuples/arrays as lists, NaN/inf as None, datetimes as ISO."""
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple | np.ndarray):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, bool | np.bool_):
-        return bool(obj)
-    if isinstance(obj, int | np.integer):
-        return int(obj)
-    if isinstance(obj, float | np.floating):
-        return float(obj) if math.isfinite(float(obj)) else None
-    if isinstance(obj, datetime | pd.Timestamp):
-        return obj.isoformat()
-    if obj is None or isinstance(obj, str):
-        return obj
-    return str(obj)
-
-
 QUICK_LOOP = {"seeds": (0,), "rounds": 2, "users_per_policy": 15, "sessions_per_round": 1, "champion_seconds": 1.0,
               "champion_epochs": 1, "retrain_epochs": 1, "second_truth_seeds": (0,)}
 QUICK_EXPERIMENT = {"seeds": (0,), "max_sessions": 60, "batch_sessions": 30}
@@ -851,7 +833,7 @@ def run_studies(source: str, path: str | Path | None, *, quick: bool = False, st
                     kw.setdefault(key, loop[key])
         out["experiment_study"] = experiment_study(lake, cache=cache, truths=truths, sim=sim, truth=sim.truth, **kw)
     out["seconds"] = round(time.perf_counter() - t0, 1)
-    return _plain(out)
+    return jsonable(out)
 
 
 def _options(values: Sequence[str]) -> dict[str, Any]:

@@ -65,6 +65,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from recloop.experiments import jsonable
 from recloop.online_metrics import frame_with
 from recloop.policy import EventPolicy
 
@@ -430,7 +431,7 @@ def ab_report(experiment: Any, exposures: pd.DataFrame | None, items: pd.DataFra
         "sequential": sequential,
         "data": {"requests_other_arm": int(len(ex_all) - len(ex)), "users_in_both_arms": int((both > 1).sum())},
     }
-    return _plain(report)
+    return jsonable(report)
 
 
 def _per_user(ex: pd.DataFrame, slots: pd.DataFrame, clicks: pd.DataFrame) -> pd.DataFrame:
@@ -598,7 +599,7 @@ def interleaving_report(experiment: Any, exposures: pd.DataFrame | None, items: 
         "bootstrap": {"n_boot": int(n_boot), "seed": seed, "unit": "user", "method": "percentile"},
         "data": {"requests_other_arm": int((ex["arm"] != INTERLEAVED_ARM).sum())},
     }
-    return _plain(report)
+    return jsonable(report)
 
 
 def _bootstrap_delta(wlt: np.ndarray, alpha: float, n_boot: int, seed: int) -> list[float] | None:
@@ -652,7 +653,7 @@ def analyse_experiment(experiment: Any, exposures: pd.DataFrame | None, items: p
         report["decision"] = _interleaving_decision(report, alpha)
     else:
         raise ValueError(f"experiment mode {getattr(experiment, 'mode', None)!r}; expected one of {list(MODES)}")
-    return _plain(report)
+    return jsonable(report)
 
 
 def _ab_decision(report: dict[str, Any], alpha: float) -> dict[str, Any]:
@@ -804,20 +805,3 @@ def _num(x: Any) -> float | None:
     return f if math.isfinite(f) else None
 
 
-def _plain(obj: Any) -> Any:
-    """``obj`` with numpy scalars as Python numbers, tuples/arrays as lists and NaN/inf as None."""
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple | np.ndarray):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, bool | np.bool_):
-        return bool(obj)
-    if isinstance(obj, int | np.integer):
-        return int(obj)
-    if isinstance(obj, float | np.floating):
-        return _num(obj)
-    if obj is None or isinstance(obj, str):
-        return obj
-    if isinstance(obj, pd.Timestamp):
-        return obj.isoformat()
-    return str(obj)

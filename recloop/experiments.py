@@ -295,7 +295,7 @@ class ExperimentStore:
             ExperimentConflict: it is concluded already.
             TypeError: ``result`` holds something JSON cannot represent.
         """
-        payload = json.dumps(_jsonable(dict(result)), allow_nan=False, sort_keys=True)
+        payload = json.dumps(jsonable(dict(result)), allow_nan=False, sort_keys=True)
         t = self.table
         when = _now(now)
         with self._locked() as conn:
@@ -484,23 +484,22 @@ def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat()
 
 
-def _jsonable(value: Any) -> Any:
-    """``value`` with what JSON cannot hold made representable: non-finite floats → None, tuples and
-    sets → lists, datetimes → ISO strings, numpy scalars → Python numbers; mapping keys → str."""
+def jsonable(value: Any) -> Any:
+    """``value`` as plain JSON data (``json.dumps(..., allow_nan=False)`` accepts it): mapping keys → str,
+    tuples, sets and numpy arrays → lists, numpy scalars → Python numbers, non-finite floats → None,
+    datetimes (and pandas Timestamps) → ISO strings; anything else → ``str(value)``. Used for every
+    report the experiment and simulation code stores or prints."""
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, bool) or value is None or isinstance(value, str | int):
         return value
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, datetime | date):
         return value.isoformat()
-    item = getattr(value, "item", None)  # numpy scalars, 0-d arrays
-    if callable(item):
-        return _jsonable(item())
-    tolist = getattr(value, "tolist", None)  # numpy arrays
+    tolist = getattr(value, "tolist", None)  # numpy arrays and scalars (a scalar's tolist is a Python number)
     if callable(tolist):
-        return _jsonable(tolist())
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable: {value!r}")
+        return jsonable(tolist())
+    return str(value)
