@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import uuid
 from collections.abc import Iterator
@@ -16,7 +17,9 @@ from recloop.settings import configure_environment, get_settings
 configure_environment()
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+#: The real datasets: ``RECLOOP_TEST_DATA`` when set (a clone outside the workspace), else ``../shared/data``.
+#: Tests that need a dataset that is not there are skipped with the path they looked at.
+SHARED_DATA = Path(os.environ.get("RECLOOP_TEST_DATA") or REPO_ROOT.parent / "shared" / "data")
 
 
 @pytest.fixture(scope="session")
