@@ -74,7 +74,6 @@ from bench.simulation_study import (
     DEFAULT_PATH,
     Lake,
     Trained,
-    _plain,
     load_lake,
     make_core,
     round_metrics,
@@ -84,6 +83,7 @@ from flows.ope import OPE_K, LoggedData, estimate_online_ctr, logged_requests
 from models.exploration import ExplorationPolicy
 from models.ranking import encode_history, mask_scores, score_histories, seen_mask, top_k
 from models.simulator import GroundTruth, SessionResult, SimConfig, UserSimulator, stable_hash
+from recloop.experiments import jsonable
 from recloop.exposures import ExposureLog
 from serving.recommender import RecommenderCore, ServedModel, build_served, policy_text
 
@@ -545,7 +545,7 @@ def run_ope_study(source: str = "movielens-100k", path: str | Path | None = None
     report = ope_study(lake, **{**(QUICK if quick else {}), **kw})
     out = {"bench": "ope_study", "quick": quick, "source": source, "path": None if path is None else str(path),
            **report, "seconds": round(time.perf_counter() - t0, 1)}
-    return _plain(out)
+    return jsonable(out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
