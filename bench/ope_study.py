@@ -31,13 +31,13 @@ comparison is the **first slate** of each session: its context is the user's sta
 policy. So the estimate is computed on the first slates' requests only (``first_slates``) and the online
 value is the target's clicks on position 1 of its first slates / first slates, over the same users
 (``realized``); the simulator's own click probability of that item (position 1 is always examined) averaged
-over those users is the noise-free ``expected`` value. The estimator masks only the logged context (the
-model's window, ``max_seq_len`` items), while serving also masks the user's older consumption, which the
-exposure does not record; ``first_slates_whole_history`` restricts the comparison to the users whose whole
-lake history is in the context, where both masks agree. ``all_slates`` repeats the comparison on every logged
-slate against every online slate: later slates follow each policy's own clicks (the history grows with
-them, skipped items are suppressed), so the logged contexts are not the target's and the comparison is
-shifted by construction.
+over those users is the noise-free ``expected`` value. The estimator masks what serving masked (the exposure's
+``masked``, revision 0005: the user's whole consumption, not only the model's window);
+``first_slates_whole_history`` restricts the comparison to the users whose whole lake history is in the
+context (where the window alone was the mask before the exposure recorded it), a check that both agree.
+``all_slates`` repeats the comparison on every logged slate against every online slate: later slates follow
+each policy's own clicks (the history grows with them, skipped items are suppressed), so the logged contexts
+are not the target's and the comparison is shifted by construction.
 
 Replayability: the core's request ids (which seed the ε-greedy coins) are drawn from a seeded generator in
 this process (``seeded_request_ids``), and feedback carries ``event_id = sim-<request_id>-<position>``, so a
@@ -79,9 +79,9 @@ from bench.simulation_study import (
     round_metrics,
     train_champion,
 )
-from flows.ope import OPE_K, LoggedData, estimate_online_ctr, logged_requests
+from flows.ope import OPE_K, LoggedData, estimate_online_ctr, logged_requests, target_scores
 from models.exploration import ExplorationPolicy
-from models.ranking import encode_history, mask_scores, score_histories, seen_mask, top_k
+from models.ranking import top_k
 from models.simulator import GroundTruth, SessionResult, SimConfig, UserSimulator, stable_hash
 from recloop.experiments import jsonable
 from recloop.exposures import ExposureLog
@@ -220,8 +220,7 @@ def _estimator_top1(model: Any, vocab: Any, requests: Sequence[Any]) -> list[str
     ids = np.asarray(vocab.ids, dtype=object)
     for start in range(0, len(requests), 512):
         chunk = requests[start : start + 512]
-        hist = [encode_history(vocab, r.context) for r in chunk]
-        masked = mask_scores(score_histories(model, hist), seen_mask(hist, len(vocab)))
+        _, masked = target_scores(model, vocab, chunk)
         top = top_k(masked, 1)[:, 0]
         ok = np.isfinite(masked[np.arange(len(chunk)), top])
         out.extend(str(ids[j - 1]) if good and j > 0 else None for j, good in zip(top.tolist(), ok.tolist(),
@@ -269,7 +268,7 @@ def coverage_run(lake: Lake, truth: GroundTruth, champion: Trained, targets: dic
     first_ids = {r.request_ids[0] for r in logged_round.results if r.request_ids}
     first_exp = exposures[exposures["request_id"].isin(first_ids)]
     # first slates whose context holds the user's whole consumption (lake history <= the model's window, every
-    # item known): there the estimator's context-only mask is serving's mask
+    # item known): there the context alone is serving's mask (a check of the recorded mask)
     whole = [rid for rid, user, ctx in zip(first_exp["request_id"], first_exp["user_id"], first_exp["context"],
                                            strict=True) if lake.consumed.get(str(user), frozenset()) <= set(ctx)]
     data = {"first_slates": logged_requests(first_exp, items, linked, lake.policy),

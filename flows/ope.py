@@ -23,9 +23,10 @@ one). Any other policy counts only when every slot has a logged propensity in [0
 
 **The target policy** (``estimate_online_ctr``): the model's greedy top k on each logged context, as
 serving would answer: the context ids the model's vocabulary knows are scored (``models.ranking``:
-``score_histories``, the model's own window), the context's items are masked (``exclude_seen``:
-``seen_mask`` + ``mask_scores``; serving also masks older consumption and suppressed items, which the
-exposure does not record) and ``top_k`` takes the slate. It is deterministic: π_p(a) = 1 for the target's
+``score_histories``, the model's own window), what serving masked is masked (the exposure's ``masked``:
+everything the user had consumed, not only the window, and the suppressed items; ``seen_mask`` +
+``mask_scores``; exposures recorded before revision 0005 have no ``masked`` and mask the context only) and
+``top_k`` takes the slate. It is deterministic: π_p(a) = 1 for the target's
 item at position p, 0 otherwise.
 
 **Estimators** (``models/ope.py``; bootstrap 95% intervals over requests, seeded; Kish ESS):
@@ -37,7 +38,8 @@ item at position p, 0 otherwise.
   (1 = best) under the evaluated model's masked scores, fitted by ridge-regularised logistic regression
   (Newton steps, numpy) on the logged (rank, click) pairs; b1 is held at 0 when the fit says clicks rise
   down the ranking, so the map is monotone (non-increasing in rank). The target's own item has rank 1, so
-  r̂_π = σ(b0). Fitted on the same log it corrects (no cross-fitting).
+  r̂_π = σ(b0). Fitted on the same log it corrects (no cross-fitting); its bootstrap interval refits the
+  model in every resample (``dr_refit_interval``), so the model's own estimation error is in the interval.
 - ``iips`` / ``pi`` (slate, positions 1..K with K = min(k, the longest logged slate)): independent-item IPS
   and the pseudo-inverse estimator: expected clicks per request over the first K positions (not a rate).
   A logged slate shorter than K counts 0 clicks at the missing positions and is flagged unsupported.
@@ -54,6 +56,8 @@ from what the exposure records:
   (pool size ≤ slate length); otherwise supported (ε / n_B for the pool below the top k, 1 − ε for the
   logger's greedy item of slot p). The logger's greedy items of other replaced slots are not recorded and
   are taken as supported: at most ⌈ε·k⌉ items of the pool per request;
+  with a bounded pool (``epsilon:0.1,n=N``: draws from the logger's ranks k+1..N, which the log does not
+  record) only an item the log shows as explored counts as supported, unless the pool is no larger than N;
 - Plackett-Luce: supported when t was shown (a top-N candidate has mass at every position) or when the
   pool is no larger than N (every unmasked item is a candidate); otherwise not known to be supported,
   counted as unsupported (conservative).
@@ -109,6 +113,7 @@ class LoggedRequest:
         clicks: (ℓ,) 1.0 where a positive event is linked to that slot's item, else 0.0.
         pool_size: candidates left after masking when logged (None: unknown).
         policy: the logging policy's text.
+        masked: the item ids serving masked before ranking (None: not recorded; the context is masked).
     """
 
     request_id: str
@@ -118,6 +123,7 @@ class LoggedRequest:
     clicks: np.ndarray
     pool_size: int | None
     policy: str
+    masked: tuple[str, ...] | None = None
 
     @property
     def exploratory(self) -> bool:
@@ -155,7 +161,7 @@ def logged_requests(exposures: pd.DataFrame, items: pd.DataFrame, events: pd.Dat
 
     Args:
         exposures: ``ExposureLog.read()[0]``: ``request_id``, ``policy``, ``context`` (list of ids) and,
-            when present, ``pool_size``.
+            when present, ``pool_size`` and ``masked`` (list of ids or None).
         items: ``ExposureLog.read()[1]``: ``request_id``, ``position`` (1-based), ``item_id``, ``propensity``.
         events: ``EventLog.linked()``: ``request_id``, ``item_id``, ``event_type`` and optional ``value``
             (None or empty: no clicks).
@@ -181,13 +187,14 @@ def logged_requests(exposures: pd.DataFrame, items: pd.DataFrame, events: pd.Dat
             slates[str(request_id)] = (group["item_id"].astype(str).tolist(),
                                        pd.to_numeric(group["propensity"], errors="coerce").to_numpy(np.float64))
     pools = exposures["pool_size"] if "pool_size" in exposures else pd.Series([None] * len(exposures))
+    masks = exposures["masked"].tolist() if "masked" in exposures else [None] * len(exposures)
     out: list[LoggedRequest] = []
 
     def leave_out(reason: str) -> None:
         excluded[reason] = excluded.get(reason, 0) + 1
 
-    for request_id, logging, context, pool in zip(exposures["request_id"].astype(str), exposures["policy"],
-                                                  exposures["context"], pools.tolist(), strict=True):
+    for request_id, logging, context, pool, mask in zip(exposures["request_id"].astype(str), exposures["policy"],
+                                                        exposures["context"], pools.tolist(), masks, strict=True):
         slate, props = slates.get(request_id, ([], np.zeros(0)))
         context = tuple(str(x) for x in (context or ()))
         logging = str(logging or "greedy").strip()
@@ -207,7 +214,9 @@ def logged_requests(exposures: pd.DataFrame, items: pd.DataFrame, events: pd.Dat
             continue
         clicks = np.array([1.0 if (request_id, item) in clicked else 0.0 for item in slate])
         pool_size = None if pool is None or pd.isna(pool) else int(pool)
-        out.append(LoggedRequest(request_id, context, tuple(slate), props, clicks, pool_size, logging))
+        masked = None if mask is None or (not isinstance(mask, list | tuple) and pd.isna(mask)) else tuple(
+            str(x) for x in mask)
+        out.append(LoggedRequest(request_id, context, tuple(slate), props, clicks, pool_size, logging, masked))
     return LoggedData(out, excluded)
 
 
@@ -242,9 +251,13 @@ def target_supported(target: str | None, position: int, request: LoggedRequest,
     if logging.name == "epsilon":
         if request.pool_size is not None and request.pool_size <= len(slate):
             return False  # nothing below the top k: every slot keeps its greedy item
-        return shown_at is None or bool(request.propensities[shown_at] < 1.0 - logging.epsilon - 1e-9)
+        explored = shown_at is not None and bool(request.propensities[shown_at] < 1.0 - logging.epsilon - 1e-9)
+        if logging.top_n is not None and not (request.pool_size is not None and request.pool_size <= logging.top_n):
+            return explored  # drawn from ranks k+1..N of the logger, which the log does not record
+        return shown_at is None or explored
     if logging.name == "plackett_luce":
-        return shown_at is not None or (request.pool_size is not None and request.pool_size <= logging.top_n)
+        return shown_at is not None or (request.pool_size is not None
+                                        and request.pool_size <= (logging.n_candidates or request.pool_size))
     return False
 
 
@@ -299,6 +312,64 @@ def fit_click_model(ranks: Sequence[float] | np.ndarray, clicks: Sequence[float]
     return float(b0), float(b1)
 
 
+def dr_refit_interval(ranks: np.ndarray, rewards: np.ndarray, mu: np.ndarray, pi: np.ndarray,
+                      has_target: np.ndarray, *, n_boot: int = estimators.DEFAULT_N_BOOT,
+                      seed: int = 0) -> tuple[float, float]:
+    """Percentile 95% bootstrap interval of the top-slot DR estimate with the reward model refitted per resample.
+
+    The DR estimate (1/n) Σ [r̂_π(x_i) + w_i (r_i − r̂(x_i, a_i))] uses a reward model fitted on the same
+    log (``fit_click_model``). Resampling the terms with the model held fixed leaves out the model's own
+    estimation error, which is most of the uncertainty when the target rarely agrees with the logged item
+    (then r̂_π carries the estimate): such intervals were far too narrow (0 of 20 seeds covered in
+    ``bench.ope_study``). Here each resample refits (b0, b1) on its own units (Efron & Tibshirani, "An
+    Introduction to the Bootstrap", 1993, ch. 6: bootstrap the whole estimator).
+
+    Args:
+        ranks: (n,) rank >= 1 of the logged position-1 item under the target model.
+        rewards: (n,) 0/1 clicks on position 1.
+        mu, pi: (n,) logging / target probability of the logged position-1 item.
+        has_target: (n,) bool, the target shows an item at position 1 (r̂_π = 0 where not).
+        n_boot: resamples (0: NaN bounds).
+        seed: the resampling seed.
+    Returns:
+        (low, high); NaN, NaN when ``n_boot`` is 0 or n is 0.
+    """
+    n = rewards.shape[0]
+    if n_boot <= 0 or n == 0:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        w = np.where(mu > 0, pi / mu, 0.0)
+    log_r = np.log(ranks)
+    values = np.empty(n_boot)
+    for b in range(n_boot):
+        idx = rng.integers(0, n, size=n)
+        b0, b1 = fit_click_model(ranks[idx], rewards[idx], max_iter=25)
+        hat_t = np.where(has_target[idx], _sigmoid(b0), 0.0)
+        values[b] = float(np.mean(hat_t + w[idx] * (rewards[idx] - _sigmoid(b0 + b1 * log_r[idx]))))
+    low, high = np.percentile(values, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def target_scores(model: Any, vocab: ItemVocabulary,
+                  requests: Sequence[LoggedRequest]) -> tuple[list[np.ndarray], np.ndarray]:
+    """The target model's masked scores on logged requests, as serving would have ranked them.
+
+    Args:
+        model: a scorer in ``vocab``'s index space (``score(item_idx) -> (batch, n_items + 1)``).
+        vocab: its vocabulary.
+        requests: b logged requests.
+    Returns:
+        (histories, scores): the b encoded contexts (known ids, oldest first) and (b, n_items + 1) float64
+        scores with what serving masked set to -inf (the exposure's ``masked``; the context when it was not
+        recorded) and the padding column -inf.
+    """
+    hist = [encode_history(vocab, r.context) for r in requests]
+    shown_mask = [h if r.masked is None else encode_history(vocab, r.masked)
+                  for h, r in zip(hist, requests, strict=True)]
+    return hist, mask_scores(score_histories(model, hist), seen_mask(shown_mask, len(vocab)))
+
+
 def estimate_online_ctr(model: Any, vocab: ItemVocabulary, logged: LoggedData, *, k: int = OPE_K,
                         n_boot: int = estimators.DEFAULT_N_BOOT, seed: int = 0) -> dict[str, Any]:
     """Off-policy estimates of ``model``'s greedy top-k on the logged requests (see the module docstring).
@@ -331,9 +402,8 @@ def estimate_online_ctr(model: Any, vocab: ItemVocabulary, logged: LoggedData, *
     ids = np.asarray(vocab.ids, dtype=object)
     for start in range(0, n, _SCORE_BATCH):
         chunk = logged.requests[start : start + _SCORE_BATCH]
-        hist = [encode_history(vocab, r.context) for r in chunk]
+        hist, masked = target_scores(model, vocab, chunk)
         out["n_unknown_context"] += sum(len(h) == 0 for h in hist)
-        masked = mask_scores(score_histories(model, hist), seen_mask(hist, len(vocab)))
         top = top_k(masked, kk)  # (b, kk); masked fill-ins where fewer items are finite
         finite = np.isfinite(np.take_along_axis(masked, top, axis=1))
         for row in range(len(chunk)):
@@ -367,12 +437,15 @@ def estimate_online_ctr(model: Any, vocab: ItemVocabulary, logged: LoggedData, *
 
     b0, b1 = fit_click_model(top_ranks, rewards)
     hat_logged = _sigmoid(b0 + b1 * np.log(top_ranks))
-    hat_target = np.where([t[0] is not None for t in targets], _sigmoid(b0), 0.0)
+    has_target = np.array([t[0] is not None for t in targets])
+    hat_target = np.where(has_target, _sigmoid(b0), 0.0)
     common = {"n_boot": n_boot, "seed": seed}
+    dr = estimators.doubly_robust(rewards, mu_top, pi_top, hat_logged, hat_target, unsupported_mass=unsup_top,
+                                  n_boot=0, seed=seed)
+    low, high = dr_refit_interval(top_ranks, rewards, mu_top, pi_top, has_target, n_boot=n_boot, seed=seed)
     results = {
         "snips": estimators.snips(rewards, mu_top, pi_top, unsupported_mass=unsup_top, **common),
-        "dr": estimators.doubly_robust(rewards, mu_top, pi_top, hat_logged, hat_target, unsupported_mass=unsup_top,
-                                       **common),
+        "dr": replace(dr, ci_low=low, ci_high=high),
         "iips": estimators.iips(clicks, mu, pi_iips, unsupported_mass=unsup_slate, **common),
         "pi": estimators.pseudo_inverse(clicks, mu, pi_pi, unsupported_mass=unsup_slate, **common),
     }

@@ -13,8 +13,10 @@ Policies (``ExplorationPolicy``):
 - ``epsilon`` (ε-greedy, Li, Chu, Langford & Schapire, "A contextual-bandit approach to personalized news
   article recommendation", WWW 2010; here per slot of a slate): the greedy slate g_1..g_k' is taken, then for
   each slot p in order an independent coin c_p ~ Bernoulli(ε) decides whether the slot is replaced by a draw
-  from the pool B of finite items *below* the top k' (n_B = finite − k'), uniformly among the items of B not
-  drawn yet (partial Fisher–Yates, so the slate never repeats an item). When B is used up, a replaced slot
+  from the pool B of finite items *below* the top k' (n_B = finite − k'; with ``top_n`` = N set, only ranks
+  k'+1..N: n_B = min(N, finite) − k', so exploration stays near the top and another model's top items get
+  real support), uniformly among the items of B not drawn yet (partial Fisher–Yates, so the slate never
+  repeats an item). When B is used up, a replaced slot
   keeps its greedy item. Exact marginals (``epsilon_marginals``):
 
       P(g_p at p) = 1 − ε + ε·q_p,     P(j at p) = ε·(1 − q_p) / n_B  for every j in B,
@@ -55,6 +57,8 @@ from typing import Any
 import numpy as np
 
 POLICIES = ("greedy", "epsilon", "plackett_luce")
+#: Plackett-Luce candidates (top N) when ``top_n`` is not set.
+DEFAULT_PL_TOP_N = 50
 #: Seed of the Plackett-Luce Monte Carlo marginals when no generator is given (logged propensities replay).
 MC_SEED = 0
 
@@ -67,14 +71,15 @@ class ExplorationPolicy:
         name: ``greedy`` | ``epsilon`` | ``plackett_luce``.
         epsilon: ε-greedy: per-slot probability of replacing the greedy item by a draw from below the top k.
         temperature: Plackett-Luce τ > 0: softmax(score / τ).
-        top_n: Plackett-Luce candidate set size (top N by score).
+        top_n: candidates, the top N by score (None: Plackett-Luce 50, ε-greedy the whole pool). ε-greedy
+            draws its replacements from ranks k'+1..N.
         mc_samples: Plackett-Luce Monte Carlo samples for the marginals of positions 2..k.
     """
 
     name: str = "greedy"
     epsilon: float = 0.0
     temperature: float = 1.0
-    top_n: int = 50
+    top_n: int | None = None
     mc_samples: int = 2000
 
     def __post_init__(self) -> None:
@@ -84,7 +89,7 @@ class ExplorationPolicy:
             raise ValueError(f"epsilon={self.epsilon}; expected 0 <= epsilon <= 1")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(f"temperature={self.temperature}; expected a finite value > 0")
-        if self.top_n < 1:
+        if self.top_n is not None and self.top_n < 1:
             raise ValueError(f"top_n={self.top_n}; expected >= 1")
         if self.mc_samples < 2:
             raise ValueError(f"mc_samples={self.mc_samples}; expected >= 2")
@@ -92,22 +97,31 @@ class ExplorationPolicy:
     def describe(self) -> dict[str, Any]:
         """The policy's name and the parameters it uses, logged with each exposure."""
         if self.name == "epsilon":
-            return {"name": "epsilon", "epsilon": self.epsilon, "propensities": "exact"}
+            out: dict[str, Any] = {"name": "epsilon", "epsilon": self.epsilon, "propensities": "exact"}
+            return out if self.top_n is None else {**out, "top_n": self.top_n}
         if self.name == "plackett_luce":
             return {
                 "name": "plackett_luce",
                 "temperature": self.temperature,
-                "top_n": self.top_n,
+                "top_n": self.n_candidates,
                 "mc_samples": self.mc_samples,
                 "propensities": "monte_carlo",
             }
         return {"name": "greedy", "propensities": "exact"}
 
+    @property
+    def n_candidates(self) -> int | None:
+        """The candidate set size in effect: ``top_n``, or its default (Plackett-Luce 50, ε-greedy None = all)."""
+        if self.top_n is None and self.name == "plackett_luce":
+            return DEFAULT_PL_TOP_N
+        return self.top_n
+
     @classmethod
     def parse(cls, text: str) -> ExplorationPolicy:
-        """``greedy``, ``epsilon:0.1`` (or ``epsilon:epsilon=0.1``), ``plackett_luce:tau=0.5,n=50[,mc=2000]``.
+        """``greedy``, ``epsilon:0.1[,n=50]`` (or ``epsilon:epsilon=0.1``), ``plackett_luce:tau=0.5,n=50[,mc=2000]``.
 
-        Plackett-Luce keys: ``tau``/``temperature``, ``n``/``top_n``, ``mc``/``mc_samples``.
+        ε-greedy keys: the rate first (bare or ``epsilon=``/``eps=``), then ``n``/``top_n`` (its pool is ranks
+        k'+1..n). Plackett-Luce keys: ``tau``/``temperature``, ``n``/``top_n``, ``mc``/``mc_samples``.
 
         Raises:
             ValueError: unknown name or key, or a value out of range.
@@ -117,11 +131,18 @@ class ExplorationPolicy:
         if name == "greedy" and not rest:
             return cls()
         if name == "epsilon":
-            value = rest.split("=", 1)[1] if rest.startswith(("epsilon=", "eps=")) else rest
+            first, _, more = rest.partition(",")
+            value = first.split("=", 1)[1] if first.startswith(("epsilon=", "eps=")) else first
             try:
-                return cls(name="epsilon", epsilon=float(value))
+                top_n = None
+                for part in filter(None, (q.strip() for q in more.split(","))):
+                    key, _, n = part.partition("=")
+                    if key.strip().lower() not in ("n", "top_n") or not n:
+                        raise ValueError(f"bad part {part!r}")
+                    top_n = int(n)
+                return cls(name="epsilon", epsilon=float(value), top_n=top_n)
             except ValueError as exc:
-                raise ValueError(f"{text!r}: expected 'epsilon:<0..1>' ({exc})") from None
+                raise ValueError(f"{text!r}: expected 'epsilon:<0..1>[,n=<N>]' ({exc})") from None
         if name == "plackett_luce":
             keys = {"tau": "temperature", "temperature": "temperature", "n": "top_n", "top_n": "top_n",
                     "mc": "mc_samples", "mc_samples": "mc_samples"}
@@ -211,7 +232,7 @@ def epsilon_marginals(k: int, n_below: int, epsilon: float) -> tuple[np.ndarray,
 
 def _candidates(s: np.ndarray, n_finite: int, policy: ExplorationPolicy) -> tuple[np.ndarray, np.ndarray]:
     """Plackett-Luce candidate indices (top N, best first) and their logits score/τ."""
-    cand = _top(s, min(policy.top_n, n_finite))
+    cand = _top(s, min(policy.n_candidates or n_finite, n_finite))
     return cand, s[cand] / policy.temperature
 
 
@@ -300,17 +321,27 @@ def marginal_propensities(
         return plackett_luce_marginals(scores, k, policy, rng)[0]
     s, finite, n_finite = _check_scores(scores, k)
     kk = min(k, n_finite)
-    top = _top(s, kk)
     out = np.zeros((s.shape[0], k))
     if policy.name == "greedy" or policy.epsilon == 0.0:
-        out[top, np.arange(kk)] = 1.0
+        out[_top(s, kk), np.arange(kk)] = 1.0
         return out
-    keep, below = epsilon_marginals(kk, n_finite - kk, policy.epsilon)
-    pool = finite.copy()
-    pool[top] = False
-    out[np.flatnonzero(pool), :kk] = below[None, :]
+    top, below_items = _epsilon_pool(s, finite, n_finite, kk, policy.top_n)
+    keep, below = epsilon_marginals(kk, below_items.shape[0], policy.epsilon)
+    out[below_items, :kk] = below[None, :]
     out[top, np.arange(kk)] = keep
     return out
+
+
+def _epsilon_pool(s: np.ndarray, finite: np.ndarray, n_finite: int, kk: int,
+                  top_n: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(greedy top k' best first, the pool B below it): B = ranks k'+1..top_n, or every other finite item."""
+    if top_n is not None and top_n < n_finite:
+        cand = _top(s, max(kk, top_n))
+        return cand[:kk], cand[kk:]
+    top = _top(s, kk)
+    pool = finite.copy()
+    pool[top] = False
+    return top, np.flatnonzero(pool)
 
 
 def explore(scores: np.ndarray, k: int, policy: ExplorationPolicy, rng: np.random.Generator) -> Slate:
@@ -335,8 +366,10 @@ def explore(scores: np.ndarray, k: int, policy: ExplorationPolicy, rng: np.rando
         marg, _ = _rb_marginals_cached(np.ascontiguousarray(logits).tobytes(), kk, policy.mc_samples)
         return Slate(cand[order], marg[order, np.arange(kk)].copy(), n_finite, described)
     kk = min(k, n_finite)
-    items = _top(s, kk)
-    n_below = n_finite - kk
+    bounded = policy.name == "epsilon" and policy.top_n is not None and policy.top_n < n_finite
+    items = _top(s, max(kk, policy.top_n) if bounded else kk)
+    n_below = items.shape[0] - kk if bounded else n_finite - kk
+    below_items, items = items[kk:], items[:kk]
     if policy.name == "greedy" or policy.epsilon == 0.0 or n_below == 0:
         return Slate(items, np.ones(kk), n_finite, described)
     eps = policy.epsilon
@@ -346,9 +379,10 @@ def explore(scores: np.ndarray, k: int, policy: ExplorationPolicy, rng: np.rando
         props, below = epsilon_marginals(kk, n_below, eps)
     replaced = np.flatnonzero(rng.random(kk) < eps)[:n_below]  # slots that draw (while B is not used up)
     if replaced.shape[0]:
-        pool = finite.copy()
-        pool[items] = False
-        below_items = np.flatnonzero(pool)  # (n_below,) the pool under the top k', index order
+        if not bounded:
+            pool = finite.copy()
+            pool[items] = False
+            below_items = np.flatnonzero(pool)  # (n_below,) the pool under the top k', index order
         swapped: dict[int, int] = {}  # sparse partial Fisher-Yates over positions 0..n_below-1
         items = items.copy()
         for t, slot in enumerate(replaced.tolist()):

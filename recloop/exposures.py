@@ -34,7 +34,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
@@ -60,7 +60,7 @@ logger = logging.getLogger(__name__)
 
 #: The columns of the two frames ``ExposureLog.read`` returns.
 EXPOSURE_COLUMNS = ("request_id", "user_id", "ts", "model_version", "variant", "experiment_id", "arm", "policy",
-                    "context", "pool_size")
+                    "context", "pool_size", "masked")
 EXPOSURE_ITEM_COLUMNS = ("request_id", "position", "item_id", "score", "team", "propensity")
 MAX_ITEMS = 10_000  # positions 1..MAX_ITEMS (recloop.contract.MAX_POSITION)
 MAX_BACKOFF_S = 5.0
@@ -83,6 +83,7 @@ class _Record(NamedTuple):
     propensities: tuple[Any, ...] | None
     ts: Any
     pool_size: Any = None
+    masked: Any = None
 
 
 class ExposureLog:
@@ -157,6 +158,7 @@ class ExposureLog:
         propensities: Sequence[float | None] | None = None,
         ts: datetime | None = None,
         pool_size: int | None = None,
+        masked: Iterable[str] | None = None,
     ) -> bool:
         """Queue one exposure for writing; never blocks on, or touches, the database.
 
@@ -175,6 +177,9 @@ class ExposureLog:
             ts: when it was served (default now, UTC; naive means UTC).
             pool_size: the number of candidates the exploration policy could draw from, after masking
                 (``models.exploration.Slate.pool_size``; an integer >= 0, or None when unknown).
+            masked: the item ids removed from the candidates before ranking (consumed, suppressed, ...),
+                stored sorted as a JSON array so off-policy estimates mask the same (None: not recorded).
+                Pass a collection the caller no longer mutates: it is read by the writer thread.
         Returns:
             True when queued; False when dropped (the queue holds ``max_queue`` records, or closed).
             Invalid fields are found by the writer: the record is then skipped and counted as invalid.
@@ -182,7 +187,7 @@ class ExposureLog:
         rec = _Record(
             request_id, user_id, model_version, tuple(items), variant, tuple(context), policy, experiment_id, arm,
             None if teams is None else tuple(teams), None if propensities is None else tuple(propensities),
-            ts if ts is not None else datetime.now(UTC), pool_size,
+            ts if ts is not None else datetime.now(UTC), pool_size, masked,
         )
         with self._cond:
             if self._closed or len(self._pending) + self._in_flight >= self.max_queue:
@@ -318,7 +323,7 @@ class ExposureLog:
         Returns:
             (exposures, items): ``EXPOSURE_COLUMNS`` ordered by (ts, request_id), ``ts``
             datetime64[ns, UTC], ``context`` a list[str] (oldest first; [] when none), ``pool_size``
-            Int64 (<NA> when unknown);
+            Int64 (<NA> when unknown), ``masked`` a sorted list[str] or None (not recorded);
             ``EXPOSURE_ITEM_COLUMNS`` ordered by (ts, request_id, position), ``position`` int64,
             ``score``/``propensity`` float64 (NaN when none), ``team`` str or None.
         """
@@ -340,6 +345,8 @@ class ExposureLog:
         exp["ts"] = pd.to_datetime(exp["ts"], utc=True).astype("datetime64[ns, UTC]")
         exp["context"] = [json.loads(c) if c else [] for c in exp["context"]]
         exp["pool_size"] = pd.array(exp["pool_size"].tolist(), dtype="Int64")
+        exp["masked"] = pd.Series([json.loads(m) if m is not None else None for m in exp["masked"]], dtype=object,
+                                  index=exp.index)
         for col in ("request_id", "user_id", "model_version", "variant", "experiment_id", "arm", "policy", "context"):
             exp[col] = exp[col].astype(object)
         its = pd.DataFrame(item_rows, columns=[c.name for c in i.c])[list(EXPOSURE_ITEM_COLUMNS)]
@@ -456,6 +463,7 @@ def _rows(rec: _Record) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         "policy": _text("policy", rec.policy, POLICY_CHARS, required=True),
         "context": json.dumps([normalise_id(x) for x in rec.context]),
         "pool_size": _count("pool_size", rec.pool_size),
+        "masked": None if rec.masked is None else json.dumps(sorted({normalise_id(x) for x in rec.masked})),
     }
     rows = []
     for k, pair in enumerate(rec.items):

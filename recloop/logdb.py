@@ -20,7 +20,8 @@ Tables at head (``HEAD_REVISION``):
 - ``exposures``: one row per served list: ``request_id`` (primary key), ``user_id``, ``ts``,
   ``model_version``, ``variant``, ``experiment_id``, ``arm``, ``policy``, ``context`` (JSON array of
   the history item ids, oldest first, the scores were computed from) and ``pool_size`` (nullable: the
-  candidates the exploration policy could draw from, after masking; revision 0004); indexes on (ts) and
+  candidates the exploration policy could draw from, after masking; revision 0004) and ``masked``
+  (nullable JSON array: the item ids serving masked before ranking; revision 0005); indexes on (ts) and
   (user_id, ts).
 - ``exposure_items``: one row per shown item: (``request_id``, ``position``) primary key, ``item_id``,
   ``score``, ``team``, ``propensity``. No foreign key: the writer batches both tables.
@@ -81,7 +82,7 @@ logger = logging.getLogger(__name__)
 _ALEMBIC_LOCK = threading.Lock()
 
 #: The newest migration (``recloop/migrations/versions``); a test keeps it equal to the scripts' head.
-HEAD_REVISION = "0004"
+HEAD_REVISION = "0005"
 #: The migration scripts (an Alembic ``script_location``).
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 #: SQLite ``busy_timeout``: how long a writer waits for the database write lock.
@@ -197,6 +198,7 @@ def log_tables(metadata: MetaData, events_table: str = "events") -> LogTables:
         Column("policy", String(POLICY_CHARS), nullable=False, server_default="greedy"),
         Column("context", Text, nullable=True),
         Column("pool_size", Integer, nullable=True),
+        Column("masked", Text, nullable=True),
         Index(f"ix_{n.exposures}_ts", "ts"),
         Index(f"ix_{n.exposures}_user_ts", "user_id", "ts"),
     )

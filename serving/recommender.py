@@ -129,11 +129,12 @@ class Ranked(NamedTuple):
 
 def policy_text(policy: ExplorationPolicy) -> str:
     """The exposure log's ``policy`` text of an exploration policy (<= 32 chars; ``ExplorationPolicy.parse``
-    reads it back): ``greedy``, ``epsilon:0.1``, ``plackett_luce:tau=0.5,n=50``."""
+    reads it back): ``greedy``, ``epsilon:0.1``, ``epsilon:0.1,n=50``, ``plackett_luce:tau=0.5,n=50``."""
     if policy.name == "epsilon":
-        return f"epsilon:{policy.epsilon:g}"[:32]
+        bound = "" if policy.top_n is None else f",n={policy.top_n}"
+        return f"epsilon:{policy.epsilon:g}{bound}"[:32]
     if policy.name == "plackett_luce":
-        return f"plackett_luce:tau={policy.temperature:g},n={policy.top_n}"[:32]
+        return f"plackett_luce:tau={policy.temperature:g},n={policy.n_candidates}"[:32]
     return "greedy"
 
 
@@ -417,7 +418,7 @@ class RecommenderCore:
                 request_id, user_id, served.version, [(x["item_id"], x["score"]) for x in items],
                 variant=self.variant, context=context, policy=ranked.policy,
                 experiment_id=experiment_id, arm=arm, teams=teams, propensities=ranked.propensities,
-                pool_size=ranked.pool_size,
+                pool_size=ranked.pool_size, masked=tuple(seen),
             )
         out = {
             "items": items,

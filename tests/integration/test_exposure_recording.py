@@ -79,6 +79,16 @@ def test_feedback_with_a_request_id_joins_its_exposure(stores) -> None:
         [answer["request_id"], 2, second, "click"]]
     joined = linked.merge(items, on=["request_id", "item_id"], suffixes=("_event", "_shown"))
     assert joined["position_shown"].tolist() == [2]
+    # the next answer records what serving masked (revision 0005): the click, the view and a skipped item,
+    # which is suppressed but never in the history the model scored (the exposure's context)
+    skipped = answer["items"][0]["item_id"]
+    core.feedback("u1", skipped, "skip", request_id=answer["request_id"], position=1)
+    after = core.recommend("u1", k=5)
+    assert exposures.flush(timeout_s=10)
+    shown, _ = exposures.read()
+    row = shown.set_index("request_id").loc[after["request_id"]]
+    assert row["masked"] == sorted({second, "i49", skipped}) and skipped not in row["context"]
+    assert shown.set_index("request_id").loc[answer["request_id"], "masked"] == []  # nothing consumed yet
 
 
 def test_without_an_exposure_log_nothing_is_recorded_and_the_answer_still_has_an_id(tmp_path: Path) -> None:

@@ -68,7 +68,7 @@ def test_head_revision_is_the_scripts_head() -> None:
     config.set_main_option("script_location", str(logdb.MIGRATIONS_DIR))
     script = ScriptDirectory.from_config(config)
     assert script.get_current_head() == logdb.HEAD_REVISION
-    assert [s.revision for s in script.walk_revisions()][::-1] == ["0001", "0002", "0003", "0004"]
+    assert [s.revision for s in script.walk_revisions()][::-1] == ["0001", "0002", "0003", "0004", "0005"]
 
 
 def test_table_names() -> None:
@@ -186,7 +186,7 @@ def test_a_0002_database_upgrades_to_0003_keeping_its_rows(db: Db) -> None:
         assert conn.execute(select(tables.exposures.c.request_id)).scalars().all() == ["req-0"]
 
 
-def test_a_0003_database_upgrades_to_0004_keeping_its_rows(db: Db) -> None:
+def test_a_0003_database_upgrades_to_head_keeping_its_rows(db: Db) -> None:
     from recloop.experiments import ExperimentStore
     from recloop.exposures import ExposureLog
 
@@ -194,7 +194,7 @@ def test_a_0003_database_upgrades_to_0004_keeping_its_rows(db: Db) -> None:
     assert logdb.current_revision(db.engine, db.events_table) == "0003"
     names = logdb.table_names(db.events_table)
     inspector = inspect(db.engine)
-    assert "pool_size" not in {c["name"] for c in inspector.get_columns(names.exposures)}
+    assert not {"pool_size", "masked"} & {c["name"] for c in inspector.get_columns(names.exposures)}
     assert "exploration_champion" not in {c["name"] for c in inspector.get_columns(names.experiments)}
     md = MetaData()  # the 0003 tables, as that release wrote them (no new columns)
     exposures = Table(names.exposures, md, autoload_with=db.engine)
@@ -213,14 +213,16 @@ def test_a_0003_database_upgrades_to_0004_keeping_its_rows(db: Db) -> None:
 
     xlog = ExposureLog(db.url, events_table=db.events_table, flush_interval_s=0.02)  # opening it upgrades
     try:
-        assert logdb.current_revision(xlog.engine, db.events_table) == logdb.HEAD_REVISION == "0004"
+        assert logdb.current_revision(xlog.engine, db.events_table) == logdb.HEAD_REVISION == "0005"
         xlog.record("req-1", "u1", "4", [("i2", 0.9), ("i3", 0.1)], context=["h2"], policy="epsilon:0.1",
-                    propensities=[0.9, 0.01], pool_size=120, ts=T0 + pd.Timedelta(minutes=1))
+                    propensities=[0.9, 0.01], pool_size=120, ts=T0 + pd.Timedelta(minutes=1),
+                    masked={"h2", "old-1"})
         assert xlog.flush()
         shown, slots = xlog.read()
         assert shown["request_id"].tolist() == ["req-0", "req-1"]
         assert shown["context"].tolist() == [["h1"], ["h2"]] and shown["policy"].tolist() == ["greedy", "epsilon:0.1"]
         assert shown["pool_size"].isna().tolist() == [True, False] and shown["pool_size"].iloc[1] == 120
+        assert shown["masked"].tolist() == [None, ["h2", "old-1"]]  # 0005: unknown before it, sorted ids after
         assert slots["propensity"].tolist() == pytest.approx([1.0, 0.9, 0.01])
     finally:
         xlog.close()

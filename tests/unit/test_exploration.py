@@ -64,6 +64,31 @@ def test_exact_policies_match_empirical_frequencies(policy: ExplorationPolicy) -
     np.testing.assert_allclose(p[below], policy.epsilon / below.shape[0])
 
 
+def test_bounded_epsilon_draws_from_ranks_k_plus_1_to_n_only() -> None:
+    """``epsilon:0.3,n=8``: the pool is ranks 6..8 of the 13 finite items (ties by the lower index)."""
+    policy = ExplorationPolicy("epsilon", 0.3, top_n=8)
+    emp, p = frequencies(SCORES, K, policy, N_DRAWS, seed=2)
+    assert_within_sampling_error(emp, p, N_DRAWS)
+    np.testing.assert_allclose(p.sum(axis=0), 1.0)
+    ranked = top_k_items(SCORES, FINITE)
+    greedy, pool, beyond = ranked[:K], ranked[K:8], ranked[8:]
+    assert pool.tolist() == [9, 10, 15]  # the three 2.0s below the top 5, lower index first
+    keep, below = epsilon_marginals(K, 3, 0.3)  # n_B = 3 < k: later slots may find B used up
+    np.testing.assert_allclose(p[greedy, np.arange(K)], keep)
+    np.testing.assert_allclose(p[pool], np.broadcast_to(below, (3, K)))
+    np.testing.assert_allclose(below[:3], 0.3 / 3)
+    assert (p[beyond] == 0).all() and (emp[beyond] == 0).all()  # never explored beyond rank N
+    assert ExplorationPolicy.parse("epsilon:0.3,n=8") == policy
+    assert ExplorationPolicy.parse("epsilon:eps=0.3, top_n=8") == policy
+    assert policy.describe() == {"name": "epsilon", "epsilon": 0.3, "propensities": "exact", "top_n": 8}
+    wide = ExplorationPolicy("epsilon", 0.3, top_n=FINITE)  # N >= the pool: the unbounded policy
+    np.testing.assert_allclose(marginal_propensities(SCORES, K, wide),
+                               marginal_propensities(SCORES, K, ExplorationPolicy("epsilon", 0.3)))
+    for bad in ("epsilon:0.1,n=0", "epsilon:0.1,m=5", "epsilon:0.1,n="):
+        with pytest.raises(ValueError):
+            ExplorationPolicy.parse(bad)
+
+
 def test_epsilon_when_the_pool_below_runs_out() -> None:
     """n_B = 2 below a top 5: later slots may find B used up (q_p = P(Binomial(p-1, ε) >= 2))."""
     scores = np.array([-np.inf, 5.0, 4.0, 3.0, 2.0, 1.0, 0.0, -1.0, -np.inf])

@@ -145,6 +145,60 @@ def test_the_context_is_masked_and_unknown_ids_are_dropped() -> None:
     assert est["estimators"]["snips"]["n_unsupported"] == 1
 
 
+def test_the_recorded_mask_is_what_the_target_masks() -> None:
+    """Serving masks the user's whole consumption (``masked``, revision 0005), not only the window."""
+    exposures, items, events = _frames()
+    one = exposures.iloc[:1].assign(masked=[["f", "a"]])  # "a" consumed long ago, out of the window ["f"]
+    logged = logged_requests(one, items, events, EventPolicy())
+    assert logged.requests[0].masked == ("f", "a") and logged.requests[0].context == ("f",)
+    est = estimate_online_ctr(FixedScorer(SCORES, VOCAB), VOCAB, logged, k=2, n_boot=0)
+    assert est["target_agreement"] == 0.0  # the target is [b, c]: "a", logged at 1, was masked
+    unknown = exposures.iloc[:1].assign(masked=[None])  # not recorded (before 0005): the context only
+    est = estimate_online_ctr(FixedScorer(SCORES, VOCAB), VOCAB, logged_requests(unknown, items, events,
+                                                                                 EventPolicy()), k=2, n_boot=0)
+    assert est["target_agreement"] == 1.0
+
+
+def test_support_under_a_bounded_epsilon_pool() -> None:
+    """``epsilon:0.5,n=3``: the logger's ranks 3..3 are not in the log, so an unshown item is not known to be
+    supported; one the log shows as explored is."""
+    from flows.ope import LoggedRequest, target_supported
+    from models.exploration import ExplorationPolicy
+
+    req = LoggedRequest("r", ("f",), ("c", "b"), np.array([0.25, 0.5]), np.zeros(2), 6, "epsilon:0.5,n=3")
+    bounded = ExplorationPolicy.parse(req.policy)
+    assert target_supported("c", 0, req, bounded)  # the logged item itself
+    assert target_supported("c", 1, req, bounded)  # explored at slot 1: it is in the pool B
+    assert not target_supported("b", 0, req, bounded)  # the logger's greedy item of slot 2
+    assert not target_supported("z", 0, req, bounded)  # unshown: maybe beyond rank N
+    assert target_supported("z", 0, req, ExplorationPolicy.parse("epsilon:0.5"))  # unbounded: all of B
+    small = LoggedRequest("r", ("f",), ("c", "b"), np.array([0.25, 0.5]), np.zeros(2), 3, "epsilon:0.5,n=3")
+    assert target_supported("z", 0, small, bounded)  # the pool is no larger than N: every item is in B
+
+
+def test_the_dr_interval_refits_the_reward_model() -> None:
+    """When the target seldom agrees with the logged item, r̂_π carries DR: a fixed-model bootstrap is too
+    narrow, refitting per resample widens it and still contains the estimate."""
+    from flows.ope import dr_refit_interval
+    from models import ope as estimators
+
+    rng = np.random.default_rng(0)
+    n = 400
+    ranks = rng.integers(1, 30, size=n).astype(float)
+    clicks = (rng.random(n) < 0.3 / np.sqrt(ranks)).astype(float)
+    mu = np.full(n, 0.9)
+    pi = (ranks == 1).astype(float)
+    has_target = np.ones(n, dtype=bool)
+    b0, b1 = fit_click_model(ranks, clicks)
+    hat_logged = 1 / (1 + np.exp(-(b0 + b1 * np.log(ranks))))
+    hat_target = np.full(n, 1 / (1 + math.exp(-b0)))
+    fixed = estimators.doubly_robust(clicks, mu, pi, hat_logged, hat_target, n_boot=500, seed=3)
+    low, high = dr_refit_interval(ranks, clicks, mu, pi, has_target, n_boot=500, seed=3)
+    assert low <= fixed.value <= high
+    assert high - low > 2 * (fixed.ci_high - fixed.ci_low)
+    assert all(math.isnan(x) for x in dr_refit_interval(ranks, clicks, mu, pi, has_target, n_boot=0))
+
+
 def test_the_click_model_is_monotone_in_rank() -> None:
     ranks = np.repeat([1, 2, 4, 8], 50)
     clicks = np.concatenate([np.r_[np.ones(n), np.zeros(50 - n)] for n in (25, 15, 8, 3)])
