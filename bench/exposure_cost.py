@@ -182,25 +182,49 @@ def run_interleaving(ml100k: Path, *, reps: int = 10, block: int = 200, k: int =
 
 
 def run_exploration(ml100k: Path, *, policy: str = "epsilon:0.1", reps: int = 10, block: int = 200, k: int = 10,
-                    seed: int = 0) -> dict[str, Any]:
-    """Greedy ranking vs an exploration policy (``models.exploration``; exposure log off).
+                    seed: int = 0, exposure_log: bool = True) -> dict[str, Any]:
+    """Greedy ranking vs an exploration policy (``models.exploration``).
+
+    With ``exposure_log`` (the default) both configurations record every answer in a SQLite exposure log, as
+    the service does: Plackett-Luce's Monte Carlo marginals are then computed by its writer thread
+    (``DeferredPropensities``), off the request path but on the same two cores, and every recorded answer
+    must be written with its propensities.
 
     Returns:
         dict: protocol, greedy/explore {p50_ms, p99_ms}, delta_p50_ms (median of per-repetition p50
-        differences), goal_delta_p50_ms (0.3).
+        differences), goal_delta_p50_ms (0.3), and with the log: exposures {recorded, written, dropped,
+        explored_with_propensity}.
     """
     from models.exploration import ExplorationPolicy
+    from recloop.exposures import ExposureLog
 
     explore_policy = ExplorationPolicy.parse(policy)
+    out: dict[str, Any] = {}
     with bench_core(ml100k, block=block, k=k, seed=seed) as b:
+        xlog = ExposureLog(b.url, flush_interval_s=b.settings.exposure_flush_ms / 1000.0,
+                           max_queue=b.settings.exposure_queue_max) if exposure_log else None
+        b.core.exposures = xlog
         lat, per_rep = alternate(b, {"greedy": lambda: setattr(b.core, "exploration", None),
                                      "explore": lambda: setattr(b.core, "exploration", explore_policy)},
                                  reps=reps, k=k)
-        protocol = {**b.protocol, "reps": reps, "policy": explore_policy.describe(), "exposure_log": "off"}
+        if xlog is not None:
+            xlog.flush(timeout_s=120)
+            shown, slots = xlog.read()
+            explored = set(shown.loc[shown["policy"] != "greedy", "request_id"])
+            props = slots[slots["request_id"].isin(explored)]["propensity"]
+            out["exposures"] = {"recorded": 2 * reps * block, "written": int(len(shown)),
+                                "dropped": xlog.stats().get("dropped", 0),
+                                "explored_with_propensity": int(props.notna().sum() // k) if len(props) else 0}
+            xlog.close()
+        protocol = {**b.protocol, "reps": reps, "policy": explore_policy.describe(),
+                    "exposure_log": "on (SQLite, both configurations)" if exposure_log else "off"}
     return {
         "protocol": protocol,
         "greedy": _pcts(lat["greedy"]),
         "explore": _pcts(lat["explore"]),
         "delta_p50_ms": round(float(np.median([r["explore"] - r["greedy"] for r in per_rep])), 4),
         "goal_delta_p50_ms": 0.3,
+        **out,
     }
+
+

@@ -26,7 +26,7 @@ Two studies, one JSON document on stdout (progress on stderr):
 
 **What is compared** (the estimators' own definition, ``flows/ope.py``). The top-slot estimators estimate,
 over the logged requests that have a context, the mean probability of a click on position 1 when the
-target's greedy top item (its top k on the logged context, context items masked) is shown there. The clean
+target's greedy top item (its top k on the logged context, what serving masked) is shown there. The clean
 comparison is the **first slate** of each session: its context is the user's starting history under either
 policy. So the estimate is computed on the first slates' requests only (``first_slates``) and the online
 value is the target's clicks on position 1 of its first slates / first slates, over the same users
@@ -113,12 +113,13 @@ DEFINITIONS = {
     "estimate": "flows.ope.estimate_online_ctr on flows.ope.logged_requests(ExposureLog.read(), EventLog.linked()): "
                 "snips = sum(w r) / sum(w), dr = mean(r_hat_pi + w (r - r_hat)), r = click on position 1, "
                 "w = pi_1(logged item) / mu_1(logged item), pi = the target's greedy top item on the logged context "
-                "(context items masked); 95% percentile bootstrap over requests (n_boot resamples, seeded)",
+                "(what serving masked: the exposure's masked ids); 95% percentile bootstrap over requests "
+                "(n_boot resamples, seeded; DR refits its reward model per resample)",
     "first_slates": "the estimate on the first slate of each logged session only; online: the target's clicks on "
                     "position 1 of its first slates / its first slates, over the same users",
     "first_slates_whole_history": "first_slates restricted to the users whose whole lake consumption is in the "
-                                  "logged context (history <= the model's window): there the estimator's "
-                                  "context-only mask equals serving's mask of consumed items",
+                                  "logged context (history <= the model's window): there the context alone "
+                                  "is serving's mask of consumed items (a check of the recorded mask)",
     "all_slates": "the estimate on every logged slate; online: the target's clicks on position 1 / slates shown, "
                   "over all its slates (later slates' contexts differ between the policies: shifted by design)",
     "realized": "the online value counted from the simulated clicks",
@@ -132,8 +133,8 @@ DEFINITIONS = {
     "explored_hits": "epsilon-greedy logging only: requests where the target's top item was logged at position 1 "
                      "by an explored slot (propensity eps / pool below the top k: a weight of about pool / eps)",
     "definition_agreement": "share of first slates where the target's top item as the estimator derives it "
-                            "(context-only mask) is the item the served target showed at position 1 (serving "
-                            "also masks the user's older consumption, which the exposure does not record)",
+                            "(masking the exposure's recorded mask) is the item the served target showed at "
+                            "position 1",
     "ctr": "clicks / slots shown",
     "top_slot_ctr": "clicks on position 1 / slates shown",
     "catalogue_share": "distinct items shown in the round / catalogue size (the model's vocabulary)",

@@ -1,7 +1,10 @@
 """Serving set-up and benchmark: an ml-100k champion, features and a real ``bentoml serve``.
 
-``recloop bench serving`` prints JSON: recommend p50/p99 and req/s at concurrency 1 and 8,
-errors, feedback p50/p99, and the share of recommends right after a feedback that reflect it.
+``recloop bench serving`` prints JSON, with the exposure log on (the default): per concurrency (1, 8, 32)
+p50/p99, req/s and errors of recommend-only calls, of an 80/20 recommend/feedback mix and of a no-op
+``GET /livez`` (this client's, server's and machine's ceiling, same run); feedback p50/p99 and the share
+of recommends right after a feedback that reflect it; optionally (``--soak-s``) a soak watching the
+resident memory of the service's process tree.
 The same set-up (``prepare_home``, ``running_server``) backs ``tests/integration/test_serving_http.py``.
 """
 
@@ -141,12 +144,24 @@ def _wait_ready(proc: subprocess.Popen[bytes], base: str, log_path: Path, ready_
         raise TimeoutError(f"server not ready after {ready_s}s; log tail:\n{tail}") from None
 
 
+class ServerUrl(str):
+    """The base URL of a running server (a plain str), with ``pid``: the server process."""
+
+    pid: int
+
+    def __new__(cls, url: str, pid: int) -> ServerUrl:
+        obj = super().__new__(cls, url)
+        obj.pid = pid
+        return obj
+
+
 @contextmanager
-def running_server(env: dict[str, str], port: int, log_path: Path, ready_s: float = 180.0) -> Iterator[str]:
+def running_server(env: dict[str, str], port: int, log_path: Path, ready_s: float = 180.0) -> Iterator[Any]:
     """Run ``bentoml serve serving.service:Recommender`` on 127.0.0.1:``port`` for the block.
 
     Yields:
-        The base URL, once ``/readyz`` answers 200.
+        The base URL, once ``/readyz`` answers 200 (a ``ServerUrl``: a str that also has ``.pid``, the
+        server process, whose tree holds the workers).
     Raises:
         RuntimeError: the server exited; TimeoutError: not ready within ``ready_s``.
     """
@@ -158,7 +173,7 @@ def running_server(env: dict[str, str], port: int, log_path: Path, ready_s: floa
         base = f"http://127.0.0.1:{port}"
         try:
             _wait_ready(proc, base, log_path, ready_s)
-            yield base
+            yield ServerUrl(base, proc.pid)
         finally:
             proc.terminate()
             try:
@@ -175,26 +190,47 @@ def _pcts(ms: list[float]) -> dict[str, float]:
 
 
 def load_test(
-    base: str, user_ids: list[str], n_requests: int, concurrency: int, k: int = 10
+    base: str, user_ids: list[str], n_requests: int, concurrency: int, k: int = 10, *, feedback_share: float = 0.0,
+    items: list[str] | None = None, noop: bool = False, seed: int = 0,
 ) -> dict[str, Any]:
-    """``n_requests`` recommends from ``concurrency`` threads (one keep-alive client each)."""
+    """``n_requests`` calls from ``concurrency`` threads (one keep-alive client each), closed loop.
+
+    Args:
+        feedback_share: share of the calls that are a ``feedback`` click (on ``items``, seeded), the rest
+            ``recommend`` (0.2: the 80/20 mix).
+        noop: ``GET /livez`` instead (no model, no store: the ceiling of this client, server and machine).
+    Returns:
+        {concurrency, requests, p50_ms, p99_ms, req_per_s, errors, [recommend/feedback p50/p99 for a mix]}.
+    """
     lat: list[float] = []
+    by_kind: dict[str, list[float]] = {"recommend": [], "feedback": []}
     errors = [0]
     lock = threading.Lock()
     per_thread = n_requests // concurrency
+    pool = items or []
 
     def worker(offset: int) -> None:
+        rng = np.random.default_rng((seed, offset))
         with httpx.Client(base_url=base, timeout=10) as client:
             for j in range(per_thread):
                 uid = user_ids[(offset * per_thread + j) % len(user_ids)]
+                kind = "feedback" if pool and rng.random() < feedback_share else "recommend"
                 t0 = time.perf_counter()
                 try:
-                    ok = client.post("/recommend", json={"user_id": uid, "k": k}).status_code == 200
+                    if noop:
+                        ok = client.get("/livez").status_code == 200
+                    elif kind == "feedback":
+                        item = pool[int(rng.integers(len(pool)))]
+                        ok = client.post("/feedback", json={"user_id": uid, "item_id": item,
+                                                            "event_type": "click"}).status_code == 200
+                    else:
+                        ok = client.post("/recommend", json={"user_id": uid, "k": k}).status_code == 200
                 except httpx.HTTPError:
                     ok = False
                 dt = (time.perf_counter() - t0) * 1000
                 with lock:
                     lat.append(dt)
+                    by_kind[kind].append(dt)
                     errors[0] += not ok
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
@@ -204,8 +240,75 @@ def load_test(
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    return {"concurrency": concurrency, "requests": len(lat), **_pcts(lat),
-            "req_per_s": round(len(lat) / wall, 1), "errors": errors[0]}
+    out = {"concurrency": concurrency, "requests": len(lat), **_pcts(lat),
+           "req_per_s": round(len(lat) / wall, 1), "errors": errors[0]}
+    if feedback_share > 0 and not noop:
+        out.update({f"{kind}_{key}": v for kind, ms in by_kind.items() for key, v in _pcts(ms).items()})
+    return out
+
+
+def process_tree_rss_mb(pid: int) -> float:
+    """Resident memory (MiB) of process ``pid`` and all its descendants (psutil), as one figure."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0
+    for proc in procs:
+        try:
+            total += proc.memory_info().rss
+        except psutil.NoSuchProcess:
+            continue
+    return round(total / 2**20, 1)
+
+
+def soak(base: str, pid: int, user_ids: list[str], items: list[str], *, seconds: float, concurrency: int = 8,
+         warmup_s: float = 10.0) -> dict[str, Any]:
+    """A closed-loop 80/20 load for ``warmup_s`` then ``seconds``; the service tree's RSS after the warm-up,
+    every 5 s, and at the end (growth = end / after warm-up − 1; goal ≤ 10%)."""
+    stop = threading.Event()
+    counts = {"requests": 0, "errors": 0}
+    lock = threading.Lock()
+
+    def worker(offset: int) -> None:
+        rng = np.random.default_rng((1, offset))
+        with httpx.Client(base_url=base, timeout=10) as client:
+            j = 0
+            while not stop.is_set():
+                uid = user_ids[(offset * 7919 + j) % len(user_ids)]
+                j += 1
+                try:
+                    if rng.random() < 0.2:
+                        r = client.post("/feedback", json={"user_id": uid, "item_id": items[int(rng.integers(
+                            len(items)))], "event_type": "click"})
+                    else:
+                        r = client.post("/recommend", json={"user_id": uid, "k": 10})
+                    ok = r.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                with lock:
+                    counts["requests"] += 1
+                    counts["errors"] += not ok
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(concurrency)]
+    for t in threads:
+        t.start()
+    time.sleep(warmup_s)
+    samples = [process_tree_rss_mb(pid)]
+    t_end = time.monotonic() + seconds
+    while time.monotonic() < t_end:
+        time.sleep(min(5.0, max(0.0, t_end - time.monotonic())))
+        samples.append(process_tree_rss_mb(pid))
+    stop.set()
+    for t in threads:
+        t.join(timeout=15)
+    growth = samples[-1] / samples[0] - 1 if samples[0] else None
+    return {"seconds": seconds, "warmup_s": warmup_s, "concurrency": concurrency, "mix": "80% recommend / 20% feedback",
+            **counts, "rss_mb_after_warmup": samples[0], "rss_mb_end": samples[-1], "rss_mb_max": max(samples),
+            "rss_growth": round(growth, 4) if growth is not None else None, "goal_rss_growth": 0.10}
 
 
 def feedback_test(base: str, user_ids: list[str], n: int) -> dict[str, Any]:
@@ -229,32 +332,55 @@ def feedback_test(base: str, user_ids: list[str], n: int) -> dict[str, Any]:
     return {"feedback": {"requests": n, **_pcts(lat)}, "reflected_share": round(reflected / max(n, 1), 4)}
 
 
-def bench_serving(ml100k: Path, home: Path, n_requests: int = 2000, n_feedback: int = 200) -> dict[str, Any]:
-    """Prepare ``home``, start the server and measure (see module docstring)."""
+def bench_serving(ml100k: Path, home: Path, n_requests: int = 2000, n_feedback: int = 200, *,
+                  concurrencies: tuple[int, ...] = (1, 8, 32), workers: int | None = None,
+                  soak_s: float = 0.0) -> dict[str, Any]:
+    """Prepare ``home``, start the server and measure (see module docstring).
+
+    Args:
+        n_requests: calls per (load, concurrency) cell (a quarter at concurrency 1).
+        n_feedback: feedback -> recommend rounds of the read-your-writes check.
+        concurrencies: closed-loop client threads per cell.
+        workers: BentoML worker processes (``RECLOOP_SERVE_WORKERS``; None: the settings' default).
+        soak_s: > 0: then a soak of that many seconds (80/20 at concurrency 8) watching the service's RSS.
+    """
     from recloop.settings import configure_environment, get_settings
 
     configure_environment()
-    env = serving_env(home)
+    env = serving_env(home, **({"RECLOOP_SERVE_WORKERS": str(workers)} if workers else {}))
     os.environ.update(env)
     get_settings.cache_clear()
     t0 = time.perf_counter()
     prep = prepare_home(ml100k)
     users = sorted(prep["events"]["user_id"].astype(str).unique())
+    items = sorted(prep["events"]["item_id"].astype(str).unique())
     prep_s = time.perf_counter() - t0
     t0 = time.perf_counter()
+    cells: dict[str, dict[str, Any]] = {"noop": {}, "recommend": {}, "mix_80_20": {}}
     with running_server(env, free_port(), home / "serve.log") as base:
         start_s = time.perf_counter() - t0
         warm = load_test(base, users, 200, 4)  # warm-up
-        c1 = load_test(base, users, n_requests // 4, 1)
-        c8 = load_test(base, users, n_requests, 8)
+        for c in concurrencies:
+            n = n_requests // 4 if c == 1 else n_requests
+            cells["noop"][f"c{c}"] = load_test(base, users, n, c, noop=True)
+            cells["recommend"][f"c{c}"] = load_test(base, users, n, c)
+            cells["mix_80_20"][f"c{c}"] = load_test(base, users[::-1], n, c, feedback_share=0.2, items=items)
         fb = feedback_test(base, users[::-1], n_feedback)
+        soaked = soak(base, base.pid, users, items, seconds=soak_s) if soak_s > 0 else None
     goals = {"c1_p50_ms": 3, "c1_p99_ms": 8, "c8_req_per_s": 400, "c8_p99_ms": 40, "reflected_share": 1.0}
-    answers = sum(r["requests"] - r["errors"] for r in (warm, c1, c8)) + 2 * n_feedback
-    protocol = {"data": "ml-100k", "event_policy": get_settings().event_policy.describe(),
-                "recommends_c8": n_requests, "recommends_c1": n_requests // 4, "feedback_rounds": n_feedback}
+    answers = sum(r["requests"] - r["errors"] for r in [warm, *cells["recommend"].values()]) + 2 * n_feedback
+    answers += sum(round(r["requests"] * 0.8) for r in cells["mix_80_20"].values())  # about: the mix is seeded
+    settings = get_settings()
+    protocol = {"data": "ml-100k", "event_policy": settings.event_policy.describe(), "calls_per_cell": n_requests,
+                "calls_c1": n_requests // 4, "feedback_rounds": n_feedback, "workers": settings.serve_workers,
+                "client": "httpx threads on the same machine (shares its cores with the server)",
+                "noop": "GET /livez: the ceiling of this client, server and machine"}
+    c8 = cells["recommend"].get("c8", {})
     return {"protocol": protocol, "model_version": prep["version"], "prepare_s": round(prep_s, 1),
-            "server_start_s": round(start_s, 1), "recommend_c1": c1, "recommend_c8": c8, **fb,
-            "exposure_log": _exposure_counts(answers), "goals": goals}
+            "server_start_s": round(start_s, 1), **cells, "recommend_c1": cells["recommend"].get("c1"),
+            "recommend_c8": c8, **fb, "soak": soaked, "exposure_log": _exposure_counts(answers), "goals": goals,
+            "c8_share_of_noop_ceiling": round(c8["req_per_s"] / cells["noop"]["c8"]["req_per_s"], 3)
+            if c8 and cells["noop"].get("c8") else None}
 
 
 def _exposure_counts(answers: int) -> dict[str, Any]:

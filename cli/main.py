@@ -23,6 +23,9 @@ app.add_typer(db_app, name="db")
 app.add_typer(model_app, name="model")
 online_app = typer.Typer(no_args_is_help=True, help="The online feature store (Feast): re-sync it from its sources.")
 app.add_typer(online_app, name="online")
+blocklist_app = typer.Typer(no_args_is_help=True, help="The catalogue-wide blocklist every serving worker masks "
+                            "(within RECLOOP_BLOCKLIST_TTL_S).")
+app.add_typer(blocklist_app, name="blocklist")
 experiment_app = typer.Typer(no_args_is_help=True, help="Online experiments: the champion against a challenger "
                              "(A/B test or interleaving); start, status, stop, conclude.")
 app.add_typer(experiment_app, name="experiment")
@@ -162,6 +165,9 @@ def bench_serving_cmd(
     home: str = typer.Option("", help="Scratch RECLOOP_HOME (default: a new temp dir)"),
     requests: int = typer.Option(2000, help="Recommends at concurrency 8 (a quarter at concurrency 1)"),
     feedbacks: int = typer.Option(200, help="feedback -> recommend rounds"),
+    concurrency: list[int] = typer.Option([1, 8, 32], help="Client threads per cell (repeat the option)"),
+    workers: int = typer.Option(0, help="BentoML worker processes (0: RECLOOP_SERVE_WORKERS / the default)"),
+    soak_s: float = typer.Option(0.0, help="Then a soak of this many seconds (80/20, c=8) watching the RSS"),
     as_json: bool = typer.Option(True, "--json/--no-json", help="One JSON document on stdout (the only output)"),
 ) -> None:
     """Train a short ml-100k champion, run `bentoml serve`, print latency/throughput JSON."""
@@ -173,7 +179,8 @@ def bench_serving_cmd(
 
     scratch = Path(home) if home else Path(tempfile.mkdtemp(prefix="recloop-bench-")) / "home"
     with _stdout_to_stderr():
-        out = bench_serving(Path(path).resolve(), scratch.resolve(), n_requests=requests, n_feedback=feedbacks)
+        out = bench_serving(Path(path).resolve(), scratch.resolve(), n_requests=requests, n_feedback=feedbacks,
+                            concurrencies=tuple(concurrency), workers=workers or None, soak_s=soak_s)
     typer.echo(json.dumps(out, indent=2 if not as_json else None))
 
 
@@ -260,6 +267,8 @@ def bench_exploration_cmd(
     policy: str = typer.Option("epsilon:0.1", help="Exploration policy (epsilon:EPS | plackett_luce:tau=T,n=N)"),
     reps: int = typer.Option(10, help="Alternating greedy/explore repetitions"),
     block: int = typer.Option(200, help="Recommends per block"),
+    exposure_log: bool = typer.Option(True, "--exposure-log/--no-exposure-log",
+                                      help="Record every answer (both configurations), as the service does"),
     as_json: bool = typer.Option(True, "--json/--no-json", help="One JSON document on stdout (the only output)"),
 ) -> None:
     """In-process cost of exploring (sampling the slate and its propensities) against greedy ranking."""
@@ -269,7 +278,25 @@ def bench_exploration_cmd(
     from bench.exposure_cost import run_exploration
 
     with _stdout_to_stderr():
-        out = run_exploration(Path(path).resolve(), policy=policy, reps=reps, block=block)
+        out = run_exploration(Path(path).resolve(), policy=policy, reps=reps, block=block, exposure_log=exposure_log)
+    typer.echo(json.dumps(out, indent=2 if not as_json else None))
+
+
+@bench_app.command("rerank")
+def bench_rerank_cmd(
+    path: str = typer.Option("../shared/data/ml-100k", help="The ml-100k folder"),
+    reps: int = typer.Option(10, help="Alternating off/on repetitions per option set"),
+    block: int = typer.Option(200, help="Recommends per block"),
+    as_json: bool = typer.Option(True, "--json/--no-json", help="One JSON document on stdout (the only output)"),
+) -> None:
+    """In-process cost of diversity re-ranking (MMR, DPP; N = 100, k = 10) and of explain, each against off."""
+    import json
+    from pathlib import Path
+
+    from bench.rerank_study import overhead_study
+
+    with _stdout_to_stderr():
+        out = overhead_study(Path(path).resolve(), reps=reps, block=block)
     typer.echo(json.dumps(out, indent=2 if not as_json else None))
 
 
@@ -947,3 +974,56 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _blocklist_run(action: str, item_ids: list[str], as_json: bool, **kw: object) -> None:
+    """Run one blocklist action on the event-log database; one JSON document on stdout with ``--json``."""
+    from recloop.blocklist import BlocklistStore
+    from recloop.settings import get_settings
+
+    with _stdout_to_stderr(as_json):
+        with BlocklistStore(get_settings().event_log_uri) as store:
+            try:
+                if action == "add":
+                    changed = store.add(item_ids, **kw)  # type: ignore[arg-type]
+                elif action == "remove":
+                    changed = store.remove(item_ids)
+                else:
+                    changed = []
+            except ValueError as err:
+                typer.echo(f"blocklist {action} failed: {err}", err=True)
+                raise typer.Exit(1) from err
+            items = store.list()
+    if as_json:
+        typer.echo(json.dumps({"action": action, "changed": changed, "items": items}))
+    elif action == "list":
+        for row in items:
+            typer.echo(f"{row['item_id']}\t{row['kind']}\t{row['added_at']}\t{row['reason'] or ''}")
+    else:
+        typer.echo(f"blocklist {action}: {len(changed)} changed, {len(items)} listed")
+
+
+@blocklist_app.command("add")
+def blocklist_add(
+    item_ids: list[str] = typer.Argument(..., help="Raw item ids"),
+    kind: str = typer.Option("blocked", "--kind", help="blocked (a business rule) | retired (left the catalogue)"),
+    reason: str | None = typer.Option(None, "--reason", help="Free text (at most 500 characters)"),
+    as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout"),
+) -> None:
+    """Hide items from every recommendation (every worker within RECLOOP_BLOCKLIST_TTL_S). Exit 1 on a bad id."""
+    _blocklist_run("add", item_ids, as_json, kind=kind, reason=reason)
+
+
+@blocklist_app.command("remove")
+def blocklist_remove(
+    item_ids: list[str] = typer.Argument(..., help="Raw item ids"),
+    as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout"),
+) -> None:
+    """Recommend these items again."""
+    _blocklist_run("remove", item_ids, as_json)
+
+
+@blocklist_app.command("list")
+def blocklist_list(as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout")) -> None:
+    """The listed items: item_id, kind, added_at, reason."""
+    _blocklist_run("list", [], as_json)

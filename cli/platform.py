@@ -116,20 +116,31 @@ def show_recommendations(title: str, body: dict[str, Any], highlight: str | None
     table.add_column("item_id")
     table.add_column("title")
     table.add_column("score", justify="right")
+    table.add_column("because")
     for rank, item in enumerate(body["items"], start=1):
         mark = " ◀" if item["item_id"] == highlight else ""
-        table.add_row(str(rank), item["item_id"] + mark, str(item.get("title") or "")[:48], f"{item['score']:.3f}")
+        table.add_row(str(rank), item["item_id"] + mark, str(item.get("title") or "")[:48], f"{item['score']:.3f}",
+                      because_text(item))
     console.print(table)
+
+
+def because_text(item: dict[str, Any]) -> str:
+    """The explanation column of one recommended item: its reason and the weights of its history items."""
+    because = item.get("because") or []
+    if not because:
+        return ""
+    weights = ", ".join(f"{str(b.get('title') or b['item_id'])[:24]} {b['weight']:.2f}" for b in because)
+    return f"{str(item.get('reason') or '')[:60]} ({weights})"
 
 
 def interact(settings: Settings, user_id: str, k: int = 10) -> dict[str, Any]:
     """Recommend → click the top item → recommend again; returns both answers and the clicked item."""
-    before = _post(settings, "recommend", {"user_id": user_id, "k": k})
+    before = _post(settings, "recommend", {"user_id": user_id, "k": k, "explain": True})
     show_recommendations(f"recommendations for user {user_id}", before)
     clicked = before["items"][0]["item_id"]
     ack = _post(settings, "feedback", {"user_id": user_id, "item_id": clicked, "event_type": "click"})
     console.print(f"feedback: user {user_id} clicked item {clicked} → {ack}")
-    after = _post(settings, "recommend", {"user_id": user_id, "k": k})
+    after = _post(settings, "recommend", {"user_id": user_id, "k": k, "explain": True})
     show_recommendations(f"recommendations for user {user_id} right after the click", after)
     changed = [it["item_id"] for it in before["items"]] != [it["item_id"] for it in after["items"]]
     console.print(f"clicked item excluded now: {clicked not in {it['item_id'] for it in after['items']}}; "

@@ -42,6 +42,7 @@ from models.baselines import BASELINES
 from models.metrics import evaluate
 from models.ranking import MappedScorer, mask_scores, score_histories, seen_mask, top_k
 from models.sequences import EvalSet, Split, build_sequences, leave_one_out
+from models.short_history import choose_short_history
 from models.vocab import ItemVocabulary
 from recloop.experiments import ExperimentStore
 from recloop.gate import GateDecision, decide
@@ -49,7 +50,7 @@ from recloop.settings import Settings, get_settings
 from registry import aliases, plots, store, tracking
 
 REPORT_KEYS = ("ndcg@10", "hr@10", "recall@10", "mrr@10", "coverage@10", "novelty@10", "mean_pop@10",
-               "ild@10")
+               "ild@10", "freshness@10")
 
 
 def item_counts(train: dict[str, np.ndarray], n_items: int) -> np.ndarray:
@@ -60,8 +61,8 @@ def item_counts(train: dict[str, np.ndarray], n_items: int) -> np.ndarray:
 
 
 def evaluate_all(split: Split, n_items: int, candidate: Any, champion: Any | None = None,
-                 genres: list[list[str]] | None = None, baselines: Sequence[str] = BASELINES
-                 ) -> dict[str, dict[str, float]]:
+                 genres: list[list[str]] | None = None, baselines: Sequence[str] = BASELINES,
+                 fresh: np.ndarray | None = None) -> dict[str, dict[str, float]]:
     """Full-ranking test metrics (K = 10, seen excluded) per model: candidate, champion, baselines.
 
     Args:
@@ -69,6 +70,8 @@ def evaluate_all(split: Split, n_items: int, candidate: Any, champion: Any | Non
         n_items: catalogue size (padding excluded).
         candidate / champion: scorers in the split's index space (champion may be None).
         genres: item_idx -> genres, enables intra-list diversity.
+        fresh: (n_items + 1,) bool items added in the last ``settings.freshness_days`` (``fresh_by_idx``),
+            enables freshness@10.
         baselines: names from ``BASELINES`` (EASE and ItemKNN are dense n_items^2: drop them for
             catalogues beyond ~30k items).
     Returns:
@@ -87,7 +90,7 @@ def evaluate_all(split: Split, n_items: int, candidate: Any, champion: Any | Non
         scorers[name] = BASELINES[name]().fit(split.train, n_items)
     return {
         name: evaluate(scorer, split.test, n_items=n_items, k=10, item_counts=counts,
-                       n_train_users=len(split.train), item_genres=genres)["metrics"]
+                       n_train_users=len(split.train), item_genres=genres, fresh=fresh)["metrics"]
         for name, scorer in scorers.items()
     }
 
@@ -146,11 +149,29 @@ def promote_unless_blocked(client: MlflowClient, settings: Settings, run_id: str
 
 @task(cache_policy=NO_CACHE)
 def score_models_task(split: Split, vocab: ItemVocabulary, candidate: Any, champion: Any | None,
-                      genres: list[list[str]] | None, baselines: Sequence[str]
+                      genres: list[list[str]] | None, baselines: Sequence[str], fresh: np.ndarray | None = None
                       ) -> dict[str, dict[str, float]]:
     """Evaluate every model on the test split (fails loudly)."""
     champ = MappedScorer(champion.model, champion.vocab, vocab) if champion is not None else None
-    return evaluate_all(split, len(vocab), candidate, champ, genres, baselines)
+    return evaluate_all(split, len(vocab), candidate, champ, genres, baselines, fresh)
+
+
+def fresh_by_idx(events: Any, items: Any, vocab: ItemVocabulary, days: float) -> np.ndarray:
+    """(n_items + 1,) bool: items added to the catalogue in the last ``days`` days before the events' newest
+    timestamp (not today). Added = the item table's ``created_at`` when known, else the item's first event."""
+    import pandas as pd
+
+    from models.metrics import fresh_items
+
+    ts = pd.to_datetime(events["timestamp"], utc=True)
+    added = ts.groupby(events["item_id"].astype(str)).min()
+    if items is not None and len(items) and "created_at" in items:
+        created = pd.Series(pd.to_datetime(items["created_at"], utc=True).values, index=items["item_id"].astype(str))
+        added = pd.to_datetime(created.dropna(), utc=True).combine_first(added)
+    secs = np.full(len(vocab) + 1, np.nan)
+    known = [i for i in added.index if i in vocab]
+    secs[vocab.encode(known)] = [added[i].timestamp() for i in known]
+    return fresh_items(secs, ts.max().timestamp(), days)
 
 
 def _genres(items: Any, vocab: ItemVocabulary) -> list[list[str]] | None:
@@ -158,6 +179,26 @@ def _genres(items: Any, vocab: ItemVocabulary) -> list[list[str]] | None:
         return None
     by_id = dict(zip(items["item_id"].astype(str), items["genres"], strict=True))
     return [[]] + [list(by_id.get(i, []) or []) for i in vocab.ids]
+
+
+def short_history_tags(short: dict[str, Any]) -> dict[str, str]:
+    """The run's and the version's tags of the short-history choice (``models.short_history``): serving
+    answers users with 1-2 known items with the blend when ``short_history.strategy`` is
+    "short_history_blend", at weight ``short_history.weight``; absent tags: the model (the default)."""
+    tags = {"short_history.strategy": str(short["strategy"])}
+    if short.get("weight") is not None:
+        tags["short_history.weight"] = f"{float(short['weight']):g}"
+    return tags
+
+
+def short_history_markdown(short: dict[str, Any]) -> str:
+    """The report's short-history section: NDCG@10 of the model and of each blend weight, and the choice."""
+    ndcg = short.get("ndcg@10") or {}
+    lines = ["", f"**Short histories (1-2 events): {short['strategy']}** on {short['population']}", ""]
+    if ndcg:
+        lines.append(f"- model NDCG@10 {ndcg['model']:.4f}")
+        lines += [f"- blend w={w:g} NDCG@10 {v:.4f}" for w, v in ndcg["blend"].items()]
+    return "\n".join(lines) + "\n"
 
 
 def _load_candidate(client: MlflowClient, run_id: str) -> tuple[Any, ItemVocabulary, dict[str, Any]]:
@@ -203,14 +244,16 @@ def evaluate_flow(run_id: str, source: str | None = None, path: str | None = Non
     champion = (store.load_version(settings.model_name, version=champion_version, client=client)
                 if champion_version is not None else None)
 
-    results = score_models_task(split, vocab, model, champion, _genres(items, vocab), list(baselines))
+    fresh = fresh_by_idx(events, items, vocab, settings.freshness_days)
+    results = score_models_task(split, vocab, model, champion, _genres(items, vocab), list(baselines), fresh)
     baselines = {n: m for n, m in results.items() if n not in ("candidate", "champion")}
     decision = decide(results["candidate"], results.get("champion"), baselines,
                       min_gain=settings.gate_min_gain, max_coverage_drop=settings.gate_max_coverage_drop)
     ope = ope_task(settings, model, vocab, champion)
     decision = apply_ope_gate(decision, ope["gate"])
+    short = choose_short_history(model, split.valid, split.train, len(vocab))  # serving reads the version tags
     gate_tags = {**decision.as_tags(), "gate.champion_version": champion_version or "none",
-                 "gate.ope": ope_tag(ope["gate"])}
+                 "gate.ope": ope_tag(ope["gate"]), **short_history_tags(short)}
     for name, metrics in results.items():
         prefix = "test." if name == "candidate" else f"test.{name}."
         for key, value in metrics.items():
@@ -221,8 +264,8 @@ def evaluate_flow(run_id: str, source: str | None = None, path: str | None = Non
     for key, value in gate_tags.items():
         client.set_tag(run_id, key, value)
 
-    report_md = markdown_table(results, decision) + ope_markdown(ope)
-    _log_report(client, run_id, results, decision, report_md, model, split, vocab, champion_version, ope)
+    report_md = markdown_table(results, decision) + ope_markdown(ope) + short_history_markdown(short)
+    _log_report(client, run_id, results, decision, report_md, model, split, vocab, champion_version, ope, short)
     create_markdown_artifact(key="evaluation-report", markdown=report_md,
                              description=f"candidate run {run_id}")
 
@@ -246,12 +289,14 @@ def evaluate_flow(run_id: str, source: str | None = None, path: str | None = Non
 
 def _log_report(client: MlflowClient, run_id: str, results: dict[str, dict[str, float]],
                 decision: GateDecision, report_md: str, model: Any, split: Split, vocab: ItemVocabulary,
-                champion_version: str | None, ope: dict[str, Any] | None = None) -> None:
+                champion_version: str | None, ope: dict[str, Any] | None = None,
+                short_history: dict[str, Any] | None = None) -> None:
     """Report JSON + markdown and the comparison / popularity plots as run artifacts."""
     n_items = len(vocab)
     report = {"protocol": {**split.protocol, "ranking": "full", "k": 10, "exclude_seen": True,
                            "split_of": "test"},
-              "metrics": results, "gate": decision.as_dict(), "champion_version": champion_version, "ope": ope}
+              "metrics": results, "gate": decision.as_dict(), "champion_version": champion_version, "ope": ope,
+              "short_history": short_history}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         (out / "evaluation.json").write_text(json.dumps(report, indent=2, default=float))

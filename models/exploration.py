@@ -44,12 +44,15 @@ Policies (``ExplorationPolicy``):
 Cost: greedy and ε-greedy are one O(n) ``argpartition`` plus O(k) work (no sort of the catalogue); measured
 in-process p50 on 1,700 items, k = 10, two busy CPU cores: top k 8 µs (``models.ranking.top_k_items``: 25 µs),
 ``explore`` greedy 13 µs, ε = 0.1 21 µs, ε = 0.3 24 µs. Plackett-Luce draws in ~20 µs and pays its Monte Carlo
-(~11 ms at N = 50, 2,000 samples) once per distinct candidate score vector (memoised, 256 entries).
+(~11 ms at N = 50, 2,000 samples) once per distinct candidate score vector (memoised, 256 entries); serving
+defers it to the exposure log's writer thread (``DeferredPropensities``), off the request path.
 """
 
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -170,9 +173,52 @@ class Slate:
     """
 
     items: np.ndarray
-    propensities: np.ndarray
+    propensities: np.ndarray | DeferredPropensities
     pool_size: int
     policy: dict[str, Any]
+
+
+class DeferredPropensities(Sequence[float]):
+    """Plackett-Luce slot marginals of one drawn slate, computed on first use (``explore(..., defer=True)``).
+
+    The slate is drawn in microseconds but its marginals cost a Monte Carlo pass (~11 ms at N = 50, 2,000
+    samples) for a score vector not seen before. Serving hands this object to the exposure log, whose writer
+    thread reads it, so the pass runs off the request path. Values are those ``explore(..., defer=False)``
+    returns (same seeded, memoised computation). Thread-safe: the first reader computes, later ones reuse.
+
+    Args:
+        logits: (N,) candidate logits score/τ, best first (``_candidates``).
+        order: (k',) indices into the candidates, the drawn slate.
+        mc_samples: Monte Carlo samples.
+    """
+
+    deferred = True
+
+    def __init__(self, logits: np.ndarray, order: np.ndarray, mc_samples: int) -> None:
+        self._key = np.ascontiguousarray(logits, dtype=np.float64).tobytes()
+        self._order = order
+        self._mc = mc_samples
+        self._values: np.ndarray | None = None
+        self._lock = threading.Lock()
+
+    def values(self) -> np.ndarray:
+        """(k',) float64 P(slot item at its position), computed once."""
+        if self._values is None:
+            with self._lock:
+                if self._values is None:
+                    kk = self._order.shape[0]
+                    marg, _ = _rb_marginals_cached(self._key, kk, self._mc)
+                    self._values = marg[self._order, np.arange(kk)].copy()
+        return self._values
+
+    def __len__(self) -> int:
+        return int(self._order.shape[0])
+
+    def __getitem__(self, i: Any) -> Any:
+        return self.values()[i]
+
+    def __iter__(self) -> Iterator[float]:
+        return iter(self.values().tolist())
 
 
 def _check_scores(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -344,7 +390,8 @@ def _epsilon_pool(s: np.ndarray, finite: np.ndarray, n_finite: int, kk: int,
     return top, np.flatnonzero(pool)
 
 
-def explore(scores: np.ndarray, k: int, policy: ExplorationPolicy, rng: np.random.Generator) -> Slate:
+def explore(scores: np.ndarray, k: int, policy: ExplorationPolicy, rng: np.random.Generator, *,
+            defer: bool = False) -> Slate:
     """Draw one slate of up to k items from a masked score row, with its logged marginal propensities.
 
     Args:
@@ -352,6 +399,8 @@ def explore(scores: np.ndarray, k: int, policy: ExplorationPolicy, rng: np.rando
         k: slots wanted (>= 1); the slate has k' = min(k, finite scores) items (Plackett-Luce: also <= top_n).
         policy: see ``ExplorationPolicy``.
         rng: the draws (coins, uniform picks, Gumbel noise).
+        defer: Plackett-Luce only: return the propensities as ``DeferredPropensities`` (computed when first
+            read, e.g. by the exposure log's writer thread) instead of computing them now.
     Returns:
         ``Slate`` (items best slot first, P(item at its position) per slot, pool size, ``policy.describe()``).
     Raises:
@@ -363,8 +412,8 @@ def explore(scores: np.ndarray, k: int, policy: ExplorationPolicy, rng: np.rando
         cand, logits = _candidates(s, n_finite, policy)
         kk = min(k, cand.shape[0])
         order = np.argsort(-(logits + rng.gumbel(size=cand.shape[0])))[:kk]  # Gumbel-top-k = one PL draw
-        marg, _ = _rb_marginals_cached(np.ascontiguousarray(logits).tobytes(), kk, policy.mc_samples)
-        return Slate(cand[order], marg[order, np.arange(kk)].copy(), n_finite, described)
+        props = DeferredPropensities(logits, order, policy.mc_samples)
+        return Slate(cand[order], props if defer else props.values(), n_finite, described)
     kk = min(k, n_finite)
     bounded = policy.name == "epsilon" and policy.top_n is not None and policy.top_n < n_finite
     items = _top(s, max(kk, policy.top_n) if bounded else kk)

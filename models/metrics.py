@@ -102,6 +102,70 @@ def intra_list_diversity(topk: np.ndarray, item_genres: Mapping[int, Sequence[st
     return dist.sum(axis=(1, 2)) / (k * (k - 1))
 
 
+def embedding_ild(topk: np.ndarray, item_emb: np.ndarray) -> np.ndarray:
+    """Per-user ILD by embeddings: mean over item pairs of the cosine distance 1 - cos(e_i, e_j).
+
+    The embedding counterpart of ``intra_list_diversity`` (Ziegler et al., WWW 2005, with the model's
+    item embeddings as the item representation; Carbonell & Goldstein's and Chen et al.'s re-rankers use
+    the same similarity).
+
+    Args:
+        topk: (n_users, K) item_idx.
+        item_emb: (n_items + 1, d_model) item embeddings (rows are L2-normalised here; a zero row has
+            cosine 0 to every item, distance 1).
+    Returns:
+        (n_users,) values in [0, 2]; 0 for lists shorter than 2.
+    """
+    topk = np.asarray(topk)
+    n_users, k = topk.shape
+    if k < 2:
+        return np.zeros(n_users)
+    e = np.asarray(item_emb, dtype=np.float64)
+    norms = np.linalg.norm(e, axis=1, keepdims=True)
+    unit = np.divide(e, norms, out=np.zeros_like(e), where=norms > 0)
+    g = unit[topk]  # (n_users, K, d_model)
+    cos = g @ g.transpose(0, 2, 1)  # (n_users, K, K)
+    off = (1.0 - cos).sum(axis=(1, 2)) - (1.0 - np.einsum("ukk->uk", cos)).sum(axis=1)
+    return off / (k * (k - 1))
+
+
+def fresh_items(added_at: np.ndarray, as_of: np.datetime64 | float, window_days: float) -> np.ndarray:
+    """Which items were added to the catalogue in the last ``window_days`` before ``as_of``.
+
+    ``as_of`` is the data's newest timestamp (not today), so a replayed or old data set has fresh items.
+
+    Args:
+        added_at: (n_items + 1,) catalogue-addition times as Unix seconds (float; NaN = unknown, not fresh).
+        as_of: the reference time, Unix seconds.
+        window_days: N >= 0 days.
+    Returns:
+        (n_items + 1,) bool: as_of - N days <= added_at <= as_of.
+    Raises:
+        ValueError: window_days < 0.
+    """
+    if window_days < 0:
+        raise ValueError(f"window_days={window_days}; expected >= 0")
+    t = np.asarray(added_at, dtype=np.float64)
+    ref = float(as_of)
+    with np.errstate(invalid="ignore"):
+        return (t >= ref - window_days * 86_400.0) & (t <= ref)
+
+
+def freshness(topk: np.ndarray, fresh: np.ndarray) -> np.ndarray:
+    """Per-user freshness@K: share of the K recommended items that are fresh (``fresh_items``).
+
+    Args:
+        topk: (n_users, K) item_idx.
+        fresh: (n_items + 1,) bool per item_idx.
+    Returns:
+        (n_users,) values in [0, 1]; 0 for an empty list.
+    """
+    topk = np.asarray(topk)
+    if topk.shape[1] == 0:
+        return np.zeros(topk.shape[0])
+    return np.asarray(fresh, dtype=np.float64)[topk].mean(axis=1)
+
+
 def _genres_of(item_genres: Mapping[int, Sequence[str]] | Sequence, i: int) -> Sequence[str]:
     if isinstance(item_genres, Mapping):
         return item_genres.get(i, ())
@@ -119,6 +183,7 @@ def evaluate(
     n_train_users: int | None = None,
     item_genres: Mapping[int, Sequence[str]] | Sequence | None = None,
     batch_size: int = 512,
+    fresh: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Full-ranking evaluation of ``scorer`` on one ``EvalSet``.
 
@@ -131,10 +196,11 @@ def evaluate(
         item_counts: (n_items + 1,) training counts; enables novelty and mean popularity.
         n_train_users: users behind ``item_counts`` (for novelty); default = len(eval_set).
         item_genres: item_idx -> genres; enables intra-list diversity.
+        fresh: (n_items + 1,) bool fresh items (``fresh_items``); enables freshness@K.
     Returns:
         ``{"metrics": {name: mean}, "per_user": {name: (n_users,) array}, "protocol": {...}}`` with
         names like ``ndcg@10``, ``hr@10``, ``recall@10``, ``precision@10``, ``mrr@10``, ``f1@10``,
-        ``coverage@10``, ``novelty@10``, ``ild@10``, ``mean_pop@10``.
+        ``coverage@10``, ``novelty@10``, ``ild@10``, ``mean_pop@10``, ``freshness@10``.
     """
     scores = score_histories(scorer, eval_set.histories, batch_size=batch_size)
     if scores.shape[1] != n_items + 1:
@@ -155,6 +221,8 @@ def evaluate(
         per_user[f"mean_pop@{k}"] = mean_popularity(lists, item_counts)
     if item_genres is not None:
         per_user[f"ild@{k}"] = intra_list_diversity(lists, item_genres)
+    if fresh is not None:
+        per_user[f"freshness@{k}"] = freshness(lists, fresh)
     metrics = {name: float(v.mean()) if len(v) else float("nan") for name, v in per_user.items()}
     metrics[f"coverage@{k}"] = coverage(lists, n_items)
     protocol = {

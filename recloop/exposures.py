@@ -80,10 +80,17 @@ class _Record(NamedTuple):
     experiment_id: Any
     arm: Any
     teams: tuple[Any, ...] | None
-    propensities: tuple[Any, ...] | None
+    propensities: Sequence[Any] | None
     ts: Any
     pool_size: Any = None
     masked: Any = None
+
+
+def _per_item(values: Sequence[Any] | None) -> Sequence[Any] | None:
+    """A tuple copy of per-item values, or the object itself when it defers its computation to the reader."""
+    if values is None or getattr(values, "deferred", False):
+        return values
+    return tuple(values)
 
 
 class ExposureLog:
@@ -173,7 +180,9 @@ class ExposureLog:
             policy: the ranking policy ("greedy", "interleaving", ...; at most 32 chars).
             experiment_id, arm: the experiment and arm the user was assigned to, if any.
             teams: per item, the interleaving team that contributed it (same length as ``items``).
-            propensities: per item, the probability it was shown at that position (same length).
+            propensities: per item, the probability it was shown at that position (same length). A sequence
+                with a true ``deferred`` attribute (``models.exploration.DeferredPropensities``) is kept as is
+                and read by the writer thread, so its computation stays off the caller's path.
             ts: when it was served (default now, UTC; naive means UTC).
             pool_size: the number of candidates the exploration policy could draw from, after masking
                 (``models.exploration.Slate.pool_size``; an integer >= 0, or None when unknown).
@@ -186,7 +195,7 @@ class ExposureLog:
         """
         rec = _Record(
             request_id, user_id, model_version, tuple(items), variant, tuple(context), policy, experiment_id, arm,
-            None if teams is None else tuple(teams), None if propensities is None else tuple(propensities),
+            None if teams is None else tuple(teams), _per_item(propensities),
             ts if ts is not None else datetime.now(UTC), pool_size, masked,
         )
         with self._cond:

@@ -4,9 +4,10 @@ One schema holds the feedback log (``recloop.eventlog``), the exposure log (``re
 the online experiments (``recloop.experiments``). Every name derives from the events table's name, so
 tests can run side by side in one database:
 
-- ``events`` → ``exposures``, ``exposure_items``, ``experiments``, version table ``alembic_version``;
+- ``events`` → ``exposures``, ``exposure_items``, ``experiments``, ``blocklist``, version table
+  ``alembic_version``;
 - ``events_test_ab12`` → ``events_test_ab12_exposures``, ``events_test_ab12_exposure_items``,
-  ``events_test_ab12_experiments``, ``events_test_ab12_alembic_version``
+  ``events_test_ab12_experiments``, ``events_test_ab12_blocklist``, ``events_test_ab12_alembic_version``
 
 (prefix = ``events_table[:-6]`` when the name ends with "events", else ``events_table + "_"``.)
 
@@ -32,6 +33,8 @@ Tables at head (``HEAD_REVISION``):
   ``exploration_champion`` and ``exploration_challenger`` (nullable: each arm's exploration policy text,
   ``models.exploration.ExplorationPolicy.parse``; null = the service's policy; revision 0004);
   index ``ix_<experiments>_status``. At most one is running (``recloop.experiments.ExperimentStore``).
+- ``blocklist``: the catalogue-wide blocklist every serving worker masks (``recloop.blocklist``, revision
+  0006): ``item_id`` (primary key), ``kind`` ("blocked" | "retired"), ``reason`` (nullable), ``added_at``.
 
 Migrations live in ``recloop/migrations`` (Alembic scripts; the names come from
 ``config.attributes["log_table_names"]``, never from the scripts). ``upgrade`` applies them under a
@@ -82,7 +85,7 @@ logger = logging.getLogger(__name__)
 _ALEMBIC_LOCK = threading.Lock()
 
 #: The newest migration (``recloop/migrations/versions``); a test keeps it equal to the scripts' head.
-HEAD_REVISION = "0005"
+HEAD_REVISION = "0006"
 #: The migration scripts (an Alembic ``script_location``).
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 #: SQLite ``busy_timeout``: how long a writer waits for the database write lock.
@@ -99,6 +102,8 @@ EXPERIMENT_MODE_CHARS = 16
 EXPERIMENT_STATUS_CHARS = 16
 SALT_CHARS = 64
 EXPLORATION_CHARS = 64
+BLOCK_KIND_CHARS = 16
+BLOCK_REASON_CHARS = 500
 
 
 class UTCDateTime(TypeDecorator):
@@ -131,6 +136,7 @@ class LogTableNames:
     exposure_items: str
     version_table: str
     experiments: str
+    blocklist: str
 
 
 @dataclass(frozen=True)
@@ -141,13 +147,14 @@ class LogTables:
     exposures: Table
     exposure_items: Table
     experiments: Table
+    blocklist: Table
 
 
 def table_names(events_table: str = "events") -> LogTableNames:
     """The schema's names derived from the events table's name.
 
     Args:
-        events_table: e.g. "events" (→ exposures, exposure_items, alembic_version, experiments) or
+        events_table: e.g. "events" (→ exposures, exposure_items, alembic_version, experiments, blocklist) or
             "events_test_ab12" (→ events_test_ab12_exposures, ...).
     Raises:
         ValueError: ``events_table`` is empty.
@@ -161,6 +168,7 @@ def table_names(events_table: str = "events") -> LogTableNames:
         exposure_items=prefix + "exposure_items",
         version_table=prefix + "alembic_version",
         experiments=prefix + "experiments",
+        blocklist=prefix + "blocklist",
     )
 
 
@@ -233,7 +241,16 @@ def log_tables(metadata: MetaData, events_table: str = "events") -> LogTables:
         Column("exploration_challenger", String(EXPLORATION_CHARS), nullable=True),
         Index(f"ix_{n.experiments}_status", "status"),
     )
-    return LogTables(events=events, exposures=exposures, exposure_items=exposure_items, experiments=experiments)
+    blocklist = Table(
+        n.blocklist,
+        metadata,
+        Column("item_id", String(MAX_ID_CHARS), primary_key=True),
+        Column("kind", String(BLOCK_KIND_CHARS), nullable=False),
+        Column("reason", String(BLOCK_REASON_CHARS), nullable=True),
+        Column("added_at", UTCDateTime, nullable=False),
+    )
+    return LogTables(events=events, exposures=exposures, exposure_items=exposure_items, experiments=experiments,
+                     blocklist=blocklist)
 
 
 # ---- engines -------------------------------------------------------------------------------------
@@ -354,7 +371,8 @@ def drop_all(engine: Engine, events_table: str = "events") -> None:
     tables = log_tables(metadata, events_table)
     version = Table(n.version_table, metadata, Column("version_num", String(32), primary_key=True))
     with engine.begin() as conn:
-        for table in (tables.experiments, tables.exposure_items, tables.exposures, tables.events, version):
+        for table in (tables.blocklist, tables.experiments, tables.exposure_items, tables.exposures, tables.events,
+                      version):
             table.drop(conn, checkfirst=True)
 
 

@@ -127,6 +127,25 @@ class Settings(BaseSettings):
         description="The service's exploration policy: greedy | epsilon:0.05 | plackett_luce:tau=0.5,n=50 "
         "(an online experiment may set one per arm); every slot's propensity is logged with the exposure",
     )
+    # Re-ranking, business rules, freshness (models/rerank.py, recloop/blocklist.py)
+    rerank_default: Literal["mmr", "dpp"] = Field(
+        default="mmr", description="Re-ranker a recommend request with diversity > 0 uses unless it names one"
+    )
+    rerank_candidates: int = Field(
+        default=100, ge=1, le=10_000, description="Top-N candidates (after masking) the re-ranker reorders"
+    )
+    blocklist_ttl_s: float = Field(
+        default=5.0, ge=0, description="Seconds a serving worker reuses the blocklist it read (every worker sees a"
+        " change within this)",
+    )
+    freshness_days: float = Field(
+        default=30.0, ge=0, description="An item is fresh when added to the catalogue in the last N days, counted"
+        " back from the data's newest timestamp",
+    )
+    freshness_boost: float = Field(
+        default=0.0, ge=0, le=1, description="Re-ranking boost of a fresh item, in units of the candidates' score"
+        " range (0 = off)",
+    )
     ope_gate: bool = Field(default=True, description="Add the off-policy CTR estimate rule to the gate")
     ope_estimator: Literal["snips", "dr", "iips", "pi"] = Field(default="snips", description="Estimator the rule uses")
     ope_tolerance: float = Field(
@@ -148,6 +167,11 @@ class Settings(BaseSettings):
     # Serving
     serve_host: str = "127.0.0.1"
     serve_port: int = 3000
+    serve_workers: int = Field(
+        default=1, ge=1, le=64,
+        description="BentoML worker processes of one service; read-your-writes holds across them (and across"
+        " replicas) because each online push runs under the event log's per-user write lock",
+    )
     serve_poll_interval_s: float = Field(default=5.0, gt=0, description="Champion alias poll interval")
     api_key: str | None = Field(default=None, description="If set, required in the X-API-Key header")
     serve_allowed_hosts: str = Field(

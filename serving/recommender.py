@@ -13,8 +13,12 @@ Ranking (scoring, masking, top-k, ties) is ``models.ranking``'s, the one ranking
 
 Read-your-writes: ``feedback`` returns only after the event is in the log and the user's online
 sequence has been overwritten with the last ``max_seq_len`` items *read back from the log*. Pushes
-for one user are serialised in this process (striped locks), and after each push the log is re-read
-and pushed again until unchanged, so a stale push from another worker can never be the final state.
+for one user are ordered across processes: the push runs while the event log holds the user's write
+lock (``EventLog.append_and_recent(..., while_locked=)``: PostgreSQL's per-user advisory lock, SQLite's
+database write lock), so no worker or replica can overwrite a newer list with an older one, and the
+next ``recommend`` from any of them reflects an acknowledged event. (An event store without that lock,
+e.g. a test double, falls back to the in-process stripe lock and a re-read until the pushed tail is
+current.)
 
 Online-store outages (``featurestore/online.py`` bounds each call with a deadline and a circuit
 breaker): ``recommend`` rebuilds the history from its sources (the lake snapshot ``base_history``
@@ -34,20 +38,24 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
 
-from models.exploration import ExplorationPolicy, explore
+from models.exploration import DeferredPropensities, ExplorationPolicy, explore
 from models.ranking import encode_history, mask_scores, score_histories, seen_mask, top_k_items
+from models.rerank import RERANKERS
+from models.rerank import rerank as rerank_positions
+from models.short_history import SHORT_HISTORY_MAX, blend_scores, neighbour_table
 from models.vocab import PAD_IDX, ItemVocabulary
 from recloop.experiments import assign_arm
 from recloop.interleaving import TEAM_A, TEAM_B, request_rng, team_draft
 from recloop.policy import DEFAULT_POLICY, EventPolicy, event_role
+from serving.explain import explain_items
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +99,10 @@ class UnknownItemError(KeyError):
     """An item id the served model does not know (``similar_items``)."""
 
 
+class UnknownGenreError(ValueError):
+    """A ``genres`` filter names a genre the served catalogue does not have."""
+
+
 @dataclass(frozen=True)
 class ServedModel:
     """Everything one model version needs to answer requests; swapped in as one reference.
@@ -101,8 +113,12 @@ class ServedModel:
         version: registered model version (str).
         seq_len: history length the model takes (left-padded with 0).
         unit_emb: (n_items + 1, d_model) L2-normalised item embeddings (row 0 zero).
-        popularity: (n_items + 1,) cold-start scores, column 0 = -inf.
+        popularity: (n_items + 1,) cold-start scores normalised to [0, 1] (count / max count), column 0 = -inf.
         titles: item_id -> title (may be partial).
+        genre_masks: genre -> (n_items + 1,) bool, the items carrying it (the ``genres`` filter).
+        fresh: (n_items + 1,) bool, items added to the catalogue recently (freshness boost), or None.
+        short_history: (neighbours, sims, weight) of the short-history blend (``attach_short_history``), or
+            None: the model answers users with 1-2 known items too.
     """
 
     model: Any
@@ -114,6 +130,9 @@ class ServedModel:
     popularity: np.ndarray
     titles: dict[str, str]
     loaded_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+    genre_masks: dict[str, np.ndarray] = field(default_factory=dict)
+    fresh: np.ndarray | None = None
+    short_history: tuple[np.ndarray, np.ndarray, float] | None = None
 
 
 class Ranked(NamedTuple):
@@ -122,7 +141,7 @@ class Ranked(NamedTuple):
     items: list[dict[str, Any]]
     strategy: str
     context: list[str]
-    propensities: list[float | None]
+    propensities: Sequence[float | None]  # a ``DeferredPropensities`` for Plackett-Luce (read by the writer)
     pool_size: int
     policy: str
 
@@ -140,6 +159,62 @@ def policy_text(policy: ExplorationPolicy) -> str:
 
 def _request_seed(request_id: str) -> int:
     return int.from_bytes(hashlib.sha256(request_id.encode()).digest()[:8], "big")
+
+
+@dataclass(frozen=True)
+class RerankStage:
+    """A request's re-ranking and attribute filter (``RecommenderCore._stage``).
+
+    Attributes:
+        method: "mmr" | "dpp", or None when re-ranking is off (diversity 0 and no freshness boost).
+        diversity: in [0, 1] (MMR's λ; DPP's θ = 1 - diversity; ``models.rerank``).
+        freshness_boost: boost of a fresh item in units of the candidates' score range (0 = off).
+        n_candidates: the top-N (after masking) the re-ranker reorders.
+        allowed: (n_items + 1,) bool genre filter, or None for every item.
+    """
+
+    method: str | None
+    diversity: float
+    freshness_boost: float
+    n_candidates: int
+    allowed: np.ndarray | None = None
+
+    def describe(self) -> str | None:
+        """The response's ``reranker``: "mmr:lambda=0.3", "dpp:theta=0.7" (+ ",fresh=0.1"); None when off."""
+        if self.method is None:
+            return None
+        knob = f"lambda={self.diversity:g}" if self.method == "mmr" else f"theta={1.0 - self.diversity:g}"
+        return f"{self.method}:{knob}" + (f",fresh={self.freshness_boost:g}" if self.freshness_boost > 0 else "")
+
+
+def rerank_scores(scores: np.ndarray, unit_emb: torch.Tensor, k: int, stage: RerankStage,
+                  fresh: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Re-rank the top ``stage.n_candidates`` of a masked score row (``models.rerank.rerank``).
+
+    Args:
+        scores: (n_items + 1,) masked scores (-inf = masked: never a candidate).
+        unit_emb: (n_items + 1, d_model) L2-normalised item embeddings (the similarity).
+        k: slots (>= 1).
+        stage: method, diversity, freshness boost, number of candidates.
+        fresh: (n_items + 1,) bool fresh items (the boost), or None.
+    Returns:
+        (adjusted, order): ``adjusted`` is ``scores`` with the candidates' values permuted so that they
+        descend along ``order`` (the re-ranked k, then the other candidates in the model's order), so any
+        exploration policy draws from the re-ranked order; ``order`` is (n_candidates',) item_idx.
+    """
+    cand = top_k_items(scores, stage.n_candidates)  # (n_candidates,) best first, finite only
+    if cand.shape[0] == 0 or stage.method is None:
+        return scores, cand
+    boost = fresh[cand] if fresh is not None and stage.freshness_boost > 0 else None
+    emb = unit_emb.numpy() if isinstance(unit_emb, torch.Tensor) else np.asarray(unit_emb)  # a view, no copy
+    pos = rerank_positions(scores[cand], emb[cand], min(k, cand.shape[0]),
+                           stage.method, stage.diversity, boost, stage.freshness_boost)  # (k',)
+    rest = np.ones(cand.shape[0], dtype=bool)
+    rest[pos] = False  # the other candidates, in the model's order
+    order = cand[np.concatenate([pos, np.flatnonzero(rest)])]
+    adjusted = scores.copy()
+    adjusted[order] = scores[cand]  # scores[cand] descends: the i-th best value goes to the i-th of order
+    return adjusted, order
 
 
 @dataclass(frozen=True)
@@ -198,12 +273,16 @@ def build_served(
     extra: dict[str, Any] | None = None,
     titles: dict[str, str] | None = None,
     popularity: dict[str, float] | None = None,
+    genres: dict[str, list[str]] | None = None,
+    fresh_items: Iterable[str] | None = None,
 ) -> ServedModel:
     """Prepare a loaded model for serving and smoke-score it (raises if it cannot answer).
 
     Cold-start popularity: ``popularity`` ({item_id: count}, e.g. from the lake), else
     ``extra["item_popularity"]`` when the checkpoint carries it, else the L2 norm of each item's
-    embedding (with tied output embeddings, frequent items get larger norms).
+    embedding (with tied output embeddings, frequent items get larger norms); divided by its maximum, so
+    a cold-start answer's scores lie in [0, 1].
+    ``genres`` (item_id -> genres) feeds the ``genres`` filter, ``fresh_items`` the freshness boost.
 
     Raises:
         ValueError: the model's score width does not match the vocabulary, or scores are not finite.
@@ -230,8 +309,78 @@ def build_served(
     else:
         pop = emb.norm(dim=1).numpy().astype(np.float32)
         pop[PAD_IDX] = -np.inf
+    top = float(pop[1:].max(initial=0.0))
+    if top > 0:
+        pop[1:] = np.maximum(pop[1:], 0.0) / top  # counts / max count in [0, 1]
     titles = titles if titles is not None else dict(extra.get("titles") or {})
-    return ServedModel(model, vocab, str(version), run_id, seq_len, unit, pop, titles)
+    served = ServedModel(model, vocab, str(version), run_id, seq_len, unit, pop, titles)
+    return attach_catalogue(served, genres, fresh_items)
+
+
+def attach_catalogue(served: ServedModel, genres: Mapping[str, Iterable[str]] | None = None,
+                     fresh_items: Iterable[str] | None = None) -> ServedModel:
+    """``served`` with the catalogue's genre masks (the ``genres`` filter) and fresh items (the boost).
+
+    Args:
+        genres: item_id -> genres (items the vocabulary does not know are ignored); None leaves them.
+        fresh_items: item ids added recently (``serving.runtime.load_catalogue``); None leaves them.
+    Returns:
+        A new ``ServedModel`` (one reference to swap in), or ``served`` itself when both are empty.
+    """
+    fresh_items = None if fresh_items is None else list(fresh_items)
+    if not genres and not fresh_items:
+        return served
+    vocab = served.vocab
+    genre_masks = dict(served.genre_masks)
+    for item_id, item_genres in (genres or {}).items():
+        if str(item_id) in vocab:
+            idx = int(vocab.encode([str(item_id)])[0])
+            for g in item_genres:
+                genre_masks.setdefault(str(g), np.zeros(len(vocab) + 1, dtype=bool))[idx] = True
+    fresh = served.fresh
+    if fresh_items is not None:
+        fresh = np.zeros(len(vocab) + 1, dtype=bool)
+        known = [str(i) for i in fresh_items if str(i) in vocab]
+        fresh[vocab.encode(known)] = True
+    return replace(served, genre_masks=genre_masks, fresh=fresh)
+
+
+def short_history_weight(tags: Mapping[str, str] | None) -> float | None:
+    """The blend weight a model version's tags choose for users with 1-2 events, or None (the model).
+
+    The evaluate flow tags each version ``short_history.strategy`` ("model" | "short_history_blend") and
+    ``short_history.weight`` (``flows.evaluate.short_history_tags``). Default, for a version without the tags
+    (evaluated before the choice existed) or an unreadable weight: None, the model serves every history.
+    """
+    tags = tags or {}
+    if tags.get("short_history.strategy") != "short_history_blend":
+        return None
+    try:
+        weight = float(tags.get("short_history.weight", ""))
+    except ValueError:
+        return None
+    return weight if 0.0 <= weight <= 1.0 else None
+
+
+def attach_short_history(served: ServedModel, sequences: Iterable[Sequence[str]], weight: float | None
+                         ) -> ServedModel:
+    """``served`` answering users with 1-2 known items by the neighbours-plus-popularity blend at ``weight``.
+
+    Args:
+        sequences: users' positive item ids (e.g. the lake snapshot's windows, ``base_history``): the
+            item-item cosine neighbours (``models.short_history.neighbour_table``); ids the vocabulary does
+            not know are dropped. The popularity part is ``served.popularity`` (in [0, 1]).
+        weight: the evaluate flow's choice (``short_history_weight``); None leaves ``served`` as it is.
+    Returns:
+        A new ``ServedModel`` (or ``served`` itself when ``weight`` is None or there are no sequences).
+    """
+    if weight is None:
+        return served
+    seqs = [idx for idx in (encode_history(served.vocab, s) for s in sequences) if len(idx)]
+    if not seqs:
+        return served
+    nb, sims, _ = neighbour_table(seqs, len(served.vocab))
+    return replace(served, short_history=(nb, sims, float(weight)))
 
 
 class RecommenderCore:
@@ -252,8 +401,22 @@ class RecommenderCore:
         policy: EventPolicy | None = None,
         exposures: ExposureSink | None = None,
         exploration: ExplorationPolicy | None = None,
+        blocklist: Any = None,
+        rerank_default: str = "mmr",
+        rerank_candidates: int = 100,
+        freshness_boost: float = 0.0,
+        event_types: Mapping[str, Mapping[str, str]] | None = None,
     ) -> None:
         self._served = served
+        #: the catalogue-wide blocklist (``recloop.blocklist.CachedBlocklist``: ``item_ids()``); None = none
+        self.blocklist = blocklist
+        if rerank_default not in RERANKERS:
+            raise ValueError(f"rerank_default={rerank_default!r}; expected one of {list(RERANKERS)}")
+        self.rerank_default = rerank_default
+        self.rerank_candidates = rerank_candidates
+        self.freshness_boost = freshness_boost
+        #: user_id -> {item_id: event type of the newest positive} in the lake snapshot (explanations' verb)
+        self.event_types: Mapping[str, Mapping[str, str]] = event_types or {}
         self.base_history: BaseHistory = base_history or {}
         #: user_id -> every positive item of the user's lake history (the lake snapshot's "seen" set)
         self.consumed: Mapping[str, frozenset[str]] = consumed or {}
@@ -330,10 +493,20 @@ class RecommenderCore:
         interested", the lake snapshot's and the log's, ``policy.suppress_s``). An unreadable log leaves
         its part out (logged): the lake snapshot and the online window still apply.
         """
+        consumed, suppressed, _ = self._user_masks(user_id, history, stored, now)
+        return consumed, suppressed
+
+    def _user_masks(self, user_id: str, history: list[str], stored: list[str] | None,
+                    now: datetime | None = None) -> tuple[set[str], set[str], dict[str, str]]:
+        """``masked_items`` plus the log's event type of each positive it read (item_id -> type of the newest),
+        the explanations' verb: one read of the log (``EventLog.user_state_typed``; a store with only
+        ``user_state`` gives no types)."""
         now = now or datetime.now(UTC)
         consumed = set(self.consumed.get(user_id, ())) | set(stored or ()) | set(history)
         suppressed = {i for i, until in self.suppressed.get(user_id, {}).items() if until > now}
-        user_state = getattr(self.events, "user_state", None)
+        types: dict[str, str] = {}
+        typed = getattr(self.events, "user_state_typed", None)
+        user_state = typed or getattr(self.events, "user_state", None)
         if user_state is not None:
             _, base_ts = self.base_history.get(user_id, ([], None))
             try:
@@ -341,9 +514,11 @@ class RecommenderCore:
             except Exception as err:  # noqa: BLE001 - the snapshot's part still masks
                 logger.warning("event log not readable; seen set without it user_id=%s error=%s", user_id[:64], err)
             else:
-                consumed |= log_consumed
+                if typed is not None:
+                    types = dict(log_consumed)
+                consumed |= set(log_consumed)
                 suppressed.update(log_suppressed)
-        return consumed, suppressed
+        return consumed, suppressed, types
 
     def seen_items(self, user_id: str, history: list[str], stored: list[str] | None,
                    now: datetime | None = None) -> set[str]:
@@ -353,7 +528,9 @@ class RecommenderCore:
         return consumed | suppressed
 
     def recommend(
-        self, user_id: str, k: int = 10, exclude_seen: bool = True, history: list[str] | None = None
+        self, user_id: str, k: int = 10, exclude_seen: bool = True, history: list[str] | None = None, *,
+        diversity: float | None = None, reranker: str | None = None, explain: bool = False,
+        exclude_items: Iterable[str] | None = None, genres: Iterable[str] | None = None,
     ) -> dict[str, Any]:
         """Top-k items for a user.
 
@@ -366,9 +543,20 @@ class RecommenderCore:
         Every answer gets a fresh ``request_id`` and, with an exposure sink, is recorded as an
         exposure (what was shown, by which version, from which history) off the request path.
 
+        Business rules mask like seen items (and are recorded with them in the exposure): ``exclude_items``,
+        the catalogue-wide blocklist (``self.blocklist``, shared by every worker); ``genres`` keeps only
+        items with one of those genres. Re-ranking (``diversity`` > 0, ``reranker`` "mmr" | "dpp",
+        default ``rerank_default``; or a freshness boost) reorders the top ``rerank_candidates`` left after
+        masking (``_rank``); exploration then draws from that order. ``explain`` adds ``because`` and
+        ``reason`` to each item (``serving.explain``; none for a user without history).
+
         Returns:
             dict with items [{item_id, score, title}], model_version, variant, strategy, cold_start,
-            request_id (32 hex chars; send it back with ``feedback`` to link the event to this answer).
+            request_id (32 hex chars; send it back with ``feedback`` to link the event to this answer),
+            reranker (the re-ranking applied, or None). A cold-start (popularity) answer's scores are in [0, 1].
+        Raises:
+            UnknownGenreError: a genre of ``genres`` is not in the served catalogue.
+            ValueError: ``diversity`` outside [0, 1] or an unknown ``reranker``.
         """
         served = self._served  # one read: a concurrent swap does not mix versions
         arms = self.experiment_arms  # one read: start/stop of an online experiment is atomic per request
@@ -384,23 +572,27 @@ class RecommenderCore:
             stored = self.history_from_sources(user_id)
         cold_start = not stored
         hist_ids = history if history is not None else (stored or [])
-        consumed, suppressed = self.masked_items(user_id, hist_ids, stored)
+        consumed, suppressed, log_types = self._user_masks(user_id, hist_ids, stored)
         seen = consumed | suppressed if exclude_seen else suppressed  # "not interested" holds either way
+        seen |= set(exclude_items or ()) | self._blocked()  # business rules: this request's, the catalogue's
+        stage = self._stage(served, diversity, reranker, genres)
         request_id = uuid.uuid4().hex
         experiment_id = arm = None
         teams: list[str] | None = None
         if arms is None:
-            ranked = self._rank(served, hist_ids, seen, k, user_id, self.exploration, request_id)
+            ranked = self._rank(served, hist_ids, seen, k, user_id, self.exploration, request_id, stage)
         elif arms.mode == "ab":
             arm = assign_arm(arms.salt, user_id, arms.weights)
             served = arms.served(arm)
             experiment_id = arms.experiment_id
             ranked = self._rank(served, hist_ids, seen, k, user_id, arms.exploration_of(arm, self.exploration),
-                                request_id)
+                                request_id, self._stage(served, diversity, reranker, genres))
         else:  # team-draft interleaving of the two arms' greedy lists (two forward passes plus the merge)
             experiment_id, arm = arms.experiment_id, "interleaved"
-            a = self._rank(arms.champion, hist_ids, seen, k, user_id)
-            b = self._rank(arms.challenger, hist_ids, seen, k, user_id)
+            a = self._rank(arms.champion, hist_ids, seen, k, user_id,
+                           stage=self._stage(arms.champion, diversity, reranker, genres))
+            b = self._rank(arms.challenger, hist_ids, seen, k, user_id,
+                           stage=self._stage(arms.challenger, diversity, reranker, genres))
             merged, teams = team_draft([x["item_id"] for x in a.items], [x["item_id"] for x in b.items], k,
                                        request_rng(request_id))
             by_team = {TEAM_A: {x["item_id"]: x for x in a.items}, TEAM_B: {x["item_id"]: x for x in b.items}}
@@ -413,6 +605,8 @@ class RecommenderCore:
             strategy = "history"
         if fallback:
             strategy = "fallback"
+        if explain and context:
+            self._explain(served, user_id, items, context, log_types)
         if self.exposures is not None:
             self.exposures.record(
                 request_id, user_id, served.version, [(x["item_id"], x["score"]) for x in items],
@@ -427,13 +621,59 @@ class RecommenderCore:
             "strategy": strategy,
             "cold_start": cold_start,
             "request_id": request_id,
+            "reranker": stage.describe(),
         }
         if experiment_id is not None:
             out.update(experiment_id=experiment_id, arm=arm)
         return out
 
+    def _blocked(self) -> frozenset[str]:
+        """The catalogue-wide blocklist's ids (a TTL cache of the shared store; empty without one)."""
+        return frozenset() if self.blocklist is None else self.blocklist.item_ids()
+
+    def _stage(self, served: ServedModel, diversity: float | None, reranker: str | None,
+               genres: Iterable[str] | None) -> RerankStage:
+        """The request's re-ranking and attribute filter for ``served`` (``RerankStage``).
+
+        Raises:
+            UnknownGenreError: a genre the served catalogue does not have (the known ones are listed).
+            ValueError: diversity outside [0, 1] or an unknown reranker.
+        """
+        d = 0.0 if diversity is None else float(diversity)
+        if not 0.0 <= d <= 1.0:
+            raise ValueError(f"diversity={diversity}; expected a value in [0, 1]")
+        method = reranker or self.rerank_default
+        if method not in RERANKERS:
+            raise ValueError(f"reranker={reranker!r}; expected one of {list(RERANKERS)}")
+        boost = self.freshness_boost if served.fresh is not None else 0.0
+        allowed = None
+        wanted = list(genres or ())
+        if wanted:
+            by_name = {g.lower(): m for g, m in served.genre_masks.items()}
+            unknown = [g for g in wanted if g.lower() not in by_name]
+            if unknown:
+                known = sorted(served.genre_masks)
+                raise UnknownGenreError(f"genres: unknown {unknown}; known: {known[:50]}")
+            allowed = np.logical_or.reduce([by_name[g.lower()] for g in wanted])
+        active = d > 0 or boost > 0
+        return RerankStage(method if active else None, d, boost, self.rerank_candidates, allowed)
+
+    def _explain(self, served: ServedModel, user_id: str, items: list[dict[str, Any]], context: list[str],
+                 log_types: Mapping[str, str] | None = None) -> None:
+        """``because``/``reason`` for each item (``serving.explain``), with no read of its own: the verb is the
+        event type of the user's newest positive on the history item, from the log's part read with the mask
+        (``log_types``, newer) or the lake snapshot's (``self.event_types``); unknown: the default verb."""
+        snapshot = self.event_types.get(user_id, {})
+        newer = log_types or {}
+
+        def types_of(ids: list[str]) -> dict[str, str]:
+            return {i: newer.get(i) or snapshot[i] for i in ids if i in newer or i in snapshot}
+
+        explain_items(items, context, served.unit_emb.numpy(), served.vocab.encode, served.titles, types_of)
+
     def _rank(self, served: ServedModel, hist_ids: list[str], seen: set[str] | None, k: int, user_id: str,
-              exploration: ExplorationPolicy | None = None, request_id: str = "") -> Ranked:
+              exploration: ExplorationPolicy | None = None, request_id: str = "",
+              stage: RerankStage | None = None) -> Ranked:
         """One model's slate after ``hist_ids`` (popularity when none is known), ``seen`` masked.
 
         Greedy (the default): the top k (``models.ranking.top_k_items``), each slot's propensity 1. Any
@@ -441,13 +681,26 @@ class RecommenderCore:
         after masking, with a coin stream seeded by the request id (replayable), and logs each slot's
         marginal propensity P(item at position) and the pool size.
 
+        With an active ``stage``, items outside its genre filter are masked too, and the re-ranker reorders
+        the top ``stage.n_candidates`` (``rerank_scores``): greedy returns its first k, and exploration
+        draws from the re-ranked order (the candidates' score values permuted into that order, so the
+        logged propensities are those of the slate actually drawn). Items carry the model's own score.
+
         Returns:
             ``Ranked``: response items; "sequential" (or "history" when the caller passed a request
-            history, set by ``recommend``) or "popularity"; the known history ids the scores came from
-            (the exposure's ``context``); per-slot propensities; pool size; the policy's text.
+            history, set by ``recommend``), "short_history_blend" (1-2 known items, and the served
+            version's evaluation chose the blend: ``ServedModel.short_history``) or "popularity"; the known
+            history ids the scores came from (the exposure's ``context``); per-slot propensities; pool size;
+            the policy's text.
         """
         idx = encode_history(served.vocab, hist_ids)
-        if len(idx):
+        if len(idx) and served.short_history is not None and len(set(idx.tolist())) <= SHORT_HISTORY_MAX:
+            nb, sims, weight = served.short_history  # the blend beat the model on short validation histories
+            pop = np.where(np.isfinite(served.popularity), served.popularity, 0.0)
+            scores = blend_scores(idx[None, :], nb, sims, pop, weight)[0].astype(np.float64)  # (n_items + 1,)
+            strategy = "short_history_blend"
+            context = [i for i in hist_ids if i in served.vocab][-served.seq_len:]
+        elif len(idx):
             scores = score_history(served.model, served.seq_len, idx)
             strategy = "sequential"
             context = [i for i in hist_ids if i in served.vocab][-served.seq_len:]
@@ -457,16 +710,27 @@ class RecommenderCore:
             logger.info("cold start user_id=%s strategy=popularity", user_id[:64])
         if seen is not None:
             scores = mask_scores(scores[None, :], seen_mask([encode_history(served.vocab, seen)], len(served.vocab)))[0]
+        if stage is not None and stage.allowed is not None:
+            scores = np.where(stage.allowed, scores, -np.inf)  # (n_items + 1,) the attribute filter
+        model_scores, order = scores, None
+        if stage is not None and stage.method is not None:
+            scores, order = rerank_scores(scores, served.unit_emb, k, stage, served.fresh)
         pool = int(np.isfinite(scores).sum())
         if exploration is None or exploration.name == "greedy":
-            items = self._items(served, scores, k)
+            if order is None:
+                items = self._items(served, scores, k)
+            else:
+                items = [{"item_id": i, "score": float(model_scores[t]), "title": served.titles.get(i, i)}
+                         for i, t in zip(served.vocab.decode(order[:k]), order[:k], strict=True)]
             return Ranked(items, strategy, context, [1.0] * len(items), pool, "greedy")
-        slate = explore(scores, k, exploration, np.random.default_rng(_request_seed(request_id)))
+        # Plackett-Luce's Monte Carlo marginals are deferred to the exposure writer (off the request path)
+        slate = explore(scores, k, exploration, np.random.default_rng(_request_seed(request_id)), defer=True)
         ids = served.vocab.decode(slate.items)
-        items = [{"item_id": i, "score": float(scores[t]), "title": served.titles.get(i, i)}
+        items = [{"item_id": i, "score": float(model_scores[t]), "title": served.titles.get(i, i)}
                  for i, t in zip(ids, slate.items, strict=True)]
-        return Ranked(items, strategy, context, [float(p) for p in slate.propensities], slate.pool_size,
-                      policy_text(exploration))
+        props = slate.propensities
+        return Ranked(items, strategy, context, props if isinstance(props, DeferredPropensities)
+                      else [float(p) for p in props], slate.pool_size, policy_text(exploration))
 
     def feedback(
         self,
@@ -523,14 +787,32 @@ class RecommenderCore:
         base_items = list(base_items)
         degraded = False
         with self._lock(user_id):
-            inserted, tail = self.events.append_and_recent(event, self.max_seq_len, after_ts=base_ts)
-            try:
-                recent = self._refresh(user_id, base_items, base_ts, list(tail))
-            except Exception as err:  # noqa: BLE001 - the event is stored: acknowledge it, push later
-                degraded = True
+            if getattr(self.events, "supports_locked_push", False):
+                # push while the log holds the user's write lock: pushes are ordered across processes
+                pushed: list[BaseException] = []
+
+                def push(tail: list[str]) -> None:
+                    try:
+                        self.online.push_recent_items(user_id, (base_items + list(tail))[-self.max_seq_len:],
+                                                      datetime.now(UTC))
+                    except Exception as err:  # noqa: BLE001 - never roll the event back: acknowledge, push later
+                        pushed.append(err)
+
+                inserted, tail = self.events.append_and_recent(event, self.max_seq_len, after_ts=base_ts,
+                                                               while_locked=push)
                 recent = (base_items + list(tail))[-self.max_seq_len:]
+                failure = pushed[0] if pushed else None
+            else:
+                inserted, tail = self.events.append_and_recent(event, self.max_seq_len, after_ts=base_ts)
+                try:
+                    recent = self._refresh(user_id, base_items, base_ts, list(tail))
+                    failure = None
+                except Exception as err:  # noqa: BLE001 - the event is stored: acknowledge it, push later
+                    recent, failure = (base_items + list(tail))[-self.max_seq_len:], err
+            if failure is not None:
+                degraded = True
                 self._owe_push(user_id)
-                logger.info("online refresh failed; push queued user_id=%s error=%s", user_id[:64], err)
+                logger.info("online refresh failed; push queued user_id=%s error=%s", user_id[:64], failure)
             else:
                 with self._pending_cv:  # the pushed list is the log's latest: nothing owed any more
                     self._pending.pop(user_id, None)
@@ -572,8 +854,14 @@ class RecommenderCore:
         base, base_ts = self.base_history.get(user_id, ([], None))
         with self._lock(user_id):
             try:
-                tail = list(self.events.recent_items(user_id, self.max_seq_len, after_ts=base_ts))
-                self._refresh(user_id, list(base), base_ts, tail)
+                if getattr(self.events, "supports_locked_push", False):
+                    self.events.recent_locked(
+                        user_id, self.max_seq_len, after_ts=base_ts,
+                        while_locked=lambda tail: self.online.push_recent_items(
+                            user_id, (list(base) + list(tail))[-self.max_seq_len:], datetime.now(UTC)))
+                else:
+                    tail = list(self.events.recent_items(user_id, self.max_seq_len, after_ts=base_ts))
+                    self._refresh(user_id, list(base), base_ts, tail)
             except Exception as err:  # noqa: BLE001 - still down: retried after a pause
                 logger.debug("owed push failed user_id=%s error=%s", user_id[:64], err)
                 return False

@@ -25,7 +25,15 @@ import torch
 from models.exploration import ExplorationPolicy
 from recloop.policy import DEFAULT_POLICY, EventPolicy
 from recloop.settings import Settings, configure_environment, get_settings
-from serving.recommender import ExperimentArms, RecommenderCore, ServedModel, build_served
+from serving.recommender import (
+    ExperimentArms,
+    RecommenderCore,
+    ServedModel,
+    attach_catalogue,
+    attach_short_history,
+    build_served,
+    short_history_weight,
+)
 from serving.schemas import ModelInfo
 
 logger = logging.getLogger(__name__)
@@ -41,10 +49,16 @@ class Catalogue:
     consumed: dict[str, frozenset[str]] = field(default_factory=dict)
     #: user_id -> {item_id: suppressed until (UTC)}: the lake's negatives still within the policy's time
     suppressed: dict[str, dict[str, datetime]] = field(default_factory=dict)
+    #: item_id -> genres (the ``genres`` filter of recommend)
+    genres: dict[str, list[str]] = field(default_factory=dict)
+    #: items added to the catalogue in the last ``freshness_days`` before the data's newest timestamp
+    fresh: frozenset[str] = frozenset()
+    #: user_id -> {item_id: event type of the user's newest positive on it} (explanations' verb)
+    event_types: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 def load_catalogue(lake_path: Path, max_seq_len: int, policy: EventPolicy | None = None,
-                   now: datetime | None = None) -> Catalogue:
+                   now: datetime | None = None, freshness_days: float = 30.0) -> Catalogue:
     """Item titles, event counts and per-user lake histories from the lake (empty when absent).
 
     Histories, "seen" sets and popularity hold the event policy's positives only (``recloop.policy``);
@@ -52,6 +66,8 @@ def load_catalogue(lake_path: Path, max_seq_len: int, policy: EventPolicy | None
     ``base_history[user_id]`` is (the user's last ``max_seq_len`` positive item ids, oldest first, in
     the contract's history order; the newest ``received_at`` of the user's lake events): the feedback
     path appends the event log's events received after it.
+    ``fresh``: items whose ``created_at`` (else first event time) lies within ``freshness_days`` before
+    the data's newest event timestamp (``models.metrics.fresh_items``'s rule), not before today.
     """
     import pyarrow
 
@@ -65,7 +81,10 @@ def load_catalogue(lake_path: Path, max_seq_len: int, policy: EventPolicy | None
         items = lake.items()
         if len(items):
             cat.titles = dict(zip(items["item_id"].astype(str), items["title"].astype(str), strict=True))
+            cat.genres = {str(i): [str(g) for g in gs] for i, gs in zip(items["item_id"], items["genres"], strict=True)
+                          if gs is not None and len(gs)}
         events = lake.events()  # ordered by (received_at, ingest order): the contract's history order
+        cat.fresh = _fresh_items(items, events, freshness_days)
         roles = policy.roles(events["event_type"], events["value"])
         last_ts = events.groupby("user_id", sort=False)["received_at"].max()  # the log tail starts after it
         negatives = events[(roles == "negative") & (events["received_at"] > now - timedelta(seconds=policy.suppress_s))]
@@ -73,6 +92,9 @@ def load_catalogue(lake_path: Path, max_seq_len: int, policy: EventPolicy | None
             until = received.max().to_pydatetime() + timedelta(seconds=policy.suppress_s)
             cat.suppressed.setdefault(str(user_id), {})[str(item_id)] = until
         events = events[roles == "positive"]
+        last_type = events.groupby(["user_id", "item_id"], sort=False)["event_type"].last()
+        for (user_id, item_id), kind in last_type.items():
+            cat.event_types.setdefault(str(user_id), {})[str(item_id)] = str(kind)
         cat.popularity = {str(k): float(v) for k, v in events["item_id"].value_counts().items()}
         tail = events.groupby("user_id", sort=False).tail(max_seq_len)
         # "Seen" is everything the user consumed, not only the model's window (exclude_seen masks it all).
@@ -84,6 +106,23 @@ def load_catalogue(lake_path: Path, max_seq_len: int, policy: EventPolicy | None
     except (OSError, ValueError, KeyError, pyarrow.ArrowException) as err:
         logger.warning("catalogue not read from lake path=%s error=%s", lake_path, err)
     return cat
+
+
+def _fresh_items(items: Any, events: Any, freshness_days: float) -> frozenset[str]:
+    """Item ids added in the last ``freshness_days`` before the events' newest timestamp (``created_at``,
+    else the item's first event)."""
+    import pandas as pd
+
+    if not len(events):
+        return frozenset()
+    added = pd.to_datetime(events.groupby("item_id")["timestamp"].min(), utc=True)
+    added.index = added.index.astype(str)
+    if len(items) and "created_at" in items:
+        created = pd.Series(pd.to_datetime(items["created_at"], utc=True).values, index=items["item_id"].astype(str))
+        added = pd.to_datetime(created.dropna(), utc=True).combine_first(added)
+    newest = pd.to_datetime(events["timestamp"], utc=True).max()
+    window = pd.Timedelta(days=freshness_days)
+    return frozenset(str(i) for i in added[(added >= newest - window) & (added <= newest)].index)
 
 
 @dataclass
@@ -98,21 +137,37 @@ class Runtime:
     alias_version: str | None = None  # the alias's version at start (None: pinned, or no alias)
     alias_error: str | None = None  # why the alias's version is not the one served (a fallback), else None
     experiments: Any = None  # recloop.experiments.ExperimentStore: the shared online-experiment definition
+    genres: dict[str, list[str]] = field(default_factory=dict)  # the lake catalogue's item genres
+    fresh: frozenset[str] = frozenset()  # the lake catalogue's fresh items
+    #: the lake snapshot's per-user windows: the short-history blend's neighbours (``attach_short_history``)
+    sequences: list[list[str]] = field(default_factory=list)
 
 
 def served_from_registry(rt_settings: Settings, client: Any, version: str | None,
-                         titles: dict[str, str], popularity: dict[str, float]) -> ServedModel:
-    """Load a registered version (or the alias when ``version`` is None) and prepare it (smoke-scored)."""
+                         titles: dict[str, str], popularity: dict[str, float],
+                         sequences: list[list[str]] | None = None) -> ServedModel:
+    """Load a registered version (or the alias when ``version`` is None) and prepare it (smoke-scored).
+
+    Users with 1-2 known items get the neighbours-plus-popularity blend when the version's evaluation chose
+    it (its ``short_history.*`` tags; ``serving.recommender.short_history_weight``), with neighbours from
+    ``sequences`` (the lake snapshot's windows); without the tags or sequences the model serves them.
+    """
     from registry.store import load_version
 
     if version is None:
         loaded = load_version(rt_settings.model_name, alias=rt_settings.model_alias, client=client)
     else:
         loaded = load_version(rt_settings.model_name, version=version, client=client)
-    return build_served(
+    served = build_served(
         loaded.model, loaded.vocab, loaded.version, loaded.run_id, loaded.extra,
         titles=titles or None, popularity=popularity or None,
     )
+    return attach_short_history(served, sequences or [], short_history_weight(getattr(loaded, "tags", None)))
+
+
+def lake_windows(base_history: dict[str, tuple[list[str], Any]]) -> list[list[str]]:
+    """The lake snapshot's per-user windows (``Catalogue.base_history``), the blend's co-occurrence data."""
+    return [list(items) for items, _ in base_history.values()]
 
 
 def _describe(err: BaseException) -> str:
@@ -129,8 +184,9 @@ def _record_last_good(rt_settings: Settings, client: Any, version: str) -> None:
         logger.warning("last good version not recorded version=%s error=%s", version, _describe(err))
 
 
-def load_champion(rt_settings: Settings, client: Any, titles: dict[str, str], popularity: dict[str, float]
-                  ) -> tuple[ServedModel, str | None, str | None]:
+def load_champion(rt_settings: Settings, client: Any, titles: dict[str, str], popularity: dict[str, float],
+                  genres: dict[str, list[str]] | None = None, fresh: frozenset[str] | None = None,
+                  sequences: list[list[str]] | None = None) -> tuple[ServedModel, str | None, str | None]:
     """Load the alias's version, falling back to the last good one when it does not load.
 
     Returns:
@@ -148,7 +204,8 @@ def load_champion(rt_settings: Settings, client: Any, titles: dict[str, str], po
         alias_error = f"registered model {name!r} has no {alias!r} alias"
     else:
         try:
-            served = served_from_registry(rt_settings, client, version, titles, popularity)
+            served = attach_catalogue(served_from_registry(rt_settings, client, version, titles, popularity,
+                                                           sequences), genres, fresh)
         except Exception as err:  # noqa: BLE001 - any load or smoke failure: try the fallbacks
             alias_error = f"version {version} failed to load: {_describe(err)}"
             logger.error("alias version does not load model=%s alias=%s version=%s error=%s", name, alias,
@@ -159,7 +216,8 @@ def load_champion(rt_settings: Settings, client: Any, titles: dict[str, str], po
     failures = []
     for candidate in fallback_candidates(client, name, alias, exclude=[version]):
         try:
-            served = served_from_registry(rt_settings, client, candidate, titles, popularity)
+            served = attach_catalogue(served_from_registry(rt_settings, client, candidate, titles, popularity,
+                                                           sequences), genres, fresh)
         except Exception as err:  # noqa: BLE001
             failures.append(f"version {candidate}: {_describe(err)}")
             continue
@@ -172,7 +230,7 @@ def load_champion(rt_settings: Settings, client: Any, titles: dict[str, str], po
 
 
 def build_runtime(settings: Settings | None = None, *, online: Any = None, events: Any = None,
-                  exposures: Any = None, experiments: Any = None) -> Runtime:
+                  exposures: Any = None, experiments: Any = None, blocklist: Any = None) -> Runtime:
     """Connect to MLflow, the event log and the online store; load the champion (or its fallback).
 
     Args:
@@ -183,6 +241,8 @@ def build_runtime(settings: Settings | None = None, *, online: Any = None, event
             when ``settings.exposure_log``).
         experiments: the online-experiment store (default ``recloop.experiments.ExperimentStore`` on the
             same database); ``ChampionWatcher.poll_experiment`` routes by it.
+        blocklist: the catalogue-wide blocklist (default ``recloop.blocklist.CachedBlocklist`` over the
+            same database, re-read every ``settings.blocklist_ttl_s``).
     Raises:
         LookupError: the registered model has no ``settings.model_alias`` alias and no last good version.
         RuntimeError: nothing loads (the alias's version, the last good one, earlier champions).
@@ -193,13 +253,17 @@ def build_runtime(settings: Settings | None = None, *, online: Any = None, event
     from registry.tracking import configure_tracking
 
     client = configure_tracking(settings)
-    cat = load_catalogue(settings.lake_path, settings.max_seq_len, settings.event_policy)
+    cat = load_catalogue(settings.lake_path, settings.max_seq_len, settings.event_policy,
+                         freshness_days=settings.freshness_days)
     titles, popularity = cat.titles, cat.popularity
+    sequences = lake_windows(cat.base_history)
     alias_version = alias_error = None
     if settings.serve_model_version:  # a pinned deployment serves exactly its version, or fails
-        served = served_from_registry(settings, client, settings.serve_model_version, titles, popularity)
+        served = attach_catalogue(served_from_registry(settings, client, settings.serve_model_version, titles,
+                                                       popularity, sequences), cat.genres, cat.fresh)
     else:
-        served, alias_version, alias_error = load_champion(settings, client, titles, popularity)
+        served, alias_version, alias_error = load_champion(settings, client, titles, popularity, cat.genres,
+                                                           cat.fresh, sequences)
     if online is None:
         from featurestore.online import OnlineFeatures
 
@@ -215,6 +279,9 @@ def build_runtime(settings: Settings | None = None, *, online: Any = None, event
         consumed=cat.consumed, suppressed=cat.suppressed, policy=settings.event_policy,
         exposures=exposures if exposures is not None else _exposure_log(settings),
         exploration=ExplorationPolicy.parse(settings.exploration),
+        blocklist=blocklist if blocklist is not None else _blocklist(settings),
+        rerank_default=settings.rerank_default, rerank_candidates=settings.rerank_candidates,
+        freshness_boost=settings.freshness_boost, event_types=cat.event_types,
     )
     # Re-sync an empty online store now (a Redis that restarted empty), then retry failed pushes and
     # watch for an emptied store in a daemon thread (serving/recommender.py, "Online-store outages").
@@ -225,7 +292,15 @@ def build_runtime(settings: Settings | None = None, *, online: Any = None, event
         from recloop.experiments import ExperimentStore
 
         experiments = ExperimentStore(settings.event_log_uri)
-    return Runtime(settings, client, core, titles, popularity, alias_version, alias_error, experiments)
+    return Runtime(settings, client, core, titles, popularity, alias_version, alias_error, experiments,
+                   cat.genres, cat.fresh, sequences)
+
+
+def _blocklist(settings: Settings) -> Any:
+    """The catalogue-wide blocklist as a serving worker reads it: the shared table behind a TTL cache."""
+    from recloop.blocklist import BlocklistStore, CachedBlocklist
+
+    return CachedBlocklist(BlocklistStore(settings.event_log_uri), ttl_s=settings.blocklist_ttl_s)
 
 
 def _exposure_log(settings: Settings) -> Any:
@@ -323,9 +398,13 @@ class ChampionWatcher:
             return False
         try:
             # A new version may know new items: refresh titles and popularity from the lake first.
-            cat = load_catalogue(s.lake_path, s.max_seq_len, s.event_policy)
+            cat = load_catalogue(s.lake_path, s.max_seq_len, s.event_policy, freshness_days=s.freshness_days)
             self.rt.titles, self.rt.popularity = cat.titles, cat.popularity
-            served = served_from_registry(s, self.rt.client, version, self.rt.titles, self.rt.popularity)
+            self.rt.genres, self.rt.fresh = cat.genres, cat.fresh
+            self.rt.sequences = lake_windows(cat.base_history)
+            served = attach_catalogue(served_from_registry(s, self.rt.client, version, self.rt.titles,
+                                                           self.rt.popularity, self.rt.sequences),
+                                      self.rt.genres, self.rt.fresh)
         except Exception as err:  # noqa: BLE001 - any load failure must keep the old model serving
             self.last_error = _describe(err)
             self._failures = self._failures + 1 if version == self._failed_version else 1
@@ -337,6 +416,7 @@ class ChampionWatcher:
         self.rt.core.base_history = cat.base_history  # one reference assignment, like the model swap
         self.rt.core.consumed = cat.consumed
         self.rt.core.suppressed = cat.suppressed
+        self.rt.core.event_types = cat.event_types
         self.rt.core.swap(served)
         self.last_error = self.alias_problem = self._failed_version = None
         self._failures = 0
@@ -396,7 +476,9 @@ class ChampionWatcher:
         served = self.rt.core.served
         if served.version == str(version):
             return served
-        return served_from_registry(self.rt.settings, self.rt.client, str(version), self.rt.titles, self.rt.popularity)
+        return attach_catalogue(served_from_registry(self.rt.settings, self.rt.client, str(version), self.rt.titles,
+                                                     self.rt.popularity, self.rt.sequences),
+                                self.rt.genres, self.rt.fresh)
 
     def status(self, event_log: bool = True, online_store: bool = True, online: Any = None
                ) -> tuple[Literal["ok", "degraded"], str | None]:

@@ -31,6 +31,9 @@ from recloop.contract import (
 
 MAX_HISTORY = 200
 MAX_K = 200  # hard schema bound; settings.max_k may lower it (checked in the service)
+MAX_EXCLUDE = 500  # exclude_items per request
+MAX_GENRES = 30  # genres per request
+Genre = Annotated[str, StringConstraints(min_length=1, max_length=64, strip_whitespace=True)]
 
 
 
@@ -101,6 +104,35 @@ class RecommendRequest(_Strict):
         max_length=MAX_HISTORY,
         description="Item ids to use instead of the stored history, oldest first (e.g. a new user's session)",
     )
+    diversity: float | None = Field(
+        default=None, ge=0.0, le=1.0,
+        description="Diversity re-ranking of the top candidates (settings.rerank_candidates, after masking):"
+        " 0 or null = off (the model's order); MMR's lambda = diversity, DPP's theta = 1 - diversity",
+    )
+    reranker: Literal["mmr", "dpp"] | None = Field(
+        default=None,
+        description="mmr (Carbonell & Goldstein 1998) or dpp (greedy MAP, Chen et al. 2018);"
+        " default settings.rerank_default",
+    )
+    explain: bool = Field(
+        default=False, strict=True,
+        description="Attach to each item the 1-3 history items it is most similar to (because) and a reason line",
+    )
+    exclude_items: list[Id] | None = Field(
+        default=None, max_length=MAX_EXCLUDE, description="Item ids this answer must not contain",
+    )
+    genres: list[Genre] | None = Field(
+        default=None, max_length=MAX_GENRES,
+        description="Only items with at least one of these genres (catalogue attribute; unknown genre: 400)",
+    )
+
+
+class Because(BaseModel):
+    """One history item that explains a recommendation."""
+
+    item_id: str = Field(description="The history item's raw id")
+    title: str = Field(description="Its catalogue title, or the id when unknown")
+    weight: float = Field(description="Cosine similarity to the recommended item in the model's embedding space")
 
 
 class ScoredItem(BaseModel):
@@ -113,6 +145,14 @@ class ScoredItem(BaseModel):
         default=None,
         description="Interleaving only: the arm whose list contributed this slot ('champion' | 'challenger')",
     )
+    because: list[Because] | None = Field(
+        default=None,
+        description="explain only: the 1-3 history items most similar to this one, most similar first"
+        " (null for a user without history)",
+    )
+    reason: str | None = Field(
+        default=None, description="explain only: e.g. 'Because you rated Toy Story (1995)'",
+    )
 
 
 class RecommendResponse(BaseModel):
@@ -121,13 +161,19 @@ class RecommendResponse(BaseModel):
     items: list[ScoredItem] = Field(description="Top-k items, best first, distinct")
     model_version: str = Field(description="Registered model version that answered")
     variant: str = Field(description="Registry alias the version was resolved from (e.g. 'champion')")
-    strategy: Literal["sequential", "history", "popularity", "fallback"] = Field(
+    strategy: Literal["sequential", "history", "popularity", "fallback", "short_history_blend"] = Field(
         description="sequential: stored history; history: the request's history;"
         " popularity: no usable history; fallback: the online store was unavailable (or still owes"
         " this user a push), so the history was rebuilt from the lake and the event log (or the"
-        " request's history was used; popularity when both are empty)"
+        " request's history was used; popularity when both are empty); short_history_blend: 1-2 known"
+        " history items, answered by item neighbours blended with popularity because that beat the model"
+        " on validation users with at most two events (the evaluate flow's choice)"
     )
     cold_start: bool = Field(description="True when the user has no stored history (cold-start path)")
+    reranker: str | None = Field(
+        default=None,
+        description="The re-ranking applied, e.g. 'mmr:lambda=0.3' or 'dpp:theta=0.7' (null: the model's order)",
+    )
     request_id: str = Field(
         default="",
         description="This answer's id (32 hex chars), recorded in the exposure log with what was shown;"
@@ -239,6 +285,22 @@ class ReadyResponse(BaseModel):
         default=0, description="Users whose online history is behind the event log (pushes being retried)"
     )
     detail: ModelInfo
+
+
+class BlocklistRequest(_Strict):
+    """Input of ``/blocklist``: change or read the catalogue-wide blocklist (every worker sees it)."""
+
+    action: Literal["add", "remove", "list"] = Field(description="add | remove items, or list them")
+    item_ids: list[Id] = Field(default_factory=list, max_length=1000, description="Raw item ids (add/remove)")
+    kind: Literal["blocked", "retired"] = Field(default="blocked", description="add: why the item is hidden")
+    reason: str | None = Field(default=None, max_length=500, description="add: free text")
+
+
+class BlocklistResponse(BaseModel):
+    """Output of ``/blocklist``."""
+
+    changed: list[str] = Field(description="add: ids newly listed; remove: ids that were listed; list: []")
+    items: list[dict] = Field(description="The blocklist after the call: [{item_id, kind, reason, added_at}]")
 
 
 EXAMPLE_REQUEST = RecommendRequest(user_id="1", k=10)

@@ -2,7 +2,7 @@
 
 Run: ``bentoml serve serving.service:Recommender`` (ready in 40-60 s; ``POST /ready`` or
 ``GET /readyz``). Endpoints (all ``POST``, JSON; see ``serving/schemas.py`` for bodies and errors):
-``/recommend``, ``/feedback``, ``/similar_items``, ``/health``, ``/ready``, ``/model_info``.
+``/recommend``, ``/feedback``, ``/similar_items``, ``/blocklist``, ``/health``, ``/ready``, ``/model_info``.
 
 The model lives in this process (no adaptive batching, no cross-service calls: docs/stack-notes.md).
 The champion is resolved from the MLflow alias at start; a daemon thread polls the alias every
@@ -29,6 +29,8 @@ from bentoml.exceptions import InvalidArgument
 from serving.schemas import (
     EXAMPLE_FEEDBACK,
     EXAMPLE_REQUEST,
+    BlocklistRequest,
+    BlocklistResponse,
     FeedbackRequest,
     FeedbackResponse,
     ModelInfo,
@@ -46,7 +48,7 @@ logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024
 OPEN_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/health", "/metrics", "/docs.json", "/"})
-API_PATHS = frozenset({"/recommend", "/feedback", "/similar_items", "/health", "/ready", "/model_info"})
+API_PATHS = frozenset({"/recommend", "/feedback", "/similar_items", "/blocklist", "/health", "/ready", "/model_info"})
 KNOWN_PATHS = OPEN_PATHS | API_PATHS
 
 
@@ -74,6 +76,14 @@ class InvalidFeedback(InvalidArgument):
 
 class KTooLarge(InvalidArgument):
     """``k`` exceeds ``settings.max_k`` (HTTP 400)."""
+
+
+class InvalidRecommend(InvalidArgument):
+    """A recommend option the served catalogue cannot apply, e.g. an unknown genre (HTTP 400)."""
+
+
+class InvalidBlocklist(InvalidArgument):
+    """A blocklist change the store refused, e.g. a bad item id (HTTP 400)."""
 
 
 class RequestGuard:
@@ -226,9 +236,16 @@ def _bounded_call(original: Any) -> Any:
     return bounded
 
 
+def _serve_workers() -> int:
+    """``RECLOOP_SERVE_WORKERS`` (settings.serve_workers), read once when BentoML imports the service."""
+    from recloop.settings import Settings
+
+    return Settings().serve_workers
+
+
 @bentoml.service(
     name="recloop-recommender",
-    workers=1,
+    workers=_serve_workers(),
     traffic={"timeout": 10, "max_concurrency": 256},
     logging={"access": {"enabled": False}},
 )
@@ -264,8 +281,38 @@ class Recommender:
         req = RecommendRequest.model_construct(**request)
         if req.k > self.settings.max_k:
             raise KTooLarge(f"k={req.k} exceeds max_k={self.settings.max_k}")
-        out = self.core.recommend(req.user_id, req.k, req.exclude_seen, req.history)
+        from serving.recommender import UnknownGenreError
+
+        try:
+            out = self.core.recommend(
+                req.user_id, req.k, req.exclude_seen, req.history, diversity=req.diversity,
+                reranker=req.reranker, explain=req.explain, exclude_items=req.exclude_items, genres=req.genres,
+            )
+        except UnknownGenreError as err:
+            raise InvalidRecommend(str(err)) from err
         return RecommendResponse.model_validate(out)
+
+    @bentoml.api(input_spec=BlocklistRequest, output_spec=BlocklistResponse)
+    def blocklist(self, **request: Any) -> BlocklistResponse:
+        """Add, remove or list catalogue-wide blocked (or retired) items; every worker masks them within
+        ``settings.blocklist_ttl_s``. Needs the ``X-API-Key`` when one is set (``RequestGuard``)."""
+        req = BlocklistRequest.model_construct(**request)
+        cache = self.core.blocklist
+        store = getattr(cache, "store", None)
+        if store is None:
+            raise InvalidBlocklist("this service has no blocklist store")
+        try:
+            if req.action == "add":
+                changed = store.add(req.item_ids, kind=req.kind, reason=req.reason)
+            elif req.action == "remove":
+                changed = store.remove(req.item_ids)
+            else:
+                changed = []
+        except ValueError as err:
+            raise InvalidBlocklist(f"blocklist refused: {err}") from err
+        if changed and hasattr(cache, "invalidate"):
+            cache.invalidate()  # this worker at once; the others within the TTL
+        return BlocklistResponse(changed=changed, items=store.list())
 
     @bentoml.api(input_spec=FeedbackRequest, output_spec=FeedbackResponse)
     def feedback(self, **request: Any) -> FeedbackResponse:

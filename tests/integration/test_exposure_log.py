@@ -8,10 +8,12 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from sqlalchemy import create_engine
 
+from models.exploration import ExplorationPolicy, explore
 from recloop import logdb
 from recloop.contract import EVENT_COLUMNS, ContractError
 from recloop.eventlog import EventLog
@@ -88,15 +90,21 @@ def test_propensities_and_pool_size_round_trip(xlog: ExposureLog) -> None:
     xlog.record("pl", "u2", "3", [("x", 0.9)], policy="plackett_luce:tau=0.5,n=50", propensities=[0.37],
                 pool_size=0, ts=T0 + timedelta(seconds=1))
     xlog.record("old", "u3", "3", [("x", 0.9)], ts=T0 + timedelta(seconds=2))  # no pool size: null
+    lazy = explore(np.array([-np.inf, 3.0, 2.0, 1.0]), 2, ExplorationPolicy("plackett_luce", temperature=0.5),
+                   np.random.default_rng(0), defer=True)
+    xlog.record("lazy", "u4", "3", [("a", 3.0), ("b", 2.0)], policy="plackett_luce:tau=0.5,n=50",
+                propensities=lazy.propensities, pool_size=3, ts=T0 + timedelta(seconds=3))
     for bad in (-1, 1.5, "many", True, 2**31):
         assert xlog.record(f"bad-{bad}", "u", "3", [("x", 1.0)], pool_size=bad)  # the writer refuses it
     assert xlog.flush()
     assert xlog.stats()["invalid"] == 5
     exposures, items = xlog.read()
-    assert exposures["request_id"].tolist() == ["eps", "pl", "old"]
+    assert exposures["request_id"].tolist() == ["eps", "pl", "old", "lazy"]
+    assert items["propensity"].iloc[5:].tolist() == lazy.propensities.values().tolist()  # read by the writer
     assert str(exposures["pool_size"].dtype) == "Int64"
     assert exposures["pool_size"].tolist()[:2] == [50, 0] and pd.isna(exposures["pool_size"].iloc[2])
-    assert exposures["policy"].tolist() == ["epsilon:0.1", "plackett_luce:tau=0.5,n=50", "greedy"]
+    assert exposures["policy"].tolist() == ["epsilon:0.1", "plackett_luce:tau=0.5,n=50", "greedy",
+                                           "plackett_luce:tau=0.5,n=50"]
     assert items["propensity"].iloc[:4].tolist() == [0.9, 0.1 / 47, 0.9, 0.37]
     assert pd.isna(items["propensity"].iloc[4])
 

@@ -455,3 +455,31 @@ def test_kill_9_under_load_loses_no_acknowledged_feedback(server) -> None:
           f"{len(last_second)} answered in the last second; {len(acked_feedback)} feedback acknowledged, 0 lost")
     assert lost <= last_second  # only the answers of the last moments are lost
     store.close()
+
+
+def test_rerank_explain_rules_and_the_blocklist_over_http(server) -> None:
+    client = server["client"]
+    plain = client.post("/recommend", json={"user_id": "1", "k": 10}).json()
+    assert plain["reranker"] is None and all(x["because"] is None for x in plain["items"])
+    for reranker in ("mmr", "dpp"):
+        resp = client.post("/recommend", json={"user_id": "1", "k": 10, "diversity": 0.5, "reranker": reranker,
+                                               "explain": True, "exclude_items": [plain["items"][0]["item_id"]]})
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        ids = [x["item_id"] for x in body["items"]]
+        assert len(set(ids)) == 10 and plain["items"][0]["item_id"] not in ids
+        assert body["reranker"].startswith(reranker)
+        assert all(x["reason"].startswith("Because you rated") and 1 <= len(x["because"]) <= 3 for x in body["items"])
+    # this home has no lake catalogue (items with genres): any genre is unknown; the filter itself is
+    # covered in tests/unit/test_rerank_serving.py
+    bad = client.post("/recommend", json={"user_id": "1", "genres": ["No-Such-Genre"]})
+    assert bad.status_code == 400 and "genres" in bad.text
+    cold = client.post("/recommend", json={"user_id": "never-seen-2", "k": 5, "explain": True}).json()
+    assert all(0.0 <= x["score"] <= 1.0 and x["because"] is None for x in cold["items"])
+    top = plain["items"][0]["item_id"]
+    added = client.post("/blocklist", json={"action": "add", "item_ids": [top], "reason": "takedown"}).json()
+    assert added["changed"] == [top] and top in {r["item_id"] for r in added["items"]}
+    after = client.post("/recommend", json={"user_id": "1", "k": 10}).json()
+    assert top not in [x["item_id"] for x in after["items"]]  # this worker re-reads at once
+    removed = client.post("/blocklist", json={"action": "remove", "item_ids": [top]}).json()
+    assert removed["changed"] == [top] and removed["items"] == []

@@ -113,7 +113,7 @@ def test_the_watcher_picks_up_start_and_stop_and_never_routes_to_an_arm_that_doe
     watcher = ChampionWatcher(rt)
     loads: list[str] = []
 
-    def load(settings, client, version, titles, popularity):
+    def load(settings, client, version, titles, popularity, *_):
         loads.append(version)
         if version == "9":
             raise RuntimeError("broken artifact")

@@ -9,6 +9,7 @@ import pytest
 
 from models.exploration import (
     MC_SEED,
+    DeferredPropensities,
     ExplorationPolicy,
     epsilon_marginals,
     explore,
@@ -141,6 +142,20 @@ def test_plackett_luce_matches_enumeration_and_empirical_frequencies() -> None:
     # seeded: the same scores give the same logged propensities; another generator gives other estimates
     again, _ = plackett_luce_marginals(SCORES, K, policy, np.random.default_rng(MC_SEED))
     np.testing.assert_array_equal(again, mc)
+
+
+def test_deferred_plackett_luce_propensities_are_the_eager_ones_computed_on_first_read() -> None:
+    policy = ExplorationPolicy("plackett_luce", temperature=0.3, top_n=12, mc_samples=300)
+    scores = SCORES + 1e-3  # a score vector no other test memoised
+    eager = explore(scores, K, policy, np.random.default_rng(7))
+    lazy = explore(scores, K, policy, np.random.default_rng(7), defer=True)
+    assert isinstance(lazy.propensities, DeferredPropensities) and lazy.propensities._values is None
+    assert len(lazy.propensities) == K and lazy.propensities._values is None  # len does not compute
+    np.testing.assert_array_equal(lazy.items, eager.items)
+    assert list(lazy.propensities) == eager.propensities.tolist()
+    assert lazy.propensities[0] == eager.propensities[0]
+    eps = explore(scores, K, ExplorationPolicy("epsilon", 0.2), np.random.default_rng(7), defer=True)
+    assert isinstance(eps.propensities, np.ndarray)  # the exact policies are cheap: never deferred
 
 
 def test_greedy_is_the_ranking_top_k() -> None:

@@ -39,7 +39,7 @@ def test_greedy_logs_propensity_one_and_the_pool() -> None:
     assert row["items"] == [x["item_id"] for x in out["items"]]
 
 
-@pytest.mark.parametrize("text", ["epsilon:0.3", "plackett_luce:tau=0.5,n=20"])
+@pytest.mark.parametrize("text", ["epsilon:0.3", "epsilon:0.3,n=12", "plackett_luce:tau=0.5,n=20"])
 def test_explored_slates_log_the_marginal_of_each_shown_item(text: str) -> None:
     policy = ExplorationPolicy.parse(text)
     sink = Sink()

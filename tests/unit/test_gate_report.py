@@ -92,3 +92,19 @@ def test_plots_and_report_render(tmp_path: Path) -> None:
     assert "| candidate | 0.1000 | 0.2000 | 0.3000 |" in md and "**Gate: PASS**" in md
     with pytest.raises(ValueError, match="history is empty"):
         plots.learning_curve([], tmp_path / "x.png")
+
+
+def test_freshness_is_counted_back_from_the_datas_newest_event() -> None:
+    import pandas as pd
+
+    from flows.evaluate import fresh_by_idx
+
+    t = pd.Timestamp("2020-03-01", tz="UTC")
+    events = pd.DataFrame({"item_id": ["a", "b", "c", "a"], "timestamp": [t - pd.Timedelta(days=100),
+                                                                         t - pd.Timedelta(days=5), t,
+                                                                         t - pd.Timedelta(days=1)]})
+    items = pd.DataFrame({"item_id": ["a", "b", "c"], "created_at": [pd.NaT, t - pd.Timedelta(days=40), pd.NaT]})
+    vocab = ItemVocabulary(["a", "b", "c"])
+    assert fresh_by_idx(events, None, vocab, 30).tolist() == [False, False, True, True]
+    assert fresh_by_idx(events, items, vocab, 30).tolist() == [False, False, False, True]  # b: created 40 d back
+    assert "freshness@10" in markdown_table({"candidate": {"ndcg@10": 0.1, "freshness@10": 0.2}})

@@ -38,7 +38,7 @@ def test_published_ports_bind_to_loopback_unless_configured() -> None:
     assert set(published) == {"mlflow", "prefect", "recommender"}  # PostgreSQL and Redis stay internal
     for ports in published.values():
         for port in ports:
-            assert re.fullmatch(r"\$\{PUBLISH_HOST:-127\.0\.0\.1\}:\d+:\d+", port), port
+            assert re.fullmatch(r"\$\{PUBLISH_HOST:-127\.0\.0\.1\}:\d+(-\d+)?:\d+", port), port  # a range: replicas
     assert _env_example()["PUBLISH_HOST"] == "127.0.0.1"
 
 

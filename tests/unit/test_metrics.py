@@ -118,3 +118,22 @@ def test_top_k_excludes_masked_items_and_orders_best_first() -> None:
 def test_bad_targets_are_rejected() -> None:
     with pytest.raises(ValueError, match="targets must be in 1..3"):
         target_ranks(mask_scores(np.zeros((1, 4))), np.array([0]))
+
+
+def test_embedding_ild_is_the_mean_pairwise_cosine_distance() -> None:
+    from models.metrics import embedding_ild
+
+    emb = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0], [3.0, 0.0]])  # item 3 points like item 1
+    assert embedding_ild(np.array([[1, 2], [1, 3]]), emb).tolist() == pytest.approx([1.0, 0.0])
+    assert embedding_ild(np.array([[1, 2, 3]]), emb).tolist() == pytest.approx([2 / 3])  # (1 + 0 + 1) / 3
+    assert embedding_ild(np.array([[1]]), emb).tolist() == [0.0]
+
+
+def test_freshness_counts_back_from_the_datas_newest_time() -> None:
+    from models.metrics import fresh_items, freshness
+
+    day = 86_400.0
+    added = np.array([np.nan, 0.0, 95 * day, 90 * day, np.nan])
+    fresh = fresh_items(added, as_of=100 * day, window_days=10)
+    assert fresh.tolist() == [False, False, True, True, False]
+    assert freshness(np.array([[1, 2], [3, 2], [4, 1]]), fresh).tolist() == [0.5, 1.0, 0.0]

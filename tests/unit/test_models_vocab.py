@@ -50,3 +50,19 @@ def test_dict_round_trip_and_version_check() -> None:
 def test_duplicate_ids_rejected() -> None:
     with pytest.raises(ValueError, match="duplicated"):
         ItemVocabulary(["a", "a"])
+
+
+def test_small_and_large_encodes_agree_on_known_unknown_and_padding() -> None:
+    from models.vocab import SMALL_ENCODE
+
+    vocab = ItemVocabulary.from_ids(str(i) for i in range(2 * SMALL_ENCODE))
+    small = ["7", "nope", 3, "0"]
+    large = small * (SMALL_ENCODE // 2)  # more than SMALL_ENCODE ids: pandas' indexer
+    assert len(large) > SMALL_ENCODE
+    expected = vocab.encode(small, unknown="pad").tolist() * (SMALL_ENCODE // 2)
+    assert vocab.encode(large, unknown="pad").tolist() == expected
+    assert vocab.encode(small, unknown="pad").tolist() == [vocab.ids.index("7") + 1, 0, vocab.ids.index("3") + 1, 1]
+    for ids in (small, large):
+        with pytest.raises(KeyError, match="nope"):
+            vocab.encode(ids)
+    assert vocab.encode([]).tolist() == []

@@ -325,7 +325,8 @@ def _run_evaluate(monkeypatch: pytest.MonkeyPatch) -> tuple[dict[str, Any], _Cli
     champion = FixedScorer({f"i{j}": float(9 - j) for j in range(1, 9)}, FLOW_VOCAB)  # i1 best
     offline = {"candidate": {"ndcg@10": 0.2, "coverage@10": 0.5}, "champion": {"ndcg@10": 0.1, "coverage@10": 0.5},
                "MostPop": {"ndcg@10": 0.05, "coverage@10": 0.1}}
-    events = pd.DataFrame({"user_id": ["u"], "item_id": ["i1"], "event_type": ["click"], "value": [math.nan]})
+    events = pd.DataFrame({"user_id": ["u"], "item_id": ["i1"], "event_type": ["click"], "value": [math.nan],
+                           "timestamp": [pd.Timestamp("2026-01-01", tz="UTC")]})
     test_logger = logging.getLogger("test")
     for module in (fev, fope):
         monkeypatch.setattr(module, "get_run_logger", lambda: test_logger)
@@ -335,11 +336,12 @@ def _run_evaluate(monkeypatch: pytest.MonkeyPatch) -> tuple[dict[str, Any], _Cli
     monkeypatch.setattr(fev, "data_fingerprint", lambda ev, source: {"data.sha256": "sha"})
     monkeypatch.setattr(fev, "_load_candidate", lambda c, run_id: (candidate, FLOW_VOCAB, {}))
     monkeypatch.setattr(fev, "build_sequences", lambda ev, vocab: {})
-    monkeypatch.setattr(fev, "leave_one_out", lambda seqs: SimpleNamespace(protocol={}))
+    monkeypatch.setattr(fev, "leave_one_out", lambda seqs: SimpleNamespace(protocol={}, valid=None, train=None))
     monkeypatch.setattr(fev.aliases, "get_alias_version", lambda c, name, alias: "1")
     monkeypatch.setattr(fev.store, "load_version", lambda name, version, client: SimpleNamespace(
         model=champion, vocab=FLOW_VOCAB, version="1"))
     monkeypatch.setattr(fev, "score_models_task", lambda *a: offline)
+    monkeypatch.setattr(fev, "choose_short_history", lambda *a: {"strategy": "model", "population": "stub"})
     monkeypatch.setattr(fev, "_log_report", lambda *a: seen.update(report_args=a))
     monkeypatch.setattr(fev, "create_markdown_artifact", lambda **kw: seen.update(markdown=kw["markdown"]))
     monkeypatch.setattr(fev.aliases, "register_version", lambda *a: SimpleNamespace(version="2"))
@@ -374,7 +376,7 @@ def test_the_evaluate_flow_ands_the_ope_rule_into_the_gate(recloop_home: Path,
         client.metrics)
     assert client.metrics["ope.n_requests"] == 300.0 and client.metrics["ope.unsupported_share"] == 0.0
     assert "Off-policy estimates" in out["report_md"] and seen["markdown"] == out["report_md"]
-    assert seen["report_args"][-1] is ope  # evaluation.json holds the estimates
+    assert seen["report_args"][-2] is ope  # evaluation.json holds the estimates (and the short-history choice)
 
     monkeypatch.setenv("RECLOOP_OPE_MIN_REQUESTS", "1000")  # too few exploratory requests: skipped
     out, client, _ = _run_evaluate(monkeypatch)

@@ -111,3 +111,31 @@ def test_feedback_timestamp_bound(ts: datetime, ok: bool) -> None:
     settings = get_settings()
     rule = feedback_timestamp_violation(ts, settings)
     assert (rule == "") is ok, rule
+
+
+def test_the_blocklist_endpoint_needs_the_api_key_when_one_is_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    from serving.service import API_PATHS, OPEN_PATHS
+
+    monkeypatch.setenv("RECLOOP_API_KEY", "s3cret")
+    get_settings.cache_clear()
+    try:
+        app = Starlette(routes=[Route("/blocklist", _echo, methods=["POST"])])
+        http = TestClient(RequestGuard(app), base_url="http://127.0.0.1:3000")
+        assert "/blocklist" in API_PATHS and "/blocklist" not in OPEN_PATHS
+        assert http.post("/blocklist", json={"action": "list"}).status_code == 401
+        assert http.post("/blocklist", json={"action": "list"}, headers={"x-api-key": "wrong"}).status_code == 401
+        assert http.post("/blocklist", json={"action": "list"}, headers={"x-api-key": "s3cret"}).status_code == 200
+    finally:
+        get_settings.cache_clear()
+
+
+def test_recommend_options_are_bounded() -> None:
+    from serving.schemas import MAX_EXCLUDE
+
+    ok = RecommendRequest(user_id="1", diversity=0.5, reranker="dpp", explain=True, exclude_items=["50"],
+                          genres=["Comedy"])
+    assert ok.diversity == 0.5 and ok.reranker == "dpp"
+    for bad in ({"diversity": 1.5}, {"diversity": -0.1}, {"reranker": "random"}, {"explain": "yes"},
+                {"exclude_items": ["x"] * (MAX_EXCLUDE + 1)}, {"genres": [""]}):
+        with pytest.raises(pydantic.ValidationError, match=next(iter(bad))):
+            RecommendRequest(user_id="1", **bad)
