@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -42,6 +43,17 @@ class MemoryLog:
     def get(self, event_id: str) -> dict | None:
         with self._lock:
             return next((r for r in self.rows if r["event_id"] == event_id), None)
+
+
+class Sink:
+    """An exposure sink that keeps every ``record`` call in memory: ``rows[i]`` = {"items": ids, **kwargs}."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def record(self, request_id: str, user_id: str, model_version: str, items: list, **kw: Any) -> bool:
+        self.rows.append({"items": [i for i, _ in items], **kw})
+        return True
 
 
 class MemoryOnline:

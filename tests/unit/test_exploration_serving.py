@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import pytest
-from fakes import MemoryLog, MemoryOnline, tiny_served
+from fakes import MemoryLog, MemoryOnline, Sink, tiny_served
 
 from models.exploration import ExplorationPolicy, marginal_propensities
 from models.ranking import encode_history, mask_scores, seen_mask
 from serving.recommender import ExperimentArms, RecommenderCore, policy_text, score_history
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.rows: list[dict[str, Any]] = []
-
-    def record(self, request_id: str, user_id: str, model_version: str, items: list, **kw: Any) -> bool:
-        self.rows.append({"items": [i for i, _ in items], **kw})
-        return True
-
 
 HISTORY = ["i1", "i2", "i3", "i4"]
 

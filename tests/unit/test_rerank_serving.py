@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from fakes import MemoryLog, MemoryOnline, tiny_served
+from fakes import MemoryLog, MemoryOnline, Sink, tiny_served
 
 from models.exploration import ExplorationPolicy
 from serving.recommender import RecommenderCore, UnknownGenreError, build_served
@@ -27,15 +27,6 @@ class Blocked:
 
     def item_ids(self) -> frozenset[str]:
         return self.ids
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.rows: list[dict[str, Any]] = []
-
-    def record(self, request_id: str, user_id: str, model_version: str, items: list, **kw: Any) -> bool:
-        self.rows.append({"items": [i for i, _ in items], **kw})
-        return True
 
 
 def _core(served: Any = None, **kw: Any) -> RecommenderCore:
