@@ -20,10 +20,10 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, MetaData, delete, select, update
+from sqlalchemy import delete, select, update
 
 from recloop.contract import id_violation, normalise_id
-from recloop.logdb import BLOCK_REASON_CHARS, log_tables, make_engine, table_names, upgrade
+from recloop.logdb import BLOCK_REASON_CHARS, LogTableStore
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def _ids(item_ids: Iterable[str]) -> list[str]:
     return list(out)
 
 
-class BlocklistStore:
+class BlocklistStore(LogTableStore):
     """The blocklist table of the event-log database at SQLAlchemy ``url`` (``settings.event_log_uri``).
 
     Args:
@@ -63,12 +63,7 @@ class BlocklistStore:
         sqlalchemy.exc.SQLAlchemyError: with ``create``, the database is unreachable or a migration failed.
     """
 
-    def __init__(self, url: str, *, events_table: str = "events", create: bool = True) -> None:
-        self.names = table_names(events_table)
-        self.engine: Engine = make_engine(url)
-        self.table = log_tables(MetaData(), events_table).blocklist
-        if create:
-            upgrade(self.engine, events_table)
+    TABLE = "blocklist"
 
     def add(self, item_ids: Iterable[str], *, kind: str = "blocked", reason: str | None = None,
             now: datetime | None = None) -> list[str]:
@@ -146,15 +141,6 @@ class BlocklistStore:
     def _read(self) -> Any:
         conn = self.engine.connect()
         return conn.execution_options(sqlite_begin="BEGIN") if self.engine.dialect.name == "sqlite" else conn
-
-    def close(self) -> None:
-        self.engine.dispose()
-
-    def __enter__(self) -> BlocklistStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class CachedBlocklist:

@@ -32,16 +32,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, MetaData, Row, select, text, update
+from sqlalchemy import Connection, Engine, Row, select, text, update
 
 from recloop.logdb import (
     EXPLORATION_CHARS,
     MODEL_VERSION_CHARS,
     SALT_CHARS,
-    log_tables,
-    make_engine,
-    table_names,
-    upgrade,
+    LogTableStore,
 )
 
 #: The ways to run an experiment: one arm per user (A/B) or both arms interleaved in every list.
@@ -171,7 +168,7 @@ def assign_arm(salt: str, user_id: str, weights: tuple[float, float] = DEFAULT_W
     return "champion" if u < w_champion / (w_champion + w_challenger) else "challenger"
 
 
-class ExperimentStore:
+class ExperimentStore(LogTableStore):
     """The online experiments in the event-log database at SQLAlchemy ``url`` (``settings.event_log_uri``).
 
     Args:
@@ -183,12 +180,7 @@ class ExperimentStore:
         sqlalchemy.exc.SQLAlchemyError: with ``create``, the database is unreachable or a migration failed.
     """
 
-    def __init__(self, url: str, *, events_table: str = "events", create: bool = True) -> None:
-        self.names = table_names(events_table)
-        self.engine: Engine = make_engine(url)
-        self.table = log_tables(MetaData(), events_table).experiments
-        if create:
-            upgrade(self.engine, events_table)
+    TABLE = "experiments"
 
     # ---- writes (each one transaction under the experiments' lock) -----------------------------------
     def start(
@@ -338,16 +330,6 @@ class ExperimentStore:
                 select(t).order_by(t.c.started_at.desc(), t.c.experiment_id.desc()).limit(max(0, int(limit)))
             ).all()
         return [_experiment(r) for r in rows]
-
-    def close(self) -> None:
-        """Release pooled connections."""
-        self.engine.dispose()
-
-    def __enter__(self) -> ExperimentStore:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.close()
 
     # ---- helpers -------------------------------------------------------------------------------------
     def _target(self, conn: Connection, experiment_id: str | None) -> Row:

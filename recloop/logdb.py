@@ -403,3 +403,37 @@ def _migration_lock_key(version_table: str) -> int:
     """A signed 64-bit advisory-lock key for the migrations of one schema."""
     digest = hashlib.sha1(f"recloop.logdb.migrate\x1f{version_table}".encode()).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
+
+
+class LogTableStore:
+    """Base of a store over one table of the event-log schema (``ExperimentStore``, ``BlocklistStore``).
+
+    Subclasses name their table with ``TABLE`` (a field of ``LogTables``: "experiments", "blocklist").
+
+    Args:
+        url: SQLAlchemy URL of the event-log database (``settings.event_log_uri``).
+        events_table: the events table's name; the table's name derives from it (``table_names``).
+        create: migrate the schema to head first (``upgrade``).
+    Raises:
+        sqlalchemy.exc.SQLAlchemyError: with ``create``, the database is unreachable or a migration failed.
+    """
+
+    TABLE: str = ""
+
+    def __init__(self, url: str, *, events_table: str = "events", create: bool = True) -> None:
+        self.names = table_names(events_table)
+        self.engine: Engine = make_engine(url)
+        self.table: Table = getattr(log_tables(MetaData(), events_table), self.TABLE)
+        if create:
+            upgrade(self.engine, events_table)
+
+    def close(self) -> None:
+        """Release pooled connections."""
+        self.engine.dispose()
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
