@@ -194,7 +194,8 @@ def short_history_tags(short: dict[str, Any]) -> dict[str, str]:
 def short_history_markdown(short: dict[str, Any]) -> str:
     """The report's short-history section: NDCG@10 of the model and of each blend weight, and the choice."""
     ndcg = short.get("ndcg@10") or {}
-    lines = ["", f"**Short histories (1-2 events): {short['strategy']}** on {short['population']}", ""]
+    lines = ["", f"**Short histories (1-2 events): {short['strategy']}** on {short['population']}",
+             "(blend = w · item-kNN neighbours + (1 − w) · popularity; w = 0 is popularity alone)", ""]
     if ndcg:
         lines.append(f"- model NDCG@10 {ndcg['model']:.4f}")
         lines += [f"- blend w={w:g} NDCG@10 {v:.4f}" for w, v in ndcg["blend"].items()]
