@@ -372,7 +372,7 @@ def bench_serving(ml100k: Path, home: Path, n_requests: int = 2000, n_feedback: 
     answers += sum(round(r["requests"] * 0.8) for r in cells["mix_80_20"].values())  # about: the mix is seeded
     settings = get_settings()
     protocol = {"data": "ml-100k", "event_policy": settings.event_policy.describe(), "calls_per_cell": n_requests,
-                "calls_c1": n_requests // 4, "feedback_rounds": n_feedback, "workers": settings.serve_workers,
+                "calls_c1": n_requests // 4, "feedback_rounds": n_feedback, "workers": settings.effective_serve_workers,
                 "client": "httpx threads on the same machine (shares its cores with the server)",
                 "noop": "GET /livez: the ceiling of this client, server and machine"}
     c8 = cells["recommend"].get("c8", {})

@@ -4,7 +4,8 @@ One schema holds the feedback log (``recloop.eventlog``), the exposure log (``re
 the online experiments (``recloop.experiments``). Every name derives from the events table's name, so
 tests can run side by side in one database:
 
-- ``events`` → ``exposures``, ``exposure_items``, ``experiments``, ``blocklist``, version table
+- ``events`` → ``exposures``, ``exposure_items``, ``experiments``, ``blocklist``, ``catalog_items``,
+  ``forgotten_users``, version table
   ``alembic_version``;
 - ``events_test_ab12`` → ``events_test_ab12_exposures``, ``events_test_ab12_exposure_items``,
   ``events_test_ab12_experiments``, ``events_test_ab12_blocklist``, ``events_test_ab12_alembic_version``
@@ -35,6 +36,12 @@ Tables at head (``HEAD_REVISION``):
   index ``ix_<experiments>_status``. At most one is running (``recloop.experiments.ExperimentStore``).
 - ``blocklist``: the catalogue-wide blocklist every serving worker masks (``recloop.blocklist``, revision
   0006): ``item_id`` (primary key), ``kind`` ("blocked" | "retired"), ``reason`` (nullable), ``added_at``.
+- ``catalog_items`` (revision 0007): items added after the lake snapshot (``POST /items``, a source batch):
+  ``item_id`` (primary key), ``title``, ``genres`` (pipe-separated, nullable), ``text`` (nullable), ``added_at``.
+- ``forgotten_users`` (revision 0007): one row per forget request, keyed by the salted hash of the user id
+  (the tombstone): ``user_hash`` (primary key), ``requested_at``, ``completed_at``, ``rows`` (JSON: rows
+  removed per store), ``honoured_by`` (the MLflow run of the cold retrain that honoured it).
+- ``experiments.rerank_champion``/``rerank_challenger`` (revision 0007): each arm's re-ranking text.
 
 Migrations live in ``recloop/migrations`` (Alembic scripts; the names come from
 ``config.attributes["log_table_names"]``, never from the scripts). ``upgrade`` applies them under a
@@ -85,7 +92,7 @@ logger = logging.getLogger(__name__)
 _ALEMBIC_LOCK = threading.Lock()
 
 #: The newest migration (``recloop/migrations/versions``); a test keeps it equal to the scripts' head.
-HEAD_REVISION = "0006"
+HEAD_REVISION = "0007"
 #: The migration scripts (an Alembic ``script_location``).
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 #: SQLite ``busy_timeout``: how long a writer waits for the database write lock.
@@ -104,6 +111,11 @@ SALT_CHARS = 64
 EXPLORATION_CHARS = 64
 BLOCK_KIND_CHARS = 16
 BLOCK_REASON_CHARS = 500
+RERANK_CHARS = 64
+CATALOG_TITLE_CHARS = 500
+CATALOG_GENRES_CHARS = 500
+USER_HASH_CHARS = 64
+RUN_ID_CHARS = 64
 
 
 class UTCDateTime(TypeDecorator):
@@ -137,6 +149,8 @@ class LogTableNames:
     version_table: str
     experiments: str
     blocklist: str
+    catalog_items: str
+    forgotten_users: str
 
 
 @dataclass(frozen=True)
@@ -148,6 +162,8 @@ class LogTables:
     exposure_items: Table
     experiments: Table
     blocklist: Table
+    catalog_items: Table
+    forgotten_users: Table
 
 
 def table_names(events_table: str = "events") -> LogTableNames:
@@ -169,6 +185,8 @@ def table_names(events_table: str = "events") -> LogTableNames:
         version_table=prefix + "alembic_version",
         experiments=prefix + "experiments",
         blocklist=prefix + "blocklist",
+        catalog_items=prefix + "catalog_items",
+        forgotten_users=prefix + "forgotten_users",
     )
 
 
@@ -239,6 +257,8 @@ def log_tables(metadata: MetaData, events_table: str = "events") -> LogTables:
         Column("note", Text, nullable=True),
         Column("exploration_champion", String(EXPLORATION_CHARS), nullable=True),
         Column("exploration_challenger", String(EXPLORATION_CHARS), nullable=True),
+        Column("rerank_champion", String(RERANK_CHARS), nullable=True),
+        Column("rerank_challenger", String(RERANK_CHARS), nullable=True),
         Index(f"ix_{n.experiments}_status", "status"),
     )
     blocklist = Table(
@@ -249,8 +269,26 @@ def log_tables(metadata: MetaData, events_table: str = "events") -> LogTables:
         Column("reason", String(BLOCK_REASON_CHARS), nullable=True),
         Column("added_at", UTCDateTime, nullable=False),
     )
+    catalog_items = Table(
+        n.catalog_items,
+        metadata,
+        Column("item_id", String(MAX_ID_CHARS), primary_key=True),
+        Column("title", String(CATALOG_TITLE_CHARS), nullable=False),
+        Column("genres", String(CATALOG_GENRES_CHARS), nullable=True),
+        Column("text", Text, nullable=True),
+        Column("added_at", UTCDateTime, nullable=False),
+    )
+    forgotten_users = Table(
+        n.forgotten_users,
+        metadata,
+        Column("user_hash", String(USER_HASH_CHARS), primary_key=True),
+        Column("requested_at", UTCDateTime, nullable=False),
+        Column("completed_at", UTCDateTime, nullable=True),
+        Column("rows", Text, nullable=True),
+        Column("honoured_by", String(RUN_ID_CHARS), nullable=True),
+    )
     return LogTables(events=events, exposures=exposures, exposure_items=exposure_items, experiments=experiments,
-                     blocklist=blocklist)
+                     blocklist=blocklist, catalog_items=catalog_items, forgotten_users=forgotten_users)
 
 
 # ---- engines -------------------------------------------------------------------------------------
@@ -371,8 +409,8 @@ def drop_all(engine: Engine, events_table: str = "events") -> None:
     tables = log_tables(metadata, events_table)
     version = Table(n.version_table, metadata, Column("version_num", String(32), primary_key=True))
     with engine.begin() as conn:
-        for table in (tables.blocklist, tables.experiments, tables.exposure_items, tables.exposures, tables.events,
-                      version):
+        for table in (tables.forgotten_users, tables.catalog_items, tables.blocklist, tables.experiments,
+                      tables.exposure_items, tables.exposures, tables.events, version):
             table.drop(conn, checkfirst=True)
 
 

@@ -167,10 +167,13 @@ class Settings(BaseSettings):
     # Serving
     serve_host: str = "127.0.0.1"
     serve_port: int = 3000
-    serve_workers: int = Field(
-        default=1, ge=1, le=64,
-        description="BentoML worker processes of one service; read-your-writes holds across them (and across"
-        " replicas) because each online push runs under the event log's per-user write lock",
+    serve_workers: int | None = Field(
+        default=None, ge=1, le=64,
+        description="BentoML worker processes of one service; unset = the usable cores on the production stores"
+        " (a PostgreSQL event log and the Redis online store), 1 on the embedded SQLite default (its writers"
+        " share one database write lock, so more workers add memory, not feedback throughput)."
+        " Read-your-writes holds across workers and replicas: each online push runs under the event log's"
+        " per-user write lock (``effective_serve_workers``)",
     )
     serve_poll_interval_s: float = Field(default=5.0, gt=0, description="Champion alias poll interval")
     api_key: str | None = Field(default=None, description="If set, required in the X-API-Key header")
@@ -235,6 +238,26 @@ class Settings(BaseSettings):
         if self.profile == "prod":
             return self.postgres_url
         return f"sqlite:///{self.home / 'eventlog.db'}"
+
+    @property
+    def effective_serve_workers(self) -> int:
+        """The service's worker processes: ``serve_workers`` when set; otherwise the cores this process may
+        run on (``os.sched_getaffinity``) when the event log is PostgreSQL and the online store Redis, else 1.
+
+        Why one on the embedded default: SQLite serialises every feedback write on one database write lock
+        and the SQLite online store is a file as well, so extra workers only hold more model copies; the
+        production stores let workers write in parallel (per-user advisory locks).
+        """
+        if self.serve_workers is not None:
+            return self.serve_workers
+        shared = self.online_store == "redis" and self.event_log_uri.startswith("postgresql")
+        if not shared:
+            return 1
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            cores = os.cpu_count() or 1
+        return max(1, min(64, cores))
 
     @property
     def lake_path(self) -> Path:

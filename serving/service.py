@@ -237,10 +237,11 @@ def _bounded_call(original: Any) -> Any:
 
 
 def _serve_workers() -> int:
-    """``RECLOOP_SERVE_WORKERS`` (settings.serve_workers), read once when BentoML imports the service."""
+    """``Settings.effective_serve_workers`` (``RECLOOP_SERVE_WORKERS``, else the cores on the production stores,
+    1 on the embedded SQLite default), read once when BentoML imports the service."""
     from recloop.settings import Settings
 
-    return Settings().serve_workers
+    return Settings().effective_serve_workers
 
 
 @bentoml.service(

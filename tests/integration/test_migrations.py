@@ -68,16 +68,17 @@ def test_head_revision_is_the_scripts_head() -> None:
     config.set_main_option("script_location", str(logdb.MIGRATIONS_DIR))
     script = ScriptDirectory.from_config(config)
     assert script.get_current_head() == logdb.HEAD_REVISION
-    assert [s.revision for s in script.walk_revisions()][::-1] == ["0001", "0002", "0003", "0004", "0005", "0006"]
+    assert [s.revision for s in script.walk_revisions()][::-1] == [f"{k:04d}" for k in range(1, 8)]
 
 
 def test_table_names() -> None:
     default = logdb.LogTableNames("events", "exposures", "exposure_items", "alembic_version", "experiments",
-                                  "blocklist")
+                                  "blocklist", "catalog_items", "forgotten_users")
     assert logdb.table_names() == logdb.table_names("events") == default
     assert logdb.table_names("events_test_ab12") == logdb.LogTableNames(
         "events_test_ab12", "events_test_ab12_exposures", "events_test_ab12_exposure_items",
         "events_test_ab12_alembic_version", "events_test_ab12_experiments", "events_test_ab12_blocklist",
+        "events_test_ab12_catalog_items", "events_test_ab12_forgotten_users",
     )
     assert logdb.table_names("app_events").exposures == "app_exposures"
 
@@ -127,7 +128,8 @@ def test_the_migrated_schema_matches_log_tables(db: Db) -> None:
     assert logdb.upgrade(db.engine, db.events_table) == logdb.HEAD_REVISION
     tables = logdb.log_tables(MetaData(), db.events_table)
     inspector = inspect(db.engine)
-    for table in (tables.events, tables.exposures, tables.exposure_items, tables.experiments, tables.blocklist):
+    for table in (tables.events, tables.exposures, tables.exposure_items, tables.experiments, tables.blocklist,
+                  tables.catalog_items, tables.forgotten_users):
         columns = {c["name"]: c for c in inspector.get_columns(table.name)}
         assert set(columns) == {c.name for c in table.c}, table.name
         for col in table.c:
@@ -214,7 +216,7 @@ def test_a_0003_database_upgrades_to_head_keeping_its_rows(db: Db) -> None:
 
     xlog = ExposureLog(db.url, events_table=db.events_table, flush_interval_s=0.02)  # opening it upgrades
     try:
-        assert logdb.current_revision(xlog.engine, db.events_table) == logdb.HEAD_REVISION == "0006"
+        assert logdb.current_revision(xlog.engine, db.events_table) == logdb.HEAD_REVISION == "0007"
         xlog.record("req-1", "u1", "4", [("i2", 0.9), ("i3", 0.1)], context=["h2"], policy="epsilon:0.1",
                     propensities=[0.9, 0.01], pool_size=120, ts=T0 + pd.Timedelta(minutes=1),
                     masked={"h2", "old-1"})
