@@ -792,20 +792,26 @@ def experiment_start(
         "plackett_luce:tau=0.5,n=50); default: the service's (RECLOOP_EXPLORATION)"),
     explore_challenger: str | None = typer.Option(
         None, "--explore-challenger", help="The challenger arm's exploration policy; default: the service's"),
+    rerank_champion: str | None = typer.Option(
+        None, "--rerank-champion", help="The champion arm's diversity re-ranking, METHOD:DIVERSITY (mmr:0.3 | "
+        "dpp:0.5); default none. A request's own diversity wins"),
+    rerank_challenger: str | None = typer.Option(
+        None, "--rerank-challenger", help="The challenger arm's diversity re-ranking (mmr:0.3 | dpp:0.5)"),
     as_json: bool = typer.Option(False, "--json", help="Print the experiment as one JSON document"),
 ) -> None:
     """Start an online experiment: the version the served alias points to now against CHALLENGER.
 
     Serving splits users by a salted hash of their id (a user keeps one arm); automatic promotion
     pauses until the experiment is concluded. Each arm may explore with its own policy (its
-    propensities are logged with every exposure, for off-policy estimates). Exit 1: one is already
-    running, no champion, or an unknown version/alias; exit 2: a bad --mode/--weights/--explore-*, or
-    the challenger is the champion.
+    propensities are logged with every exposure, for off-policy estimates) and its own diversity
+    re-ranking (MMR or DPP with a diversity in [0, 1]). Exit 1: one is already running, no champion, or an
+    unknown version/alias; exit 2: a bad --mode/--weights/--explore-*/--rerank-*, or the challenger is the
+    champion.
     """
     from mlflow.exceptions import MlflowException
 
     from models.exploration import ExplorationPolicy
-    from recloop.experiments import MODES, ExperimentConflict, ExperimentStore
+    from recloop.experiments import MODES, ExperimentConflict, ExperimentStore, parse_rerank
     from recloop.settings import get_settings
     from registry.aliases import get_alias_version
     from registry.tracking import configure_tracking
@@ -817,6 +823,12 @@ def experiment_start(
         if text is not None:
             try:
                 ExplorationPolicy.parse(text)
+            except ValueError as err:
+                raise typer.BadParameter(str(err), param_hint=option) from err
+    for option, text in (("--rerank-champion", rerank_champion), ("--rerank-challenger", rerank_challenger)):
+        if text is not None and text.strip():
+            try:
+                parse_rerank(text)
             except ValueError as err:
                 raise typer.BadParameter(str(err), param_hint=option) from err
     settings = get_settings()
@@ -843,7 +855,8 @@ def experiment_start(
         try:
             experiment = store.start(mode=mode, champion_version=champion, challenger_version=version, weights=pair,
                                      exploration=(explore_champion, explore_challenger),
-                                     parse_exploration=ExplorationPolicy.parse)
+                                     parse_exploration=ExplorationPolicy.parse,
+                                     rerank=(rerank_champion, rerank_challenger))
         except ExperimentConflict as err:
             raise _experiment_fail("start", err) from err
         finally:
@@ -856,6 +869,9 @@ def experiment_start(
     if experiment.exploration != (None, None):
         explored = "; exploration " + ", ".join(f"{arm} {text or 'the service policy'}" for arm, text in
                                                 zip(("champion", "challenger"), experiment.exploration, strict=True))
+    if experiment.rerank != (None, None):
+        explored += "; re-ranking " + ", ".join(f"{arm} {text or 'none'}" for arm, text in
+                                                zip(("champion", "challenger"), experiment.rerank, strict=True))
     typer.echo(f"started {experiment.experiment_id}: {alias} version {champion} vs challenger version {version} "
                f"({mode}, {split}{explored}); automatic promotion pauses until `recloop experiment conclude`")
 

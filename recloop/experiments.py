@@ -10,8 +10,8 @@ online experiment runs at a time.
 - ``assign_arm``: the deterministic user → arm assignment (pure; a user keeps one arm for the whole
   experiment, in every worker and replica, with no state to share but the salt).
 - ``ExperimentStore``: the experiments table of the event-log database (``recloop.logdb``, revision
-  0003; 0004 adds each arm's exploration policy): ``start`` (refused while one runs), ``active`` (the
-  running one: one indexed read, cheap enough for every serving worker to poll every few seconds),
+  0003; 0004 adds each arm's exploration policy, 0007 its re-ranking): ``start`` (refused while one runs),
+  ``active`` (the running one: one indexed read, cheap enough for every serving worker to poll every few seconds),
   ``stop``, ``conclude`` (stores the result JSON), ``get``, ``latest``, ``list``.
 
 Lifecycle: ``running`` → ``stopped`` (serving goes back to the champion for everyone) → ``concluded``
@@ -37,6 +37,7 @@ from sqlalchemy import Connection, Engine, Row, select, text, update
 from recloop.logdb import (
     EXPLORATION_CHARS,
     MODEL_VERSION_CHARS,
+    RERANK_CHARS,
     SALT_CHARS,
     LogTableStore,
 )
@@ -84,6 +85,9 @@ class OnlineExperiment:
         exploration: (champion, challenger) exploration policy texts of the arms
             (``models.exploration.ExplorationPolicy.parse``, e.g. "epsilon:0.1"); None = the service's
             global policy (``settings.exploration``).
+        rerank: (champion, challenger) re-ranking texts of the arms ("mmr:0.3", "dpp:0.5": the method and its
+            diversity in [0, 1], ``parse_rerank``); None = none unless the request asks for it. A request's own
+            ``diversity``/``reranker`` wins over its arm's (revision 0007).
     """
 
     experiment_id: str
@@ -98,6 +102,7 @@ class OnlineExperiment:
     concluded_at: datetime | None = None
     result: dict[str, Any] | None = field(default=None, compare=False)
     exploration: tuple[str | None, str | None] = (None, None)
+    rerank: tuple[str | None, str | None] = (None, None)
 
     @property
     def running(self) -> bool:
@@ -125,6 +130,7 @@ class OnlineExperiment:
             started_at=_parse_time(data["started_at"]), stopped_at=_parse_time(data.get("stopped_at")),
             concluded_at=_parse_time(data.get("concluded_at")), result=data.get("result"),
             exploration=_exploration_pair(data.get("exploration")),
+            rerank=_rerank_pair(data.get("rerank")),
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -142,6 +148,7 @@ class OnlineExperiment:
             "concluded_at": _iso(self.concluded_at),
             "result": self.result,
             "exploration": list(self.exploration),
+            "rerank": list(self.rerank),
         }
 
 
@@ -194,6 +201,7 @@ class ExperimentStore(LogTableStore):
         now: datetime | None = None,
         exploration: tuple[str | None, str | None] = (None, None),
         parse_exploration: Callable[[str], object] | None = None,
+        rerank: tuple[str | None, str | None] = (None, None),
     ) -> OnlineExperiment:
         """Start an online experiment; refused while another one runs.
 
@@ -212,10 +220,12 @@ class ExperimentStore(LogTableStore):
             parse_exploration: the parser each text must pass: ``models.exploration.ExplorationPolicy.parse``
                 (the CLI passes it; the kernel does not import ``models/``). None: only the policy name is
                 checked (greedy | epsilon | plackett_luce); serving parses the text when it loads the arms.
+            rerank: (champion, challenger) re-ranking texts, e.g. ("mmr:0.3", None) (``parse_rerank``); None
+                (or "") = no re-ranking unless a request asks for it.
         Returns:
             The running experiment (``experiment_id`` = "exp-" + 12 hex digits).
         Raises:
-            ValueError: a bad mode, weights, versions, salt or exploration text.
+            ValueError: a bad mode, weights, versions, salt, exploration or re-ranking text.
             ExperimentConflict: an experiment is running (its id is in the message).
         """
         if mode not in MODES:
@@ -229,10 +239,11 @@ class ExperimentStore(LogTableStore):
         if not salt or len(salt) > SALT_CHARS or not salt.isprintable():
             raise ValueError(f"salt must be 1..{SALT_CHARS} printable characters")
         explore = _exploration_pair(exploration, parse_exploration)
+        reranks = _rerank_pair(rerank)
         experiment = OnlineExperiment(
             experiment_id="exp-" + secrets.token_hex(6), mode=mode, champion_version=champion,
             challenger_version=challenger, weights=weights, salt=salt, status=RUNNING, started_at=_now(now),
-            exploration=explore,
+            exploration=explore, rerank=reranks,
         )
         with self._locked() as conn:
             running = conn.execute(
@@ -245,6 +256,7 @@ class ExperimentStore(LogTableStore):
                 challenger_version=challenger, weight_champion=weights[0], weight_challenger=weights[1],
                 salt=salt, status=RUNNING, started_at=experiment.started_at,
                 exploration_champion=explore[0], exploration_challenger=explore[1],
+                rerank_champion=reranks[0], rerank_challenger=reranks[1],
             ))
         return experiment
 
@@ -399,6 +411,7 @@ def _experiment(row: Row) -> OnlineExperiment:
         salt=m["salt"], status=m["status"], started_at=m["started_at"], stopped_at=m["stopped_at"],
         concluded_at=m["concluded_at"], result=None if m["result"] is None else json.loads(m["result"]),
         exploration=(m["exploration_champion"], m["exploration_challenger"]),
+        rerank=(m["rerank_champion"], m["rerank_challenger"]),
     )
 
 
@@ -441,6 +454,56 @@ def _exploration(arm: str, value: Any, parse: Callable[[str], object] | None) ->
         raise ValueError(f"exploration of the {arm}: {text!r}; expected greedy | epsilon:EPS | "
                          "plackett_luce:tau=T,n=N")
     return text
+
+
+#: The re-ranking methods an arm may use (``models.rerank.RERANKERS``; the kernel does not import ``models/``).
+RERANK_METHODS: tuple[str, ...] = ("mmr", "dpp")
+
+
+def parse_rerank(text: str) -> tuple[str, float]:
+    """An arm's re-ranking text → (method, diversity).
+
+    Grammar: ``METHOD:DIVERSITY`` with METHOD one of ``RERANK_METHODS`` and DIVERSITY a number in [0, 1]
+    (MMR's λ; DPP's θ = 1 - diversity, as a request's ``diversity``; ``models.rerank``), e.g. "mmr:0.3".
+
+    Raises:
+        ValueError: another method, a missing or non-numeric diversity, or one outside [0, 1].
+    """
+    method, sep, value = str(text).strip().partition(":")
+    method = method.strip().lower()
+    if method not in RERANK_METHODS or not sep:
+        raise ValueError(f"rerank={text!r}; expected METHOD:DIVERSITY with METHOD one of {list(RERANK_METHODS)}, "
+                         "e.g. mmr:0.3")
+    try:
+        diversity = float(value)
+    except ValueError as err:
+        raise ValueError(f"rerank={text!r}: the diversity {value!r} is not a number") from err
+    if not 0.0 <= diversity <= 1.0:
+        raise ValueError(f"rerank={text!r}: the diversity must lie in [0, 1]")
+    return method, diversity
+
+
+def _rerank_pair(value: Any) -> tuple[str | None, str | None]:
+    """(champion, challenger) re-ranking texts, normalised ("MMR: 0.30" → "mmr:0.3"; "" → None)."""
+    if value is None:
+        return None, None
+    pair = tuple(value)
+    if len(pair) != 2:
+        raise ValueError(f"rerank={value!r}; expected (champion, challenger) re-ranking texts or None")
+    out: list[str | None] = []
+    for arm, given in zip(ARMS, pair, strict=True):
+        raw = None if given is None else str(given).strip()
+        if not raw:
+            out.append(None)
+            continue
+        if len(raw) > RERANK_CHARS or not raw.isprintable():
+            raise ValueError(f"rerank of the {arm}: {given!r}; expected 1..{RERANK_CHARS} printable characters")
+        try:
+            method, diversity = parse_rerank(raw)
+        except ValueError as err:
+            raise ValueError(f"rerank of the {arm}: {err}") from err
+        out.append(f"{method}:{diversity:g}")
+    return out[0], out[1]
 
 
 def _version(name: str, value: Any) -> str:

@@ -235,6 +235,15 @@ class ExperimentArms:
     champion: ServedModel
     challenger: ServedModel
     exploration: tuple[ExplorationPolicy | None, ExplorationPolicy | None] = (None, None)
+    rerank: tuple[tuple[str, float] | None, tuple[str, float] | None] = (None, None)
+
+    def rerank_of(self, arm: str, diversity: float | None, reranker: str | None) -> tuple[float | None, str | None]:
+        """The (diversity, reranker) an arm's slate uses: the request's own where it set them, else the arm's
+        (``recloop.experiments.parse_rerank``: "mmr:0.3" → ("mmr", 0.3)), else none."""
+        own = self.rerank[0] if arm == TEAM_A else self.rerank[1]
+        if own is None or diversity is not None:
+            return diversity, reranker
+        return own[1], reranker or own[0]
 
     def exploration_of(self, arm: str, default: ExplorationPolicy | None) -> ExplorationPolicy | None:
         """The arm's exploration policy (the experiment's, else the service's ``default``)."""
@@ -249,7 +258,8 @@ class ExperimentArms:
         """For ``/model_info``: the definition and the versions served."""
         return {"experiment_id": self.experiment_id, "mode": self.mode, "weights": list(self.weights),
                 "champion_version": self.champion.version, "challenger_version": self.challenger.version,
-                "exploration": [None if p is None else policy_text(p) for p in self.exploration]}
+                "exploration": [None if p is None else policy_text(p) for p in self.exploration],
+                "rerank": [None if r is None else f"{r[0]}:{r[1]:g}" for r in self.rerank]}
 
 
 def score_history(model: Any, seq_len: int, idx: np.ndarray) -> np.ndarray:
@@ -585,14 +595,15 @@ class RecommenderCore:
             arm = assign_arm(arms.salt, user_id, arms.weights)
             served = arms.served(arm)
             experiment_id = arms.experiment_id
+            stage = self._stage(served, *arms.rerank_of(arm, diversity, reranker), genres)
             ranked = self._rank(served, hist_ids, seen, k, user_id, arms.exploration_of(arm, self.exploration),
-                                request_id, self._stage(served, diversity, reranker, genres))
+                                request_id, stage)
         else:  # team-draft interleaving of the two arms' greedy lists (two forward passes plus the merge)
             experiment_id, arm = arms.experiment_id, "interleaved"
-            a = self._rank(arms.champion, hist_ids, seen, k, user_id,
-                           stage=self._stage(arms.champion, diversity, reranker, genres))
+            stage = self._stage(arms.champion, *arms.rerank_of(TEAM_A, diversity, reranker), genres)
+            a = self._rank(arms.champion, hist_ids, seen, k, user_id, stage=stage)
             b = self._rank(arms.challenger, hist_ids, seen, k, user_id,
-                           stage=self._stage(arms.challenger, diversity, reranker, genres))
+                           stage=self._stage(arms.challenger, *arms.rerank_of(TEAM_B, diversity, reranker), genres))
             merged, teams = team_draft([x["item_id"] for x in a.items], [x["item_id"] for x in b.items], k,
                                        request_rng(request_id))
             by_team = {TEAM_A: {x["item_id"]: x for x in a.items}, TEAM_B: {x["item_id"]: x for x in b.items}}

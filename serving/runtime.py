@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 
 from models.exploration import ExplorationPolicy
+from recloop.experiments import parse_rerank
 from recloop.policy import DEFAULT_POLICY, EventPolicy
 from recloop.settings import Settings, configure_environment, get_settings
 from serving.recommender import (
@@ -457,9 +458,11 @@ class ChampionWatcher:
         try:
             exploration = tuple(None if text is None else ExplorationPolicy.parse(text)
                                 for text in getattr(exp, "exploration", (None, None)))
+            rerank = tuple(None if text is None else parse_rerank(text)
+                           for text in getattr(exp, "rerank", (None, None)))
             arms = ExperimentArms(exp.experiment_id, exp.mode, (float(exp.weights[0]), float(exp.weights[1])),
                                   exp.salt, self._pinned(exp.champion_version), self._pinned(exp.challenger_version),
-                                  exploration)
+                                  exploration, rerank)
         except Exception as err:  # noqa: BLE001 - an arm that does not load never takes traffic
             self.experiment_error = f"online experiment {exp.experiment_id} not served: {_describe(err)}"
             self._failed_experiment = exp.experiment_id

@@ -18,6 +18,7 @@ from recloop.experiments import (
     ExperimentStore,
     NoRunningExperiment,
     UnknownExperiment,
+    parse_rerank,
 )
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -151,6 +152,35 @@ def test_a_bad_exploration_is_refused(store: ExperimentStore, exploration: tuple
     if exploration == (None, "softmax:1"):  # without a parser, the kernel still checks the policy's name
         with pytest.raises(ValueError, match="challenger"):
             store.start(mode="ab", champion_version="1", challenger_version="2", exploration=exploration)
+
+
+def test_rerank_per_arm_is_validated_normalised_stored_and_round_trips(store: ExperimentStore) -> None:
+    plain = store.start(mode="ab", champion_version="1", challenger_version="2", now=T0)
+    assert plain.rerank == (None, None) and plain.as_dict()["rerank"] == [None, None]
+    store.conclude(plain.experiment_id, {})
+    exp = store.start(mode="interleave", champion_version="1", challenger_version="2", now=T0,
+                      rerank=(None, " MMR:0.30 "))
+    assert exp.rerank == (None, "mmr:0.3")
+    assert store.active() == exp and store.get(exp.experiment_id).rerank == (None, "mmr:0.3")
+    assert type(exp).from_dict(exp.as_dict()) == exp
+    assert type(exp).from_dict({k: v for k, v in exp.as_dict().items() if k != "rerank"}).rerank == (None, None)
+    store.conclude(exp.experiment_id, {})
+    assert parse_rerank("dpp:1") == ("dpp", 1.0) and parse_rerank(" mmr:0 ") == ("mmr", 0.0)
+
+
+@pytest.mark.parametrize(("rerank", "match"), [
+    (("mmr:1.5", None), "champion.*\\[0, 1\\]"),
+    ((None, "mmr"), "challenger.*METHOD:DIVERSITY"),
+    ((None, "random:0.2"), "challenger.*METHOD"),
+    (("dpp:nan", None), "champion.*\\[0, 1\\]"),
+    (("dpp:lots", None), "not a number"),
+    (("mmr:0." + "1" * 70, None), "64 printable"),
+    (("mmr:0.1",), "champion, challenger"),
+])
+def test_a_bad_rerank_is_refused(store: ExperimentStore, rerank: tuple, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        store.start(mode="ab", champion_version="1", challenger_version="2", rerank=rerank)
+    assert store.active() is None
 
 
 def test_two_concurrent_starts_exactly_one_succeeds(db: Db, store: ExperimentStore) -> None:

@@ -3,6 +3,7 @@ of start/stop by the watcher, and champion-only serving when none runs (no exper
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -147,3 +148,34 @@ def test_exclude_seen_holds_in_every_mode(mode: str) -> None:
     for j in range(30):
         out = core.recommend(f"u{j}", k=10)
         assert not {x["item_id"] for x in out["items"]} & set(core.online.rows[f"u{j}"])
+
+
+def test_each_arm_reranks_with_its_own_setting_and_a_request_value_wins() -> None:
+    core = _core()
+    champion, challenger = tiny_served(seed=0, version="1"), tiny_served(seed=1, version="2")
+    core.experiment_arms = ExperimentArms("exp-1", "ab", (50.0, 50.0), "salt-1", champion, challenger,
+                                          rerank=(None, ("dpp", 0.9)))
+    users = {arm: next(f"u{j}" for j in range(200) if assign_arm("salt-1", f"u{j}", (50.0, 50.0)) == arm)
+             for arm in ("champion", "challenger")}
+    plain = _core()
+    plain.experiment_arms = ExperimentArms("exp-1", "ab", (50.0, 50.0), "salt-1", champion, challenger)
+
+    def ids(out: dict) -> list[str]:
+        return [x["item_id"] for x in out["items"]]
+
+    out = core.recommend(users["challenger"], k=10)
+    assert out["arm"] == "challenger" and out["reranker"] == "dpp:theta=0.1"
+    baseline = plain.recommend(users["challenger"], k=10)
+    assert baseline["reranker"] is None and ids(out) != ids(baseline)
+    assert len(set(ids(out))) == 10
+    # The champion's arm has no setting: today's answer.
+    assert core.recommend(users["champion"], k=10)["reranker"] is None
+    assert ids(core.recommend(users["champion"], k=10)) == ids(plain.recommend(users["champion"], k=10))
+    # A request's own diversity wins over its arm's (0 = off), and its reranker keeps the arm's diversity.
+    assert core.recommend(users["challenger"], k=10, diversity=0.0)["reranker"] is None
+    assert core.recommend(users["challenger"], k=10, reranker="mmr")["reranker"] == "mmr:lambda=0.9"
+    # Interleaving re-ranks each arm's list with its own setting before the merge.
+    core.experiment_arms = dataclasses.replace(core.experiment_arms, mode="interleave")
+    merged = core.recommend(users["champion"], k=10)
+    assert merged["arm"] == "interleaved" and len(set(ids(merged))) == 10
+    assert core.experiment_arms.describe()["rerank"] == [None, "dpp:0.9"]
