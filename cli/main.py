@@ -737,7 +737,7 @@ def online_metrics_cmd(
     try:
         with _stdout_to_stderr(as_json):
             report = online_report(settings.event_log_uri, settings.lake_path, settings.event_policy,
-                                   since=since, by=by, k=k)
+                                   since=since, by=by, k=k, freshness_days=settings.freshness_days)
     except ValueError as err:
         typer.echo(f"online-metrics failed: {err}", err=True)
         raise typer.Exit(1) from err

@@ -162,15 +162,13 @@ def fresh_by_idx(events: Any, items: Any, vocab: ItemVocabulary, days: float) ->
     import pandas as pd
 
     from models.metrics import fresh_items
+    from recloop.features import item_added_at
 
-    ts = pd.to_datetime(events["timestamp"], utc=True)
-    added = ts.groupby(events["item_id"].astype(str)).min()
-    if items is not None and len(items) and "created_at" in items:
-        created = pd.Series(pd.to_datetime(items["created_at"], utc=True).values, index=items["item_id"].astype(str))
-        added = pd.to_datetime(created.dropna(), utc=True).combine_first(added)
+    added = item_added_at(events, items)
     secs = np.full(len(vocab) + 1, np.nan)
     known = [i for i in added.index if i in vocab]
     secs[vocab.encode(known)] = [added[i].timestamp() for i in known]
+    ts = pd.to_datetime(events["timestamp"], utc=True)
     return fresh_items(secs, ts.max().timestamp(), days)
 
 

@@ -37,13 +37,14 @@ MONITOR_CRON = "0 * * * *"
 ARTIFACT_KEY = "online-metrics"
 #: The scalar metrics of a group, in the order the report shows them (``@k`` gets the run's k).
 SCALARS = ("requests", "users", "impressions", "impressions@k", "clicks", "clicks@k", "ctr@k", "ctr", "skips",
-           "skip_rate", "request_ctr", "items_shown", "catalogue_share", "position_mismatch")
+           "skip_rate", "request_ctr", "items_shown", "catalogue_share", "freshness@k", "position_mismatch")
 
 
 def compute_online_metrics(settings: Settings, since: str | None = None, by: str = "variant",
                            k: int = 10) -> dict[str, Any]:
     """``recloop.online_metrics.online_report`` over the configured event-log database, lake and policy."""
-    return online_report(settings.event_log_uri, settings.lake_path, settings.event_policy, since=since, by=by, k=k)
+    return online_report(settings.event_log_uri, settings.lake_path, settings.event_policy, since=since, by=by, k=k,
+                         freshness_days=settings.freshness_days)
 
 
 def scalar_metrics(metrics: dict[str, Any], k: int) -> dict[str, float]:
@@ -76,7 +77,7 @@ def markdown_report(report: dict[str, Any], pruned: dict[str, int] | None = None
         rows = [(f"position {key}", g) for key, g in report["groups"].items()]
     else:
         cols = ("requests", "users", "impressions", f"ctr@{k}", "ctr", "request_ctr", "skip_rate",
-                "catalogue_share", "model_versions")
+                "catalogue_share", f"freshness@{k}", "model_versions")
         rows = [(f"{p['by']} {key or '(none)'}", g) for key, g in report["groups"].items()]
     rows.append(("**overall**", report["overall"]))
     lines += ["| group | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]

@@ -282,3 +282,52 @@ def latest_rows(table: pd.DataFrame, key: str, start: datetime, end: datetime) -
     window = table[(table["event_ts"] >= pd.Timestamp(start)) & (table["event_ts"] <= pd.Timestamp(end))]
     window = window.sort_values(["event_ts", "created_ts"], kind="stable")
     return window.drop_duplicates(key, keep="last").sort_values(key, kind="stable").reset_index(drop=True)
+
+
+def item_added_at(events: pd.DataFrame, items: pd.DataFrame | None = None) -> pd.Series:
+    """When each item entered the catalogue: the item table's ``created_at`` where known, else its first event.
+
+    The one definition behind freshness@K offline (``flows/evaluate.fresh_by_idx``), online
+    (``recloop.online_metrics``) and serving's freshness boost (``serving/runtime``).
+
+    Args:
+        events: rows with ``item_id`` and ``timestamp``.
+        items: the item table (optional ``created_at``), or None.
+    Returns:
+        UTC timestamps indexed by item id (str); items with neither a ``created_at`` nor an event are absent.
+    """
+    if not len(events):
+        added = pd.Series(dtype="datetime64[ns, UTC]")
+    else:
+        added = pd.to_datetime(events["timestamp"], utc=True).groupby(events["item_id"].astype(str).to_numpy()).min()
+    if items is not None and len(items) and "created_at" in items:
+        created = pd.Series(pd.to_datetime(items["created_at"], utc=True).to_numpy(),
+                            index=items["item_id"].astype(str).to_numpy())
+        added = pd.to_datetime(created.dropna(), utc=True).combine_first(added)
+    added.index = added.index.astype(str)
+    return added
+
+
+def fresh_item_ids(events: pd.DataFrame, items: pd.DataFrame | None, days: float,
+                   as_of: pd.Timestamp | None = None) -> frozenset[str]:
+    """Item ids added (``item_added_at``) in the last ``days`` days before ``as_of``.
+
+    Args:
+        events, items: as ``item_added_at``.
+        days: the window N >= 0 (``settings.freshness_days``).
+        as_of: the reference time; default the events' newest timestamp (not today, so a replayed or old
+            data set still has fresh items).
+    Returns:
+        The fresh item ids (empty without events and ``as_of``).
+    Raises:
+        ValueError: ``days`` < 0.
+    """
+    if days < 0:
+        raise ValueError(f"days={days}; expected >= 0")
+    if as_of is None:
+        if not len(events):
+            return frozenset()
+        as_of = pd.to_datetime(events["timestamp"], utc=True).max()
+    added = item_added_at(events, items)
+    window = pd.Timedelta(days=days)
+    return frozenset(str(i) for i in added[(added >= as_of - window) & (added <= as_of)].index)

@@ -22,12 +22,15 @@ Definitions (also returned under ``protocol.definitions``):
 - ``ctr@k`` = clicks at positions <= k / impressions@k; ``ctr`` = clicks / impressions;
   ``ctr_by_position[p - 1]`` = clicks at p / impressions at p; ``skip_rate`` = skips / impressions;
   ``request_ctr`` = share of requests with >= 1 click; ``catalogue_share`` = distinct items shown /
-  ``n_catalogue``. A rate whose denominator is 0 is None.
+  ``n_catalogue``; ``freshness@k`` = impressions@k of fresh items (added to the catalogue in the last
+  ``freshness_days`` before the data's newest timestamp: ``recloop.features.fresh_item_ids``, the
+  offline freshness@10's definition) / impressions@k. A rate whose denominator is 0 is None.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -56,6 +59,8 @@ DEFINITIONS: dict[str, str] = {
     "skip_rate": "skips / impressions",
     "request_ctr": "requests with >= 1 click / requests",
     "catalogue_share": "distinct items shown / n_catalogue (None without a catalogue)",
+    "freshness@k": "impressions@k of items added to the catalogue in the last freshness_days before the data's "
+                   "newest timestamp / impressions@k (None without the fresh set)",
 }
 UNATTRIBUTED_REASONS = ("no_request_id", "unknown_request", "item_not_shown")
 
@@ -66,7 +71,7 @@ _EVENT_COLUMNS = ("request_id", "item_id", "event_type")
 
 def online_metrics(exposures: pd.DataFrame | None, items: pd.DataFrame | None, events: pd.DataFrame | None,
                    policy: EventPolicy, *, by: str = "variant", k: int = 10,
-                   n_catalogue: int | None = None) -> dict[str, Any]:
+                   n_catalogue: int | None = None, fresh_items: Collection[str] | None = None) -> dict[str, Any]:
     """Online metrics of the exposures shown and the feedback events linked to them. Pure.
 
     Definitions (the module docstring and ``protocol.definitions`` say the same):
@@ -99,13 +104,14 @@ def online_metrics(exposures: pd.DataFrame | None, items: pd.DataFrame | None, e
         by: ``variant`` (the served alias), ``version`` (``model_version``) or ``position``.
         k: the cut-off of ``ctr@k`` (the keys are named with its value: ``ctr@10``).
         n_catalogue: catalogue size for ``catalogue_share`` (None: the share is None).
+        fresh_items: the fresh item ids (``recloop.features.fresh_item_ids``) for ``freshness@k`` (None: None).
     Returns:
         ``{"protocol": {**policy.describe(), "k", "by", "n_catalogue", "definitions"},
         "overall": metrics, "groups": {key: metrics}}``. ``metrics`` holds ``requests``, ``users``
         (distinct), ``impressions``, ``impressions@k``, ``clicks``, ``clicks@k``, ``ctr@k``, ``ctr``,
         ``ctr_by_position`` (list, index 0 = position 1, as long as the largest position shown; None
         where nothing was shown), ``skips``, ``skip_rate``, ``request_ctr``, ``items_shown``,
-        ``catalogue_share``, ``position_mismatch``, ``model_versions`` and ``variants`` (sorted
+        ``catalogue_share``, ``freshness@k``, ``position_mismatch``, ``model_versions`` and ``variants`` (sorted
         distinct values); ``overall`` adds ``unattributed``, ``unattributed_by_reason`` and
         ``orphan_impressions``. With ``by="position"`` the groups are ``"1"``, ``"2"``, ... (each
         position shown) with ``impressions``, ``clicks``, ``ctr``, ``skips``, ``skip_rate``. Group keys
@@ -129,10 +135,11 @@ def online_metrics(exposures: pd.DataFrame | None, items: pd.DataFrame | None, e
     clicks = linked[linked["role"] == "positive"].drop_duplicates(["request_id", "item_id"])
     skips = linked[linked["role"] == "negative"].drop_duplicates(["request_id", "item_id"])
     max_position = int(slots["position"].max()) if len(slots) else 0
+    fresh = None if fresh_items is None else frozenset(str(i) for i in fresh_items)
 
     def metrics(ex_g: pd.DataFrame, slots_g: pd.DataFrame, linked_g: pd.DataFrame, clicks_g: pd.DataFrame,
                 skips_g: pd.DataFrame) -> dict[str, Any]:
-        return _metrics(ex_g, slots_g, linked_g, clicks_g, skips_g, k, n_catalogue, max_position)
+        return _metrics(ex_g, slots_g, linked_g, clicks_g, skips_g, k, n_catalogue, max_position, fresh)
 
     overall = metrics(ex, slots, linked, clicks, skips)
     overall.update(unattributed=int(sum(unattributed.values())), unattributed_by_reason=unattributed,
@@ -150,12 +157,14 @@ def online_metrics(exposures: pd.DataFrame | None, items: pd.DataFrame | None, e
         for key in sorted(ex[column].unique(), key=_natural):
             groups[key] = metrics(ex[ex[column] == key], slots[slots[column] == key], linked[linked[column] == key],
                                   clicks[clicks[column] == key], skips[skips[column] == key])
-    protocol = {**policy.describe(), "k": k, "by": by, "n_catalogue": n_catalogue, "definitions": dict(DEFINITIONS)}
+    protocol = {**policy.describe(), "k": k, "by": by, "n_catalogue": n_catalogue,
+                "n_fresh_items": None if fresh is None else len(fresh), "definitions": dict(DEFINITIONS)}
     return {"protocol": protocol, "overall": overall, "groups": groups}
 
 
 def _metrics(ex: pd.DataFrame, slots: pd.DataFrame, linked: pd.DataFrame, clicks: pd.DataFrame,
-             skips: pd.DataFrame, k: int, n_catalogue: int | None, max_position: int) -> dict[str, Any]:
+             skips: pd.DataFrame, k: int, n_catalogue: int | None, max_position: int,
+             fresh: frozenset[str] | None = None) -> dict[str, Any]:
     n_requests = len(ex)
     n_imp = len(slots)
     imp_k = int((slots["position"] <= k).sum())
@@ -163,6 +172,8 @@ def _metrics(ex: pd.DataFrame, slots: pd.DataFrame, linked: pd.DataFrame, clicks
     imp_by_pos = np.bincount(slots["position"].to_numpy(dtype=np.int64), minlength=max_position + 1)
     clicks_by_pos = np.bincount(clicks["position"].to_numpy(dtype=np.int64), minlength=max_position + 1)
     items_shown = int(slots["item_id"].nunique())
+    top = slots["position"] <= k
+    fresh_k = None if fresh is None else _rate(int((top & slots["item_id"].isin(fresh)).sum()), imp_k)
     return {
         "requests": n_requests,
         "users": int(ex["user_id"].nunique()),
@@ -178,6 +189,7 @@ def _metrics(ex: pd.DataFrame, slots: pd.DataFrame, linked: pd.DataFrame, clicks
         "request_ctr": _rate(int(clicks["request_id"].nunique()), n_requests),
         "items_shown": items_shown,
         "catalogue_share": None if n_catalogue is None else items_shown / n_catalogue,
+        f"freshness@{k}": fresh_k,
         "position_mismatch": int(linked["mismatch"].sum()),
         "model_versions": sorted(ex["model_version"].unique(), key=_natural),
         "variants": sorted(ex["variant"].unique(), key=_natural),
@@ -261,12 +273,14 @@ def _attribute(ev: pd.DataFrame, slots: pd.DataFrame) -> tuple[pd.DataFrame, dic
 
 @dataclass(frozen=True)
 class OnlineInputs:
-    """What ``online_metrics`` reads: the exposures, their slots, the linked events, the catalogue size."""
+    """What ``online_metrics`` reads: the exposures, their slots, the linked events, the catalogue size and
+    the fresh item ids (None when the lake has no events)."""
 
     exposures: pd.DataFrame
     items: pd.DataFrame
     events: pd.DataFrame
     n_catalogue: int | None
+    fresh_items: frozenset[str] | None = None
 
 
 def parse_since(since: str | datetime | None) -> pd.Timestamp | None:
@@ -286,9 +300,11 @@ def parse_since(since: str | datetime | None) -> pd.Timestamp | None:
     return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
 
 
-def read_online_inputs(event_log_uri: str, lake_path: Path | str, since: pd.Timestamp | None = None) -> OnlineInputs:
+def read_online_inputs(event_log_uri: str, lake_path: Path | str, since: pd.Timestamp | None = None,
+                       freshness_days: float = 30.0) -> OnlineInputs:
     """Read the exposures and slots (``ExposureLog.read``), the linked events (``EventLog.linked``) since
-    ``since``, and the catalogue size (the lake's items; None for an empty lake).
+    ``since``, the catalogue size (the lake's items; None for an empty lake) and the fresh items (added in the
+    last ``freshness_days`` before the newest event of the lake and the log: ``recloop.features.fresh_item_ids``).
 
     A click received after ``since`` on an exposure shown before it is ``unattributed``
     (``unknown_request``), as is one on an exposure already pruned.
@@ -308,12 +324,32 @@ def read_online_inputs(event_log_uri: str, lake_path: Path | str, since: pd.Time
         events = event_log.linked(since=since_dt)
     finally:
         event_log.close()
-    n_items = len(Lake(Path(lake_path)).items())
-    return OnlineInputs(exposures, items, events, n_items or None)
+    lake = Lake(Path(lake_path))
+    catalogue = lake.items()
+    fresh = _fresh(lake, catalogue, event_log_uri, freshness_days)
+    return OnlineInputs(exposures, items, events, len(catalogue) or None, fresh)
+
+
+def _fresh(lake: Any, catalogue: pd.DataFrame, event_log_uri: str, days: float) -> frozenset[str] | None:
+    """Fresh item ids over the lake's events and the event log's newer ones (None when there are none)."""
+    from recloop.eventlog import EventLog
+    from recloop.features import fresh_item_ids
+
+    frames = [lake.events()]
+    log = EventLog(event_log_uri)
+    try:
+        frames.append(log.since())
+    finally:
+        log.close()
+    parts = [f[["item_id", "timestamp"]] for f in frames if f is not None and len(f)]
+    if not parts:
+        return None
+    return fresh_item_ids(pd.concat(parts, ignore_index=True), catalogue, days)
 
 
 def online_report(event_log_uri: str, lake_path: Path | str, policy: EventPolicy, *,
-                  since: str | datetime | None = None, by: str = "variant", k: int = 10) -> dict[str, Any]:
+                  since: str | datetime | None = None, by: str = "variant", k: int = 10,
+                  freshness_days: float = 30.0) -> dict[str, Any]:
     """``online_metrics`` over the event-log database and the lake since ``since`` (ISO; None: all).
 
     The result's ``protocol`` also states the window: ``since`` (ISO or None) and ``until`` (when it
@@ -326,8 +362,9 @@ def online_report(event_log_uri: str, lake_path: Path | str, policy: EventPolicy
     if by not in GROUP_BY:  # before touching the database
         raise ValueError(f"by={by!r}; expected one of {list(GROUP_BY)}")
     until = datetime.now(UTC)
-    inputs = read_online_inputs(event_log_uri, lake_path, since_ts)
+    inputs = read_online_inputs(event_log_uri, lake_path, since_ts, freshness_days)
     report = online_metrics(inputs.exposures, inputs.items, inputs.events, policy, by=by, k=k,
-                            n_catalogue=inputs.n_catalogue)
+                            n_catalogue=inputs.n_catalogue, fresh_items=inputs.fresh_items)
+    report["protocol"]["freshness_days"] = freshness_days
     report["protocol"].update(since=None if since_ts is None else since_ts.isoformat(), until=until.isoformat())
     return report

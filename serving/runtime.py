@@ -24,6 +24,7 @@ import torch
 
 from models.exploration import ExplorationPolicy
 from recloop.experiments import parse_rerank
+from recloop.features import fresh_item_ids
 from recloop.policy import DEFAULT_POLICY, EventPolicy
 from recloop.settings import Settings, configure_environment, get_settings
 from serving.recommender import (
@@ -85,7 +86,7 @@ def load_catalogue(lake_path: Path, max_seq_len: int, policy: EventPolicy | None
             cat.genres = {str(i): [str(g) for g in gs] for i, gs in zip(items["item_id"], items["genres"], strict=True)
                           if gs is not None and len(gs)}
         events = lake.events()  # ordered by (received_at, ingest order): the contract's history order
-        cat.fresh = _fresh_items(items, events, freshness_days)
+        cat.fresh = fresh_item_ids(events, items, freshness_days)
         roles = policy.roles(events["event_type"], events["value"])
         last_ts = events.groupby("user_id", sort=False)["received_at"].max()  # the log tail starts after it
         negatives = events[(roles == "negative") & (events["received_at"] > now - timedelta(seconds=policy.suppress_s))]
@@ -107,23 +108,6 @@ def load_catalogue(lake_path: Path, max_seq_len: int, policy: EventPolicy | None
     except (OSError, ValueError, KeyError, pyarrow.ArrowException) as err:
         logger.warning("catalogue not read from lake path=%s error=%s", lake_path, err)
     return cat
-
-
-def _fresh_items(items: Any, events: Any, freshness_days: float) -> frozenset[str]:
-    """Item ids added in the last ``freshness_days`` before the events' newest timestamp (``created_at``,
-    else the item's first event)."""
-    import pandas as pd
-
-    if not len(events):
-        return frozenset()
-    added = pd.to_datetime(events.groupby("item_id")["timestamp"].min(), utc=True)
-    added.index = added.index.astype(str)
-    if len(items) and "created_at" in items:
-        created = pd.Series(pd.to_datetime(items["created_at"], utc=True).values, index=items["item_id"].astype(str))
-        added = pd.to_datetime(created.dropna(), utc=True).combine_first(added)
-    newest = pd.to_datetime(events["timestamp"], utc=True).max()
-    window = pd.Timedelta(days=freshness_days)
-    return frozenset(str(i) for i in added[(added >= newest - window) & (added <= newest)].index)
 
 
 @dataclass

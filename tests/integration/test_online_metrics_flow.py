@@ -85,6 +85,7 @@ def test_flow_logs_monitoring_runs_and_prunes(recloop_home: Path, harness: None)
     assert champion.data.tags["model_version"] == "2,3" and champion.data.tags["variant"] == "champion"
     assert champion.data.metrics["clicks"] == 1 and champion.data.metrics["ctr_at_2"] == 1 / 4
     assert champion.data.metrics["ctr.pos1"] == 1 / 2
+    assert champion.data.metrics["freshness_at_2"] == 1.0  # slots @2 are a and b: both have recent events
     challenger = runs["variant=challenger"]
     assert challenger.data.tags["model_version"] == "4"
     assert challenger.data.metrics["ctr"] == 1 / 3 and challenger.data.metrics["skip_rate"] == 1 / 3
@@ -111,5 +112,8 @@ def test_cli_prints_one_json_document(recloop_home: Path) -> None:
     assert list(report["groups"]) == ["3", "4"]  # the 200-day-old v2 exposure is before --since
     assert report["groups"]["3"]["ctr@3"] == 1 / 3 and report["overall"]["catalogue_share"] is None
     assert report["protocol"]["since"] is not None
+    # No lake: freshness counts back from the log's newest event; c never had an event, so it is not fresh.
+    assert report["groups"]["3"]["freshness@3"] == 2 / 3 and report["groups"]["4"]["freshness@3"] == 1.0
+    assert report["protocol"]["freshness_days"] == get_settings().freshness_days
     bad = CliRunner().invoke(app, ["online-metrics", "--since", "yesterday-ish", "--json"])
     assert bad.exit_code == 1 and bad.stdout == ""

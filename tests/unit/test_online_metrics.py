@@ -90,7 +90,7 @@ def test_overall_and_variants_are_the_hand_count() -> None:
         "skip_rate": 2 / 18,
         "request_ctr": 5 / 6,              # r1 r3 r4 r5 r6
         "items_shown": 8,                  # a..h
-        "catalogue_share": 8 / 20,
+        "catalogue_share": 8 / 20, "freshness@2": None,
         "position_mismatch": 1,            # r3f
         "model_versions": ["2", "3", "4"],
         "variants": ["challenger", "champion"],
@@ -113,7 +113,7 @@ def test_overall_and_variants_are_the_hand_count() -> None:
         "skip_rate": 1 / 12,
         "request_ctr": 3 / 4,              # r1 r3 r6
         "items_shown": 6,                  # abc dae bcf efa -> a..f
-        "catalogue_share": 6 / 20,
+        "catalogue_share": 6 / 20, "freshness@2": None,
         "position_mismatch": 1,
         "model_versions": ["2", "3"],
         "variants": ["champion"],
@@ -132,7 +132,7 @@ def test_overall_and_variants_are_the_hand_count() -> None:
         "skip_rate": 1 / 6,
         "request_ctr": 2 / 2,
         "items_shown": 5,                  # agh cdg -> a c d g h
-        "catalogue_share": 5 / 20,
+        "catalogue_share": 5 / 20, "freshness@2": None,
         "position_mismatch": 0,
         "model_versions": ["4"],
         "variants": ["challenger"],
@@ -149,6 +149,18 @@ def test_by_position_is_the_hand_count() -> None:
     assert out["overall"]["catalogue_share"] is None  # no n_catalogue
 
 
+def test_freshness_is_the_hand_count() -> None:
+    # fresh a and g among the slots at positions <= 2: r1 a b | r2 d a | r3 b c | r4 a g | r5 c d | r6 e f
+    out = online_metrics(*session(), POLICY, by="variant", k=2, n_catalogue=N_CATALOGUE, fresh_items={"a", "g"})
+    assert out["overall"]["freshness@2"] == 4 / 12                     # r1a r2a r4a r4g
+    assert out["groups"]["champion"]["freshness@2"] == 2 / 8           # r1a r2a
+    assert out["groups"]["challenger"]["freshness@2"] == 2 / 4         # r4a r4g
+    assert out["protocol"]["n_fresh_items"] == 2
+    assert online_metrics(*session(), POLICY, k=3, fresh_items=set())["overall"]["freshness@3"] == 0.0
+    empty = online_metrics(None, None, None, POLICY, k=2, fresh_items={"a"})
+    assert empty["overall"]["freshness@2"] is None                      # no impressions: None, not 0
+
+
 def test_by_version_is_the_hand_count() -> None:
     out = online_metrics(*session(), POLICY, by="version", k=2, n_catalogue=N_CATALOGUE)
     groups = out["groups"]
@@ -157,7 +169,7 @@ def test_by_version_is_the_hand_count() -> None:
         "requests": 1, "users": 1, "impressions": 3, "impressions@2": 2,      # r6 of u3
         "clicks": 1, "clicks@2": 0, "ctr@2": 0.0, "ctr": 1 / 3,               # r6a@3
         "ctr_by_position": [0.0, 0.0, 1.0], "skips": 0, "skip_rate": 0.0, "request_ctr": 1.0,
-        "items_shown": 3, "catalogue_share": 3 / 20, "position_mismatch": 0,
+        "items_shown": 3, "catalogue_share": 3 / 20, "freshness@2": None, "position_mismatch": 0,
         "model_versions": ["2"], "variants": ["champion"],
     }
     assert groups["3"] == {
@@ -165,7 +177,7 @@ def test_by_version_is_the_hand_count() -> None:
         "clicks": 3, "clicks@2": 1, "ctr@2": 1 / 6, "ctr": 3 / 9,             # r1a@1, r1c@3, r3f@3
         "ctr_by_position": [1 / 3, 0.0, 2 / 3], "skips": 1, "skip_rate": 1 / 9,  # r2e
         "request_ctr": 2 / 3,                                                 # r1 r3
-        "items_shown": 6, "catalogue_share": 6 / 20, "position_mismatch": 1,  # a..f; r3f
+        "items_shown": 6, "catalogue_share": 6 / 20, "freshness@2": None, "position_mismatch": 1,  # a..f; r3f
         "model_versions": ["3"], "variants": ["champion"],
     }
     by_variant = online_metrics(*session(), POLICY, by="variant", k=2, n_catalogue=N_CATALOGUE)
