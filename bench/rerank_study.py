@@ -37,92 +37,21 @@ from typing import Any
 
 import numpy as np
 
-from models.metrics import coverage, embedding_ild, fresh_items, freshness, intra_list_diversity, ndcg
-from models.ranking import mask_scores, score_histories, seen_mask, top_k
-from models.rerank import RERANKERS, rerank
-from models.sequences import EvalSet
+from models.metrics import fresh_items
+from models.rerank import RERANKERS
+from models.tradeoff import (  # noqa: F401 - re-exported: the study's functions live in the learning layer
+    GRID,
+    N_CANDIDATES,
+    K,
+    at_equal_ndcg,
+    choose_default,
+    curve_point,
+    curves,
+    rerank_lists,
+    tradeoff_study,
+)
 
 logger = logging.getLogger(__name__)
-
-GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-N_CANDIDATES = 100
-K = 10
-
-
-def rerank_lists(scores: np.ndarray, emb: np.ndarray, method: str, diversity: float, n_candidates: int = N_CANDIDATES,
-                 k: int = K) -> np.ndarray:
-    """Re-ranked top-k per user from masked full-catalogue scores.
-
-    Args:
-        scores: (n_users, n_items + 1) masked scores (-inf = masked).
-        emb: (n_items + 1, d_model) item embeddings.
-    Returns:
-        (n_users, k) item_idx (padding 0 where fewer than k candidates were finite).
-    """
-    cand = top_k(scores, n_candidates)  # (n_users, n_candidates) best first
-    out = np.zeros((scores.shape[0], k), dtype=np.int64)
-    for u in range(scores.shape[0]):
-        c = cand[u]
-        pos = rerank(scores[u, c], emb[c], k, method, diversity)  # (k',) positions
-        out[u, : len(pos)] = c[pos]
-    return out
-
-
-def curve_point(lists: np.ndarray, targets: np.ndarray, emb: np.ndarray, genres: dict[int, list[str]],
-                n_items: int, fresh: np.ndarray) -> dict[str, float]:
-    """NDCG@10, ILD@10 (genres, embeddings), coverage@10 and freshness@10 of (n_users, k) lists."""
-    hit = lists == targets[:, None]  # (n_users, k)
-    ranks = np.where(hit.any(axis=1), hit.argmax(axis=1) + 1, lists.shape[1] + 1)
-    return {
-        "ndcg@10": float(ndcg(ranks, K).mean()),
-        "ild_genre@10": float(intra_list_diversity(lists, genres).mean()),
-        "ild_emb@10": float(embedding_ild(lists, emb).mean()),
-        "coverage@10": coverage(lists, n_items),
-        "freshness@10": float(freshness(lists, fresh).mean()),
-    }
-
-
-def curves(scores: np.ndarray, targets: np.ndarray, emb: np.ndarray, genres: dict[int, list[str]], n_items: int,
-           fresh: np.ndarray, grid: tuple[float, ...] = GRID) -> dict[str, list[dict[str, float]]]:
-    """{method: [{diversity, ndcg@10, ild_genre@10, ild_emb@10, coverage@10, freshness@10}, ...]}."""
-    out: dict[str, list[dict[str, float]]] = {}
-    for method in RERANKERS:
-        out[method] = []
-        for d in grid:
-            lists = rerank_lists(scores, emb, method, d)
-            out[method].append({"diversity": d, **curve_point(lists, targets, emb, genres, n_items, fresh)})
-    return out
-
-
-def choose_default(curve: list[dict[str, float]], max_drop: float) -> float:
-    """The largest diversity whose NDCG@10 >= (1 - max_drop) x NDCG@10 at diversity 0."""
-    base = next(p["ndcg@10"] for p in curve if p["diversity"] == 0.0)
-    ok = [p["diversity"] for p in curve if p["ndcg@10"] >= (1.0 - max_drop) * base]
-    return max(ok) if ok else 0.0
-
-
-def at_equal_ndcg(a: list[dict[str, float]], b: list[dict[str, float]], metric: str, n_levels: int = 20
-                  ) -> dict[str, Any]:
-    """Mean ``metric`` of curve b minus curve a at equal NDCG@10 (linear interpolation, common range).
-
-    Returns:
-        dict: ndcg_range [lo, hi], levels, mean_a, mean_b, delta (b - a), relative (delta / mean_a).
-    """
-    def xy(c: list[dict[str, float]]) -> tuple[np.ndarray, np.ndarray]:
-        pts = sorted((p["ndcg@10"], p[metric]) for p in c)
-        return np.array([x for x, _ in pts]), np.array([y for _, y in pts])
-
-    xa, ya = xy(a)
-    xb, yb = xy(b)
-    lo, hi = max(xa.min(), xb.min()), min(xa.max(), xb.max())
-    if not hi > lo:
-        return {"ndcg_range": [float(lo), float(hi)], "levels": 0, "delta": None, "relative": None}
-    levels = np.linspace(lo, hi, n_levels)
-    ia, ib = np.interp(levels, xa, ya), np.interp(levels, xb, yb)
-    return {"ndcg_range": [round(float(lo), 5), round(float(hi), 5)], "levels": n_levels,
-            "mean_a": float(ia.mean()), "mean_b": float(ib.mean()), "delta": float((ib - ia).mean()),
-            "relative": float((ib - ia).mean() / ia.mean()) if ia.mean() else None}
-
 
 def quality_study(events: Any, genre_of: dict[str, list[str]], *, seed: int = 0, seconds: float = 60.0,
                   epochs: int = 200, max_drop: float = 0.05, fresh_days: float = 60.0,
@@ -143,7 +72,6 @@ def quality_study(events: Any, genre_of: dict[str, list[str]], *, seed: int = 0,
     result = train_model(split, vocab, mcfg, tcfg, progress=False)
     train_s = time.perf_counter() - t0
     model = result.model.cpu().eval()
-    emb = model.item_embeddings().detach().float().numpy()  # (n_items + 1, d_model)
     genres = {i + 1: genre_of.get(item_id, []) for i, item_id in enumerate(vocab.ids)}
     first_seen = events.groupby("item_id")["timestamp"].min()
     added = np.full(n_items + 1, np.nan)
@@ -151,30 +79,15 @@ def quality_study(events: Any, genre_of: dict[str, list[str]], *, seed: int = 0,
     as_of = events["timestamp"].max().timestamp()
     fresh = fresh_items(added, as_of, fresh_days)
 
-    def masked(eval_set: EvalSet) -> np.ndarray:
-        scores = score_histories(model, eval_set.histories)
-        return mask_scores(scores, seen_mask(eval_set.histories, n_items))
-
-    valid_scores = masked(split.valid)
-    valid = curves(valid_scores, split.valid.targets, emb, genres, n_items, fresh, grid)
-    defaults = {m: choose_default(valid[m], max_drop) for m in RERANKERS}
-    test_scores = masked(split.test)
-    test = {}
-    for m in RERANKERS:
-        test[m] = {}
-        for d in sorted({0.0, defaults[m]}):
-            lists = rerank_lists(test_scores, emb, m, d)
-            test[m][f"diversity={d:g}"] = curve_point(lists, split.test.targets, emb, genres, n_items, fresh)
-    compare = {metric: at_equal_ndcg(valid["mmr"], valid["dpp"], metric) for metric in ("ild_genre@10", "ild_emb@10")}
-    more = {metric: (None if c["delta"] is None else ("dpp" if c["delta"] > 0 else "mmr"))
-            for metric, c in compare.items()}
+    study = tradeoff_study(model, split.valid, split.test, n_items, genres=genres, fresh=fresh, grid=grid,
+                           max_drop=max_drop)
     return {
         "model": {"config": result.model.config_dict(), "best_epoch": result.best_epoch,
                   "val_ndcg@10_trainer": result.best_val_ndcg, "train_seconds": round(train_s, 1)},
-        "valid_curves": valid,
-        "default_diversity": defaults,
-        "test_once": test,
-        "equal_ndcg_comparison": {"b_minus_a": "dpp - mmr", **compare, "more_diverse": more},
+        "valid_curves": study["valid_curves"],
+        "default_diversity": study["default_diversity"],
+        "test_once": study["test_once"],
+        "equal_ndcg_comparison": study["equal_ndcg_comparison"],
         "split": split.protocol,
         "n_items": n_items,
         "fresh_items": int(fresh.sum()),

@@ -43,6 +43,7 @@ from models.metrics import evaluate
 from models.ranking import MappedScorer, mask_scores, score_histories, seen_mask, top_k
 from models.sequences import EvalSet, Split, build_sequences, leave_one_out
 from models.short_history import choose_short_history
+from models.tradeoff import EVAL_GRID, tradeoff_study
 from models.vocab import ItemVocabulary
 from recloop.experiments import ExperimentStore
 from recloop.gate import GateDecision, decide
@@ -200,6 +201,63 @@ def short_history_markdown(short: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def rerank_tradeoff(model: Any, split: Split, n_items: int, genres: Any, fresh: np.ndarray | None,
+                    settings: Settings) -> dict[str, Any] | None:
+    """The diversity re-rankers' trade-off curves on validation, the default diversity chosen there and test
+    once at it (``models.tradeoff.tradeoff_study`` on ``settings.rerank_eval_users`` sampled users of each
+    split, seeded by ``settings.seed``, grid ``EVAL_GRID``); None when ``rerank_eval_users`` is 0."""
+    if settings.rerank_eval_users <= 0 or len(split.valid) == 0 or len(split.test) == 0:
+        return None
+    return tradeoff_study(model, split.valid, split.test, n_items, genres=genres, fresh=fresh, grid=EVAL_GRID,
+                          max_users=settings.rerank_eval_users, seed=settings.seed)
+
+
+def rerank_tags(rerank: dict[str, Any] | None) -> dict[str, str]:
+    """The run's and the version's tags: the default diversity of each re-ranker chosen on validation."""
+    if rerank is None:
+        return {}
+    return {f"rerank.default_diversity.{m}": f"{d:g}" for m, d in rerank["default_diversity"].items()}
+
+
+def rerank_markdown(rerank: dict[str, Any] | None) -> str:
+    """The report's re-ranking section: the validation curves as a table, the defaults, test once at them."""
+    if rerank is None:
+        return ""
+    p = rerank["protocol"]
+    lines = ["", f"**Diversity re-ranking** (top {p['n_candidates']} re-ranked; {p['valid_users']} validation users; "
+             f"default = the largest diversity within {p['max_ndcg_drop']:.0%} of the model's NDCG@10)", "",
+             "| re-ranker | diversity | NDCG@10 | ILD@10 genres | ILD@10 embeddings | coverage@10 |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for method, curve in rerank["valid_curves"].items():
+        for pt in curve:
+            genre = "-" if pt["ild_genre@10"] is None else f"{pt['ild_genre@10']:.4f}"
+            lines.append(f"| {method} | {pt['diversity']:g} | {pt['ndcg@10']:.4f} | {genre} | "
+                         f"{pt['ild_emb@10']:.4f} | {pt['coverage@10']:.4f} |")
+    lines.append("")
+    for method, d in rerank["default_diversity"].items():
+        test = rerank["test_once"][method][f"diversity={d:g}"]
+        lines.append(f"- {method}: default diversity {d:g}; test NDCG@10 {test['ndcg@10']:.4f}, ILD@10 (embeddings) "
+                     f"{test['ild_emb@10']:.4f}")
+    return "\n".join(lines) + "\n"
+
+
+def _log_rerank(client: MlflowClient, run_id: str, rerank: dict[str, Any] | None) -> None:
+    """The trade-off as a table (``evaluation/rerank_tradeoff.json``), a plot and validation metrics on the run."""
+    if rerank is None:
+        return
+    for method, curve in rerank["valid_curves"].items():
+        for pt in curve:
+            for key in ("ndcg@10", "ild_emb@10", "ild_genre@10"):
+                if pt[key] is not None:
+                    client.log_metric(run_id, f"rerank.{method}.d{pt['diversity']:g}.{mlflow_key(key)}", pt[key])
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        (out / "rerank_tradeoff.json").write_text(json.dumps(rerank, indent=2, default=float))
+        client.log_artifact(run_id, str(out / "rerank_tradeoff.json"), artifact_path="evaluation")
+        plots.rerank_tradeoff(rerank["valid_curves"], out / "rerank_tradeoff.png", rerank["default_diversity"])
+        client.log_artifact(run_id, str(out / "rerank_tradeoff.png"), artifact_path="plots")
+
+
 def _load_candidate(client: MlflowClient, run_id: str) -> tuple[Any, ItemVocabulary, dict[str, Any]]:
     from models.checkpoint import load_checkpoint
 
@@ -218,8 +276,8 @@ def evaluate_flow(run_id: str, source: str | None = None, path: str | None = Non
         auto_promote: default ``settings.auto_promote``; when True a passing candidate becomes champion.
         baselines: which baselines to run and gate against (default: all of ``BASELINES``).
     Returns:
-        ``{"run_id", "version", "passed", "promoted", "decision", "metrics", "report_md", "ope"}`` (``ope``:
-        ``flows.ope.ope_task``'s result).
+        ``{"run_id", "version", "passed", "promoted", "decision", "metrics", "report_md", "ope", "rerank"}``
+        (``ope``: ``flows.ope.ope_task``'s result; ``rerank``: ``rerank_tradeoff``'s, None when skipped).
     Raises:
         ValueError: the events differ from the ones the candidate was trained on.
     """
@@ -251,8 +309,10 @@ def evaluate_flow(run_id: str, source: str | None = None, path: str | None = Non
     ope = ope_task(settings, model, vocab, champion)
     decision = apply_ope_gate(decision, ope["gate"])
     short = choose_short_history(model, split.valid, split.train, len(vocab))  # serving reads the version tags
+    rerank = rerank_tradeoff(model, split, len(vocab), _genres(items, vocab), fresh, settings)
     gate_tags = {**decision.as_tags(), "gate.champion_version": champion_version or "none",
-                 "gate.ope": ope_tag(ope["gate"]), **short_history_tags(short)}
+                 "gate.ope": ope_tag(ope["gate"]), **short_history_tags(short),
+                 **rerank_tags(rerank)}
     for name, metrics in results.items():
         prefix = "test." if name == "candidate" else f"test.{name}."
         for key, value in metrics.items():
@@ -263,8 +323,10 @@ def evaluate_flow(run_id: str, source: str | None = None, path: str | None = Non
     for key, value in gate_tags.items():
         client.set_tag(run_id, key, value)
 
-    report_md = markdown_table(results, decision) + ope_markdown(ope) + short_history_markdown(short)
+    report_md = (markdown_table(results, decision) + ope_markdown(ope) + short_history_markdown(short)
+                 + rerank_markdown(rerank))
     _log_report(client, run_id, results, decision, report_md, model, split, vocab, champion_version, ope, short)
+    _log_rerank(client, run_id, rerank)
     create_markdown_artifact(key="evaluation-report", markdown=report_md,
                              description=f"candidate run {run_id}")
 
@@ -283,7 +345,8 @@ def evaluate_flow(run_id: str, source: str | None = None, path: str | None = Non
     logger.info("evaluated run_id=%s version=%s passed=%s promoted=%s", run_id, mv.version, decision.passed,
                 promoted)
     return {"run_id": run_id, "version": str(mv.version), "passed": decision.passed, "promoted": promoted,
-            "decision": decision.as_dict(), "metrics": results, "report_md": report_md, "ope": ope}
+            "decision": decision.as_dict(), "metrics": results, "report_md": report_md, "ope": ope,
+            "rerank": rerank}
 
 
 def _log_report(client: MlflowClient, run_id: str, results: dict[str, dict[str, float]],

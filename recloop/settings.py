@@ -134,6 +134,10 @@ class Settings(BaseSettings):
     rerank_candidates: int = Field(
         default=100, ge=1, le=10_000, description="Top-N candidates (after masking) the re-ranker reorders"
     )
+    rerank_eval_users: int = Field(
+        default=500, ge=0, description="Validation (and test) users of the re-ranking trade-off each evaluation "
+        "reports (models/tradeoff.py; a seeded sample; 0 = skip it)",
+    )
     blocklist_ttl_s: float = Field(
         default=5.0, ge=0, description="Seconds a serving worker reuses the blocklist it read (every worker sees a"
         " change within this)",

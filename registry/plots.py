@@ -152,3 +152,40 @@ def ctr_over_rounds(rounds: Sequence[Mapping[str, object]], path: Path, k: int =
     fig.tight_layout()
     fig.savefig(path)
     return path
+
+
+def rerank_tradeoff(valid_curves: Mapping[str, Sequence[Mapping[str, float | None]]], path: Path,
+                    defaults: Mapping[str, float] | None = None) -> Path:
+    """The accuracy/diversity trade-off of each re-ranker (``models.tradeoff``): ILD@10 by genres and by
+    embeddings, and coverage@10, against NDCG@10 on validation, one curve per re-ranker (points = diversity).
+
+    Args:
+        valid_curves: re-ranker → points with ``diversity``, ``ndcg@10``, ``ild_genre@10`` (may be None),
+            ``ild_emb@10``, ``coverage@10``.
+        path: PNG to write.
+        defaults: re-ranker → the diversity chosen on validation (ringed on each curve).
+    Raises:
+        ValueError: ``valid_curves`` is empty.
+    """
+    if not valid_curves:
+        raise ValueError("valid_curves is empty; expected at least one re-ranker's curve")
+    keys = [k for k in ("ild_genre@10", "ild_emb@10", "coverage@10")
+            if all(p.get(k) is not None for c in valid_curves.values() for p in c)]
+    fig = Figure(figsize=(3.6 * max(len(keys), 1), 3.4), dpi=DPI)
+    axes = np.atleast_1d(fig.subplots(1, max(len(keys), 1)))
+    for ax, key in zip(axes, keys, strict=False):
+        for name, curve in valid_curves.items():
+            x = [float(p["ndcg@10"]) for p in curve]
+            y = [float(p[key]) for p in curve]
+            line = ax.plot(x, y, marker="o", label=name)[0]
+            for p, xi, yi in zip(curve, x, y, strict=True):
+                ax.annotate(f"{float(p['diversity']):g}", (xi, yi), fontsize=6, textcoords="offset points",
+                            xytext=(3, 3))
+                if defaults is not None and defaults.get(name) == p["diversity"]:
+                    ax.plot([xi], [yi], marker="o", markersize=11, fillstyle="none", color=line.get_color())
+        ax.set(title=key, xlabel="NDCG@10 (validation)")
+        ax.legend(fontsize=7)
+    fig.suptitle("diversity re-ranking: accuracy vs diversity (labels: diversity; ringed: the default)")
+    fig.tight_layout()
+    fig.savefig(path)
+    return path

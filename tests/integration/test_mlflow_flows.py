@@ -148,13 +148,27 @@ def test_run_logs_params_metrics_fingerprint_and_artifacts(sqlite_scenario: dict
                  for f in client.list_artifacts(run.info.run_id, d)}
     assert {"training/checkpoint.pt", "training/vocab.json", "training/config.json",
             "plots/learning_curve.png", "plots/model_comparison.png", "plots/popularity.png",
-            "evaluation/evaluation.json", "evaluation/evaluation.md"} <= artifacts
+            "evaluation/evaluation.json", "evaluation/evaluation.md",
+            "evaluation/rerank_tradeoff.json", "plots/rerank_tradeoff.png"} <= artifacts
     def read(artifact: str) -> str:
         return Path(client.download_artifacts(run.info.run_id, artifact)).read_text()
 
     report = json.loads(read("evaluation/evaluation.json"))
     assert report["gate"]["passed"] and report["protocol"]["ranking"] == "full"
     assert "| candidate |" in read("evaluation/evaluation.md")
+    # The re-ranking trade-off: validation curves of both re-rankers, the default chosen there, test once at it.
+    tradeoff = json.loads(read("evaluation/rerank_tradeoff.json"))
+    assert set(tradeoff["valid_curves"]) == {"mmr", "dpp"} and tradeoff["protocol"]["valid_users"] > 0
+    for method, curve in tradeoff["valid_curves"].items():
+        assert [p["diversity"] for p in curve] == tradeoff["protocol"]["grid"]
+        chosen = tradeoff["default_diversity"][method]
+        assert tags[f"rerank.default_diversity.{method}"] == f"{chosen:g}"
+        base = curve[0]["ndcg@10"]
+        assert next(p for p in curve if p["diversity"] == chosen)["ndcg@10"] >= (1 - 0.05) * base
+        assert set(tradeoff["test_once"][method]) == {"diversity=0", f"diversity={chosen:g}"}
+    plain = tradeoff["valid_curves"]["mmr"][0]  # diversity 0: the model's own order, whichever re-ranker
+    assert plain["ndcg@10"] == tradeoff["valid_curves"]["dpp"][0]["ndcg@10"]
+    assert "**Diversity re-ranking**" in read("evaluation/evaluation.md")
     model = client.get_logged_model(tags["model.uri"].removeprefix("models:/"))
     assert model.source_run_id == run.info.run_id
 
