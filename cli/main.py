@@ -368,11 +368,21 @@ def bench_quality_cmd(
     max_train_seconds: float = typer.Option(None, help="Wall-clock budget of each training"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document instead of a table"),
     progress: bool = typer.Option(True, help="Show the training progress bar (table mode only)"),
+    text: bool = typer.Option(False, "--text", help="Instead: ID-only vs text-aware vs text-only SASRec+ and a "
+                              "content-only baseline, overall and on cold-item targets (bench/text_quality.py)"),
 ) -> None:
     """Train every sequential model and MostPop/ItemKNN/EASE/Markov1 on one leave-one-out split; full ranking."""
     import json
     from pathlib import Path
 
+    if text:
+        from bench.text_quality import run_text_bench
+
+        with _stdout_to_stderr(True):
+            report = run_text_bench(source, Path(path), seed=seed, epochs=epochs or 200,
+                                    max_train_seconds=max_train_seconds, progress=progress and not as_json)
+        typer.echo(json.dumps(report, indent=None if as_json else 1, default=str))
+        return
     from bench.quality import print_table, run_bench
 
     options = {k: v for k, v in {"max_len": max_len, "epochs": epochs}.items() if v is not None}
@@ -389,6 +399,57 @@ def bench_quality_cmd(
         typer.echo(json.dumps(report, indent=1))
     else:
         print_table(report)
+
+
+@bench_app.command("text-cost")
+def bench_text_cost_cmd(
+    path: str = typer.Option(..., help="The ml-latest-small folder (the 10,000-item catalogue)"),
+    skip_embedding: bool = typer.Option(False, help="Only the in-process recommend and query costs"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document"),
+) -> None:
+    """Costs of text-aware items: embedding a 10,000-item catalogue, recommend overhead, query cost (in-process)."""
+    import json
+    from pathlib import Path
+
+    from bench.text_cost import run_text_cost
+
+    with _stdout_to_stderr(True):
+        report = run_text_cost(Path(path), skip_embedding)
+    typer.echo(json.dumps(report, indent=None if as_json else 1))
+
+
+catalog_app = typer.Typer(no_args_is_help=True, help="New catalogue items (served at once by a text-aware model).")
+app.add_typer(catalog_app, name="catalog")
+
+
+@catalog_app.command("add")
+def catalog_add_cmd(
+    file: str = typer.Argument(..., help="CSV or Parquet of items: item_id, title, genres (pipe-separated), text"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document"),
+) -> None:
+    """Add a batch of new items to the shared catalogue (recloop/catalog.py); every serving worker sees them."""
+    import json
+    from pathlib import Path
+
+    import pandas as pd
+
+    from recloop.catalog import CatalogStore
+    from recloop.contract import coerce_items
+    from recloop.settings import get_settings
+
+    src = Path(file)
+    frame = pd.read_parquet(src) if src.suffix == ".parquet" else pd.read_csv(src, dtype=str, keep_default_na=False)
+    try:
+        items = coerce_items(frame)
+        rows = [{"item_id": r.item_id, "title": r.title, "genres": list(r.genres), "text": r.text or None}
+                for r in items.itertuples()]
+        with CatalogStore(get_settings().event_log_uri) as store:
+            new = store.add(rows)
+    except ValueError as err:
+        typer.echo(f"catalog add failed: {err}", err=True)
+        raise typer.Exit(1) from err
+    out = {"added": new, "updated": len(rows) - len(new)}
+    typer.echo(json.dumps(out) if as_json else f"added {len(new)} new items, updated {out['updated']}")
 
 
 def _stdout_to_stderr(enabled: bool = True) -> contextlib.AbstractContextManager:
@@ -493,7 +554,7 @@ def loop(
 
     from flows.loop import loop_flow
 
-    stages = loop_flow(source=source, path=path, deploy=deploy)
+    stages = loop_flow(source=source, path=path, deploy=deploy, trigger="manual")
     typer.echo(f"status={stages['status']} new_events={stages['new_events']} "
                f"watermark={stages['watermark_from']}->{stages['watermark_to']}")
     if stages["status"] == "done":
@@ -612,6 +673,52 @@ def train(
     console.print(Markdown(result["report_md"]))
 
 
+@app.command()
+def tune(
+    source: str = typer.Option("lake", help="'lake', 'parquet' or a source name, e.g. movielens-100k"),
+    path: str = typer.Option(None, help="File or folder of the data"),
+    trials: int = typer.Option(20, min=1, help="Finished trials the study should have (a rerun continues it)"),
+    model: str = typer.Option(None, "--model", help="Model class (default: settings.model_class)"),
+    epochs: int = typer.Option(None, help="Max epochs per trial (early stopping and pruning apply)"),
+    max_train_seconds: float = typer.Option(None, "--max-train-seconds", help="Wall-clock budget per trial"),
+    num_threads: int = typer.Option(None, "--num-threads", min=1, help="CPU threads per trial (default: all cores)"),
+    defaults_seeds: int = typer.Option(0, "--defaults-seeds", min=0,
+                                       help="Also train the untuned defaults with N seeds (mean and sd reported)"),
+    as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout (progress on stderr)"),
+) -> None:
+    """Hyper-parameter search (Optuna TPE + median pruning on validation NDCG@10); the next cold train uses the best."""
+    import logging
+
+    from models.factory import MODELS
+
+    if model is not None and model not in MODELS:
+        typer.echo(f"tune failed: --model={model!r}; expected one of {sorted(MODELS)}", err=True)
+        raise typer.Exit(2)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
+    from flows.tune import run_study
+
+    budget = {k: v for k, v in {"epochs": epochs, "max_train_seconds": max_train_seconds,
+                                "num_threads": num_threads}.items() if v is not None}
+    try:
+        with _stdout_to_stderr(as_json):
+            report = run_study(source, path, trials, model=model, train_params=budget, defaults_seeds=defaults_seeds)
+    except (ValueError, FileNotFoundError) as err:
+        typer.echo(f"tune failed: {err}", err=True)
+        raise typer.Exit(1) from err
+    if as_json:
+        typer.echo(json.dumps(report, default=str))
+    else:
+        best = report["best"]
+        typer.echo(f"study {report['study']} ({report['storage']}): {report['trials']['finished']} trials, "
+                   f"best #{best['trial']} val NDCG@10 {best['value']:.4f}, "
+                   f"test NDCG@10 {report['test']['ndcg@10']:.4f}")
+        typer.echo(f"best parameters (MLflow run {report['best_run_id']}, read by the next cold train): "
+                   f"{json.dumps(best['params'])}")
+        if report["defaults"]:
+            d = report["defaults"]
+            typer.echo(f"defaults: val NDCG@10 mean {d['mean']:.4f} sd {d['sd']:.4f} over {d['seeds']} seeds")
+
+
 @model_app.command("list")
 def model_list() -> None:
     """List the registered versions with their aliases and gate results."""
@@ -642,8 +749,9 @@ def model_promote(
 ) -> None:
     """Point the served alias (RECLOOP_MODEL_ALIAS, default champion) at VERSION (the previous one is kept).
 
-    Refused (exit 1) when VERSION failed the evaluation gate or does not load and smoke-score in a fresh
-    process (up to ~2 min), unless --force.
+    Refused (exit 1) when VERSION failed the evaluation gate, was trained before a user was forgotten
+    (recloop.holds_forgotten_users=true) or does not load and smoke-score in a fresh process (up to ~2 min),
+    unless --force.
     """
     from mlflow.exceptions import MlflowException
 
@@ -666,15 +774,24 @@ def model_promote(
 
 
 @model_app.command("rollback")
-def model_rollback() -> None:
-    """Move the served alias (RECLOOP_MODEL_ALIAS, default champion) back to its previous version."""
+def model_rollback(
+    force: bool = typer.Option(False, "--force", help="Roll back even to a version trained before a user was "
+                               "forgotten (recloop.holds_forgotten_users=true; tagged restored_over)"),
+) -> None:
+    """Move the served alias (RECLOOP_MODEL_ALIAS, default champion) back to its previous version.
+
+    Refused (exit 1) when that version holds forgotten users, unless --force.
+    """
     from recloop.settings import get_settings
-    from registry.aliases import rollback
+    from registry.aliases import PromotionRefused, rollback
     from registry.tracking import configure_tracking
 
     settings = get_settings()
     try:
-        move = rollback(configure_tracking(settings), settings.model_name, alias=settings.model_alias)
+        move = rollback(configure_tracking(settings), settings.model_name, alias=settings.model_alias, force=force)
+    except PromotionRefused as err:
+        typer.echo(f"rollback refused: {err} (--force rolls back anyway)", err=True)
+        raise typer.Exit(1) from err
     except LookupError as err:
         typer.echo(f"rollback failed: {err}", err=True)
         raise typer.Exit(1) from err
@@ -713,6 +830,33 @@ def online_resync(as_json: bool = typer.Option(False, "--json", help="Print the 
         events.close()
     typer.echo(json.dumps(report) if as_json else
                f"re-synced {report['users']} users ({report['log_users']} with log events) in {report['seconds']} s")
+
+
+@app.command("monitor")
+def monitor_cmd(
+    check: list[str] = typer.Option(None, "--check", help="drift | ctr | freshness | health (repeatable; default all)"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document"),
+) -> None:
+    """Run the monitors once now: data drift, online CTR, feature freshness, serving health.
+
+    An alert emits a Prefect event; drift and freshness events start the loop deployment (docs/operations.md,
+    "Monitors"). The deployment runs it on settings.monitor_cron. Exit 1 on an unknown check.
+    """
+    _prefect_env()
+    from flows.watch import monitor_flow
+
+    try:
+        with _stdout_to_stderr(as_json):
+            out = monitor_flow(checks=check or None)
+    except ValueError as err:
+        typer.echo(f"monitor failed: {err}", err=True)
+        raise typer.Exit(1) from err
+    if as_json:
+        typer.echo(json.dumps(out, default=str))
+        return
+    for name, result in out["checks"].items():
+        typer.echo(f"{name}: {result.get('status')}")
+    typer.echo(f"events emitted: {', '.join(out['emitted']) or 'none'}")
 
 
 @app.command("online-metrics")
@@ -1043,3 +1187,55 @@ def blocklist_remove(
 def blocklist_list(as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout")) -> None:
     """The listed items: item_id, kind, added_at, reason."""
     _blocklist_run("list", [], as_json)
+
+
+@app.command()
+def forget(
+    user_id: str = typer.Argument(None, help="The raw user id to forget (omit with --receipts)"),
+    as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout"),
+    retrain_now: bool = typer.Option(False, "--retrain-now", help="Then run the loop's turn now: a cold retrain "
+                                     "without the user that honours the receipt (else the next scheduled turn)"),
+    lock_timeout: float = typer.Option(None, "--lock-timeout", help="Wait at most this many seconds for the "
+                                       "loop's lock (default: until the running turn ends)"),
+    receipts: bool = typer.Option(False, "--receipts", help="List the deletion receipts instead (hashes only)"),
+) -> None:
+    """Forget USER_ID: tombstone, then delete it from every store (event log, exposures, lake, quarantine,
+    validation docs, feature tables, online store), tag the registry's versions; the model forgets at the next
+    retrain. Exit 1 on a bad id or when rows were left; 2 when the loop's lock was not free in time (pending).
+    """
+    from recloop.forget import ForgetIncomplete, ForgetStore
+    from recloop.settings import get_settings
+    from serving.forget import forget_user
+
+    settings = get_settings()
+    if receipts:
+        with ForgetStore(settings.event_log_uri) as store:
+            rows = store.receipts()
+        typer.echo(json.dumps({"receipts": rows}) if as_json else
+                   "\n".join(f"{r['user_hash'][:16]}…\t{r['status']}\t{r['requested_at']}\t{r['honoured_by'] or ''}"
+                             for r in rows) or "no receipts")
+        return
+    if user_id is None:
+        typer.echo("forget: USER_ID is required (or --receipts)", err=True)
+        raise typer.Exit(2)
+    try:
+        with _stdout_to_stderr(as_json):
+            out = forget_user(user_id, settings, lock_timeout_s=lock_timeout)
+    except (ValueError, ForgetIncomplete) as err:
+        typer.echo(f"forget failed: {err}", err=True)
+        raise typer.Exit(1) from err
+    if retrain_now and out["status"] == "done":
+        _prefect_env()
+        from flows.loop import loop_flow
+
+        with _stdout_to_stderr(as_json):
+            stages = loop_flow(trigger="manual")
+        out["retrain"] = {"status": stages["status"], "run_id": (stages.get("train") or {}).get("run_id"),
+                          "forget": stages.get("forget")}
+    if as_json:
+        typer.echo(json.dumps(out))
+    else:
+        typer.echo(f"forget {out['status']}: receipt {out['user_hash']} rows={out['rows']}"
+                   + (f" retrain={out['retrain']}" if "retrain" in out else ""))
+    if out["status"] == "pending":
+        raise typer.Exit(2)

@@ -145,7 +145,17 @@ def interact(settings: Settings, user_id: str, k: int = 10) -> dict[str, Any]:
     changed = [it["item_id"] for it in before["items"]] != [it["item_id"] for it in after["items"]]
     console.print(f"clicked item excluded now: {clicked not in {it['item_id'] for it in after['items']}}; "
                   f"list changed: {changed}")
-    return {"before": before, "after": after, "clicked": clicked, "changed": changed}
+    steered = None
+    try:  # a text query steers the next answer (serving/catalog.py); the first one loads the encoder
+        steered = _post(settings, "recommend", {"user_id": user_id, "k": k, "query": DEMO_QUERY})
+        show_recommendations(f"recommendations for user {user_id} with the query {DEMO_QUERY!r}", steered)
+    except httpx.HTTPError as err:
+        console.print(f"query not shown: {err}")
+    return {"before": before, "after": after, "clicked": clicked, "changed": changed, "query": steered}
+
+
+#: The text query the demo sends once (``recommend``'s ``query``).
+DEMO_QUERY = "space adventure with robots"
 
 
 class NoChampionError(RuntimeError):

@@ -5,6 +5,9 @@ Paths are RELATIVE on purpose. Feast resolves a relative FileSource path against
 ``featurestore/online.py``), so the files live in ``$RECLOOP_HOME/features/`` and never in this repo.
 With the ``feast`` CLI, run it from the home: ``feast -c "$RECLOOP_HOME" -f <repo>/feature_store.yaml``.
 
+Each path is a folder of Parquet parts: the full build's ``part-base.parquet`` plus one part per incremental
+loop turn (``featurestore/incremental.py``); Feast's file source reads the whole folder.
+
 Every source has ``event_ts`` (when the value became true) and ``created_ts`` (when the row was
 computed; Feast's tie-break between rows with equal ``event_ts``), both UTC.
 """
@@ -14,7 +17,7 @@ from feast import FileSource, PushSource
 # One row per (user, event timestamp): the user's last N item ids after that timestamp.
 user_recent_items_source = FileSource(
     name="user_recent_items_source",
-    path="features/user_recent_items.parquet",
+    path="features/user_recent_items",
     timestamp_field="event_ts",
     created_timestamp_column="created_ts",
     description="User's last N item ids per event timestamp (batch, from the lake)",
@@ -32,7 +35,7 @@ user_recent_items_push = PushSource(
 # Cumulative per-user statistics per event timestamp.
 user_stats_source = FileSource(
     name="user_stats_source",
-    path="features/user_stats.parquet",
+    path="features/user_stats",
     timestamp_field="event_ts",
     created_timestamp_column="created_ts",
     description="Per-user cumulative statistics per event timestamp",
@@ -42,7 +45,7 @@ user_stats_source = FileSource(
 # Per-item popularity and rating statistics per event timestamp (+ snapshots at the data's as-of).
 item_stats_source = FileSource(
     name="item_stats_source",
-    path="features/item_stats.parquet",
+    path="features/item_stats",
     timestamp_field="event_ts",
     created_timestamp_column="created_ts",
     description="Per-item popularity (all-time, trailing 7/30 days) and ratings",
@@ -52,7 +55,7 @@ item_stats_source = FileSource(
 # Item text embeddings from the packaged sentence encoder, and genres.
 item_content_source = FileSource(
     name="item_content_source",
-    path="features/item_content.parquet",
+    path="features/item_content",
     timestamp_field="event_ts",
     created_timestamp_column="created_ts",
     description="Item text embedding (all-MiniLM-L6-v2) and genres",

@@ -35,12 +35,15 @@ from recloop.settings import Settings, configure_environment
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DECLARATION_MODULES = ("entities", "data_sources", "feature_views", "feature_services")
+#: Each view's source is a folder of Parquet parts (``feature_repo/data_sources.py``): the full build writes
+#: ``part-base.parquet``, an incremental loop turn appends ``part-<time>.parquet`` (``featurestore.incremental``).
 SOURCE_FILES = {
-    "user_recent_items": "user_recent_items.parquet",
-    "user_stats": "user_stats.parquet",
-    "item_stats": "item_stats.parquet",
-    "item_content": "item_content.parquet",
+    "user_recent_items": "user_recent_items",
+    "user_stats": "user_stats",
+    "item_stats": "item_stats",
+    "item_content": "item_content",
 }
+BASE_PART = "part-base.parquet"
 EVENT_VIEWS = ("user_recent_items", "user_stats", "item_stats")  # materialised incrementally
 STATIC_VIEWS = ("item_content",)  # small, rewritten in full every run
 CONTENT_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)  # item content without created_at is true "forever"
@@ -127,14 +130,28 @@ def build_feature_tables(
 
 
 def write_feature_tables(tables: dict[str, pd.DataFrame], features_dir: Path) -> dict[str, str]:
-    """Write each table to ``features_dir/<view>.parquet`` atomically (temp file + rename)."""
+    """Write each table as the one part of ``features_dir/<view>/`` (``BASE_PART``, temp file + rename).
+
+    The view's earlier parts (an incremental turn's) go, and so does the increment's state
+    (``featurestore.incremental``): the flow writes a new one when these tables came from the lake. A file of
+    the older one-file layout (``<view>.parquet``) is removed.
+    """
+    import shutil
+
     features_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(features_dir / "_incremental", ignore_errors=True)
     out = {}
     for view, df in tables.items():
-        path = features_dir / SOURCE_FILES[view]
-        tmp = path.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")
+        folder = features_dir / SOURCE_FILES[view]
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / BASE_PART
+        tmp = folder / f".tmp{os.getpid()}.{threading.get_ident()}"  # a dot file: no reader lists it
         df.to_parquet(tmp, index=False)
         os.replace(tmp, path)
+        for part in folder.glob("part-*.parquet"):
+            if part.name != BASE_PART:
+                part.unlink(missing_ok=True)
+        (features_dir / f"{view}.parquet").unlink(missing_ok=True)  # the one-file layout of older homes
         out[view] = str(path)
     return out
 

@@ -36,6 +36,7 @@ from feast.data_source import PushMode
 from feast.errors import FeatureServiceNotFoundException
 from filelock import FileLock
 
+from recloop.forget import log_id
 from recloop.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
@@ -457,7 +458,7 @@ class OnlineFeatures:
             features=[f"{RECENT_ITEMS_VIEW}:{RECENT_ITEMS_FEATURE}"], entity_rows=[{"user_id": str(user_id)}]
         ).to_dict(include_event_timestamps=True)
         if current[RECENT_ITEMS_FEATURE + "__ts"][0] > int(event_ts.timestamp()):
-            logger.info("push skipped: older than stored row user_id=%s", user_id)
+            logger.info("push skipped: older than stored row user=%s", log_id(user_id))
             return False
         df = pd.DataFrame(
             {

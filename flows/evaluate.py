@@ -38,9 +38,9 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.ope import apply_ope_gate, ope_markdown, ope_metrics, ope_tag, ope_task
 from flows.train import data_fingerprint, load_events, mlflow_key
-from models.baselines import BASELINES
-from models.metrics import evaluate
-from models.ranking import MappedScorer, mask_scores, score_histories, seen_mask, top_k
+from models.baselines import BASELINES, baselines_for
+from models.metrics import evaluate, rank_in_chunks
+from models.ranking import MappedScorer
 from models.sequences import EvalSet, Split, build_sequences, leave_one_out
 from models.short_history import choose_short_history
 from models.tradeoff import EVAL_GRID, tradeoff_study
@@ -96,6 +96,25 @@ def evaluate_all(split: Split, n_items: int, candidate: Any, champion: Any | Non
     }
 
 
+def sample_split(split: Split, n: int, seed: int, turn: str) -> Split:
+    """``split`` with validation and test restricted to ``n`` test users drawn by ``recloop.loop_sample.eval_sample``
+    (seeded by ``seed`` and ``turn``); the training sequences (the baselines' fit) stay. Recorded in the protocol.
+
+    Raises:
+        ValueError: ``n`` < 1.
+    """
+    from recloop.loop_sample import eval_sample
+
+    users = set(split.test.user_ids[eval_sample(split.test.user_ids, n, seed, turn)].tolist())
+
+    def pick(part: EvalSet) -> EvalSet:
+        keep = np.array([i for i, u in enumerate(part.user_ids) if u in users], dtype=np.int64)
+        return EvalSet(part.user_ids[keep], [part.histories[i] for i in keep], part.targets[keep])
+
+    protocol = {**split.protocol, "eval_users": len(users), "eval_sample": f"seeded uniform (seed={seed}, turn={turn})"}
+    return Split(split.train, pick(split.valid), pick(split.test), protocol, split.vocab)
+
+
 def markdown_table(results: dict[str, dict[str, float]], decision: GateDecision | None = None) -> str:
     """The evaluation report as a markdown table (rows: models; columns: REPORT_KEYS)."""
     keys = [k for k in REPORT_KEYS if any(k in m for m in results.values())]
@@ -111,8 +130,7 @@ def markdown_table(results: dict[str, dict[str, float]], decision: GateDecision 
 
 def top10_lists(model: Any, test: EvalSet, n_items: int) -> np.ndarray:
     """(n_users, 10) item_idx recommended to each test user, seen items excluded."""
-    scores = mask_scores(score_histories(model, test.histories), seen_mask(test.histories, n_items))
-    return top_k(scores, 10)
+    return rank_in_chunks(model, test, n_items=n_items, k=10)[1]  # chunked: bounded memory
 
 
 def auto_promotion_blocked(settings: Settings) -> str | None:
@@ -205,8 +223,10 @@ def rerank_tradeoff(model: Any, split: Split, n_items: int, genres: Any, fresh: 
                     settings: Settings) -> dict[str, Any] | None:
     """The diversity re-rankers' trade-off curves on validation, the default diversity chosen there and test
     once at it (``models.tradeoff.tradeoff_study`` on ``settings.rerank_eval_users`` sampled users of each
-    split, seeded by ``settings.seed``, grid ``EVAL_GRID``); None when ``rerank_eval_users`` is 0."""
-    if settings.rerank_eval_users <= 0 or len(split.valid) == 0 or len(split.test) == 0:
+    split, seeded by ``settings.seed``, grid ``EVAL_GRID``); None when ``rerank_eval_users`` is 0, a split has no
+    users, or the model has no item embeddings (the re-rankers' similarity)."""
+    valid, test = getattr(split, "valid", None), getattr(split, "test", None)
+    if settings.rerank_eval_users <= 0 or not valid or not test or not hasattr(model, "item_embeddings"):
         return None
     return tradeoff_study(model, split.valid, split.test, n_items, genres=genres, fresh=fresh, grid=EVAL_GRID,
                           max_users=settings.rerank_eval_users, seed=settings.seed)
@@ -267,7 +287,8 @@ def _load_candidate(client: MlflowClient, run_id: str) -> tuple[Any, ItemVocabul
 
 @flow(name="evaluate")
 def evaluate_flow(run_id: str, source: str | None = None, path: str | None = None,
-                  auto_promote: bool | None = None, baselines: list[str] | None = None) -> dict[str, Any]:
+                  auto_promote: bool | None = None, baselines: list[str] | None = None,
+                  eval_users: int | None = None, eval_turn: str = "") -> dict[str, Any]:
     """Evaluate the candidate of ``run_id``, apply the gate, register a version and move aliases.
 
     Args:
@@ -275,6 +296,8 @@ def evaluate_flow(run_id: str, source: str | None = None, path: str | None = Non
         source / path: override the data location recorded on the run (same events required).
         auto_promote: default ``settings.auto_promote``; when True a passing candidate becomes champion.
         baselines: which baselines to run and gate against (default: all of ``BASELINES``).
+        eval_users / eval_turn: evaluate every model on a seeded sample of this many test users (``sample_split``;
+            an incremental loop turn passes ``settings.loop_eval_users`` and its batch id); None = all.
     Returns:
         ``{"run_id", "version", "passed", "promoted", "decision", "metrics", "report_md", "ope", "rerank"}``
         (``ope``: ``flows.ope.ope_task``'s result; ``rerank``: ``rerank_tradeoff``'s, None when skipped).
@@ -297,11 +320,14 @@ def evaluate_flow(run_id: str, source: str | None = None, path: str | None = Non
     policy = settings.event_policy  # the candidate's targets are positives only, as in training
     split = leave_one_out(build_sequences(policy.positives(events), vocab))
     split.protocol["event_policy"] = policy.describe()
+    if eval_users:  # an incremental loop turn: a fixed-size sample, the same for every model scored
+        split = sample_split(split, eval_users, settings.seed, eval_turn)
     champion_version = aliases.get_alias_version(client, settings.model_name, settings.model_alias)
     champion = (store.load_version(settings.model_name, version=champion_version, client=client)
                 if champion_version is not None else None)
 
     fresh = fresh_by_idx(events, items, vocab, settings.freshness_days)
+    baselines, skipped_baselines = baselines_for(len(vocab), list(baselines))  # dense ones skipped when large
     results = score_models_task(split, vocab, model, champion, _genres(items, vocab), list(baselines), fresh)
     baselines = {n: m for n, m in results.items() if n not in ("candidate", "champion")}
     decision = decide(results["candidate"], results.get("champion"), baselines,
@@ -325,6 +351,9 @@ def evaluate_flow(run_id: str, source: str | None = None, path: str | None = Non
 
     report_md = (markdown_table(results, decision) + ope_markdown(ope) + short_history_markdown(short)
                  + rerank_markdown(rerank))
+    if skipped_baselines:
+        report_md += "\n**Baselines skipped**\n\n" + "".join(f"- {n}: {why}\n" for n, why in skipped_baselines.items())
+        client.set_tag(run_id, "baselines.skipped", ",".join(skipped_baselines))
     _log_report(client, run_id, results, decision, report_md, model, split, vocab, champion_version, ope, short)
     _log_rerank(client, run_id, rerank)
     create_markdown_artifact(key="evaluation-report", markdown=report_md,

@@ -21,6 +21,7 @@ from flows.validate import (
     validate_flow,
     write_outcome,
 )
+from recloop.forget import drop_forgotten, tombstone_filter
 from recloop.lake import IngestReport, Lake
 from recloop.quarantine import DataValidationError
 from recloop.settings import get_settings
@@ -59,6 +60,7 @@ def ingest_summary(report: IngestReport, outcome: ValidationOutcome) -> dict[str
     return {
         **report.model_dump(mode="json"),
         "rows_quarantined": outcome.rows_quarantined,
+        "rows_forgotten": outcome.rows_forgotten,
         "bad_share": outcome.bad_share,
         "data_docs_path": outcome.data_docs_path,
     }
@@ -110,6 +112,9 @@ def validate_frame_task(events: pd.DataFrame, source: str, batch_id: str) -> Val
     config = GateConfig.from_settings(settings, None).model_copy(
         update={"max_bad_row_share": 1.0, "unknown_item_max_share": 1.0, "bot_max_user_share": 1.0}
     )
+    events, n_forgotten = drop_forgotten(events, tombstone_filter(settings))  # forgotten users: dropped, counted
     outcome = validate_batch(events, items if len(items) else None, None, source=source,
                              as_of=datetime.now(UTC), config=config, batch_id=batch_id)
+    if n_forgotten:
+        outcome = outcome.model_copy(update={"rows_forgotten": n_forgotten})
     return write_outcome(outcome, settings.home)

@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import platform
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Mapping
@@ -149,13 +150,15 @@ def git_commit(repo: Path = REPO_ROOT) -> str:
 
 
 def prepare_split(events: pd.DataFrame, base_vocab: ItemVocabulary | None = None,
-                  policy: EventPolicy | None = None) -> tuple[ItemVocabulary, Split]:
+                  policy: EventPolicy | None = None, extra_ids: Any = ()) -> tuple[ItemVocabulary, Split]:
     """Vocabulary and leave-one-out split of the policy's positive events (``recloop.policy``: a
     negative or context-only event is never a history item nor a target). With ``base_vocab`` (warm
-    start) new items are appended. The split's protocol records the policy (``event_policy``)."""
+    start) new items are appended. ``extra_ids`` (the new-item catalogue, ``recloop.catalog``) join the
+    vocabulary even without events, so the retrain gives them ID embeddings. The split's protocol records the
+    policy (``event_policy``)."""
     policy = policy or get_settings().event_policy
     positives = policy.positives(events)
-    ids = positives["item_id"].astype(str).unique()
+    ids = list(dict.fromkeys([*positives["item_id"].astype(str).unique(), *(str(i) for i in extra_ids)]))
     vocab = base_vocab.extend(ids) if base_vocab is not None else ItemVocabulary.from_ids(ids)
     split = leave_one_out(build_sequences(positives, vocab))
     split.protocol["event_policy"] = policy.describe()
@@ -175,11 +178,19 @@ def load_events_task(source: str, path: str | None) -> tuple[pd.DataFrame, pd.Da
     return events, items, watermark
 
 
-@task(cache_policy=NO_CACHE)
+@task(retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def fit_task(run_id: str, split: Split, vocab: ItemVocabulary, model: str, model_params: dict[str, Any],
              train_params: dict[str, Any], init_model: Any | None = None,
-             init_vocab: ItemVocabulary | None = None) -> Any:
-    """Train model ``model`` and stream per-epoch metrics into the run (fails loudly, no retries)."""
+             init_vocab: ItemVocabulary | None = None, item_text: Any = None,
+             init_train_state: dict[str, Any] | None = None, checkpoint_dir: str | None = None) -> Any:
+    """Train model ``model`` and stream per-epoch metrics into the run.
+
+    Resumable: every epoch is checkpointed to ``checkpoint_dir`` (``resume_dir``), so a retry of this task
+    (or a rerun of the flow on the same data and settings) continues after the last finished epoch.
+    ``init_train_state``: the warm-start model's optimiser state (``training/train_state.pt``), continued
+    with its item rows remapped to ``vocab``.
+
+    ``item_text``: (n_items + 1, d_text) text embeddings of ``vocab`` for a text-aware model (``item_text_task``)."""
     from models.checkpoint import checkpoint_dict
     from models.trainer import TrainConfig, train_model
 
@@ -196,13 +207,104 @@ def fit_task(run_id: str, split: Split, vocab: ItemVocabulary, model: str, model
             value = record.get(key)
             if isinstance(value, int | float) and math.isfinite(value):
                 client.log_metric(run_id, name, float(value), step=step)
-        logger.info("epoch done model=%s epoch=%d loss=%.4f %s=%.4f seqs_per_s=%.0f", model, step,
-                    record.get("loss", math.nan), ndcg_key, record.get(ndcg_key, math.nan),
-                    record.get("seqs_per_s", math.nan))
+        logger.info("epoch done model=%s epoch=%d/%d loss=%.4f %s=%.4f seqs_per_s=%.0f eta_s=%.0f", model, step,
+                    train_config.epochs, record.get("loss", math.nan), ndcg_key, record.get(ndcg_key, math.nan),
+                    record.get("seqs_per_s", math.nan), record.get("eta_s", math.nan))
 
     init_state = checkpoint_dict(init_model, init_vocab) if init_model is not None else None
+    if init_state is not None and init_train_state:
+        init_state["train_state"] = init_train_state
     return train_model(split, vocab, model_config, train_config, init_state=init_state,
-                       progress=False, on_epoch=on_epoch)
+                       progress=False, on_epoch=on_epoch, item_text=item_text, checkpoint_dir=checkpoint_dir)
+
+
+@task(retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
+def catalog_items_task() -> pd.DataFrame:
+    """The new-item catalogue (``recloop.catalog``: items added through ``POST /items`` or ``recloop catalog
+    add``) as a contract items frame; empty, with a warning, when the event-log database is unreadable (the
+    retrain then waits for them; storage: may retry)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from recloop.catalog import CatalogStore, items_frame
+
+    try:
+        with CatalogStore(get_settings().event_log_uri) as store:
+            return store.items_frame()
+    except SQLAlchemyError as err:
+        get_run_logger().warning("new-item catalogue not read; retraining without it error=%s", err)
+        return items_frame([])
+
+
+@task(cache_policy=NO_CACHE)
+def item_text_task(vocab: ItemVocabulary, items: pd.DataFrame | None, catalog: pd.DataFrame) -> Any:
+    """(n_items + 1, d_text) text embeddings of ``vocab``'s items (title, genres, text; the packaged encoder
+    behind the features stage's embedding cache, ``featurestore.text``); an item without text gets a zero row.
+
+    Raises:
+        ValueError: no item has text (a text-aware model needs the items table).
+    """
+    from featurestore.materialize import load_text_encoder
+    from featurestore.text import embedding_cache_path, item_text_embeddings
+    from models.text_items import text_matrix
+
+    frames = [f for f in (items, catalog) if f is not None and len(f)]
+    if not frames:
+        raise ValueError("a text-aware model (item_repr 'id+text' or 'text') needs item texts; the source has none")
+    encoder = load_text_encoder(cache_path=embedding_cache_path(get_settings().home))
+    texts = item_text_embeddings(pd.concat(frames, ignore_index=True), encoder)
+    d_text = len(next(iter(texts.values())))
+    matrix = text_matrix(vocab.ids, texts, d_text)
+    get_run_logger().info("item texts embedded n_items=%d with_text=%d", len(vocab),
+                          sum(i in texts for i in vocab.ids))
+    return matrix
+
+
+#: Tags of the MLflow run that records a tuning study's best parameters (``flows.tune``); a cold ``train``
+#: of that model class reads the newest one (``latest_tuned``).
+TUNED_TAG = "tune.best"
+TUNE_EXPERIMENT = "recloop-tune"
+
+
+def latest_tuned(client: MlflowClient, model: str) -> dict[str, Any] | None:
+    """The newest tuned parameters of ``model``: ``{"run_id", "model": {...}, "train": {...}}`` from the run
+    tagged ``tune.best=true`` and ``model.class=<model>`` in experiment ``recloop-tune``, else None."""
+    exp = client.get_experiment_by_name(TUNE_EXPERIMENT)
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{TUNED_TAG}` = 'true' and "
+                              f"tags.`model.class` = '{model}'", order_by=["attributes.start_time DESC"],
+                              max_results=1)
+    if not runs:
+        return None
+    params = json.loads(runs[0].data.tags.get("tune.params", "{}"))
+    return {"run_id": runs[0].info.run_id, "model": dict(params.get("model", {})),
+            "train": dict(params.get("train", {}))}
+
+
+def resume_dir(home: Path, data_sha: str, model: str, model_params: Mapping[str, Any],
+               train_params: Mapping[str, Any], init_version: str | None) -> Path:
+    """``<home>/checkpoints/train-<key>``: the same data, model, parameters and warm-start version give the
+    same folder, so a retried or rerun training finds its last epoch there (``models.trainer``)."""
+    key = json.dumps({"data": data_sha, "model": model, "model_params": dict(model_params),
+                      "train_params": dict(train_params), "init": init_version}, sort_keys=True, default=str)
+    return home / "checkpoints" / f"train-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def init_train_state(client: MlflowClient, run_id: str | None) -> dict[str, Any] | None:
+    """The optimiser state a run saved with its best model (``training/train_state.pt``), or None when the
+    run has none (trained before it was recorded: the warm start then begins with a fresh optimiser)."""
+    from mlflow.exceptions import MlflowException
+
+    from models.checkpoint import load_train_state
+
+    if not run_id:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(run_id, "training/train_state.pt", tmp)
+        except (MlflowException, OSError):
+            return None
+        return load_train_state(path)
 
 
 @flow(name="train")
@@ -243,11 +345,20 @@ def train_flow(source: str = "lake", path: str | None = None, model_params: dict
         architecture = {k: v for k, v in init.model.config_dict().items() if k != "n_items"}
     model = model or settings.model_class
     cls = model_class(model)  # fails here, before any data is read, on an unknown name
-    model_params = {**architecture, **(model_params or {})}
-    train_params = {"seed": settings.seed, **cls.train_defaults, **(train_params or {})}
+    tuned = latest_tuned(client, model) if init is None else None  # warm starts keep the champion's architecture
+    model_params = {**architecture, **(tuned or {}).get("model", {}), **(model_params or {})}
+    train_params = {"seed": settings.seed, **cls.train_defaults, **(tuned or {}).get("train", {}),
+                    **(train_params or {})}
 
-    events, _, watermark = load_events_task(source, path)
-    vocab, split = prepare_split(events, init.vocab if init is not None else None)
+    events, items, watermark = load_events_task(source, path)
+    catalog = catalog_items_task()  # new items join the vocabulary: this retrain learns their ID embeddings
+    vocab, split = prepare_split(events, init.vocab if init is not None else None, extra_ids=catalog["item_id"])
+    if init is None and "item_repr" not in model_params and settings.item_repr != "id":
+        model_params["item_repr"] = settings.item_repr
+    item_text = None
+    if model_params.get("item_repr", "id") != "id":
+        item_text = item_text_task(vocab, items, catalog)
+        model_params["d_text"] = int(item_text.shape[1])
 
     tags = {**data_fingerprint(events, source, path, watermark), "git.commit": git_commit(),
             "data.version": data_version or "", "vocab.version": vocab.version, "stage": "trained",
@@ -260,13 +371,20 @@ def train_flow(source: str = "lake", path: str | None = None, model_params: dict
     for key, value in params.items():
         client.log_param(run_id, key, value)
 
+    if tuned is not None:
+        client.set_tag(run_id, "tuned_from", tuned["run_id"])
+    resume = resume_dir(settings.home, tags["data.sha256"], model, model_params, train_params,
+                        init.version if init is not None else None)
+    client.set_tag(run_id, "train.resume_dir", str(resume))
     try:
         result = fit_task(run_id, split, vocab, model, model_params, train_params,
-                          init.model if init else None, init.vocab if init else None)
+                          init.model if init else None, init.vocab if init else None, item_text,
+                          init_train_state(client, init.run_id) if init is not None else None, str(resume))
         info = _log_training_outputs(client, run_id, result, vocab, model_params, train_params)
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
         raise
+    shutil.rmtree(resume, ignore_errors=True)  # done: the next train on the same data starts afresh
     logger.info("trained run_id=%s best_epoch=%s", run_id, getattr(result, "best_epoch", "?"))
     return {"run_id": run_id, **info}
 
@@ -287,8 +405,9 @@ def _log_training_outputs(client: MlflowClient, run_id: str, result: Any, vocab:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         ckpt = out / "checkpoint.pt"
+        text_extra = {"text_encoder": "all-MiniLM-L6-v2"} if getattr(result.model, "uses_text", False) else {}
         save_checkpoint(ckpt, result.model, vocab, {"run_id": run_id, "best_epoch": result.best_epoch,
-                                                    "history": history, "seed": result.seed})
+                                                    "history": history, "seed": result.seed, **text_extra})
         (out / "vocab.json").write_text(json.dumps(vocab.to_dict()))
         (out / "config.json").write_text(json.dumps({"model": {**model_params, "n_items": len(vocab)},
                                                      "model_class": result.model.name,
@@ -296,6 +415,11 @@ def _log_training_outputs(client: MlflowClient, run_id: str, result: Any, vocab:
         (out / "history.json").write_text(json.dumps(history, indent=2, default=str))
         for name in ("checkpoint.pt", "vocab.json", "config.json", "history.json"):
             client.log_artifact(run_id, str(out / name), artifact_path="training")
+        if getattr(result, "train_state", None):  # the best epoch's optimiser state: warm starts continue it
+            from models.checkpoint import save_train_state
+
+            save_train_state(out / "train_state.pt", result.train_state)
+            client.log_artifact(run_id, str(out / "train_state.pt"), artifact_path="training")
         if history:
             plots.learning_curve(history, out / "learning_curve.png", getattr(result, "best_epoch", None))
             client.log_artifact(run_id, str(out / "learning_curve.png"), artifact_path="plots")

@@ -25,6 +25,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field
 
 from recloop.contract import coerce_items, coerce_users
+from recloop.forget import drop_forgotten, tombstone_filter
 from recloop.quarantine import REJECT_COLUMNS, DataValidationError, as_text_columns, split_events
 from recloop.settings import Settings, get_settings
 
@@ -74,6 +75,7 @@ class ValidationOutcome(BaseModel):
     rows_ok: int
     rows_quarantined: int
     rows_deduplicated: int
+    rows_forgotten: int = Field(default=0, description="Forgotten users' rows dropped before the gate (recloop.forget)")
     bad_share: float = Field(description="rows_quarantined / rows_in (0 for an empty batch)")
     max_bad_row_share: float
     unexpected_counts: dict[str, int] = Field(description="Check/expectation key -> failing rows")
@@ -271,9 +273,12 @@ def read_and_validate(
     except SourceError as err:
         raise DataValidationError([f"source.read: {err}"]) from err
     cfg = GateConfig.from_settings(get_settings(), frames.meta.get("rating_range"))
-    return validate_batch(
-        frames.events, frames.items, frames.users, source=source, as_of=as_of, config=cfg, batch_id=batch_id
-    )
+    # Forgotten users' rows never reach the gate, the quarantine or the lake (re-ingesting the source keeps them out).
+    forgotten = tombstone_filter(get_settings())
+    events, n_forgotten = drop_forgotten(frames.events, forgotten)
+    users, _ = drop_forgotten(frames.users, forgotten)
+    outcome = validate_batch(events, frames.items, users, source=source, as_of=as_of, config=cfg, batch_id=batch_id)
+    return outcome.model_copy(update={"rows_forgotten": n_forgotten}) if n_forgotten else outcome
 
 
 validate_task = task(read_and_validate, name="validate-batch", cache_policy=NO_CACHE)
@@ -295,9 +300,9 @@ def validate_flow(
     outcome = write_task(outcome, get_settings().home)
     log.info(
         "validation batch=%s passed=%s rows_in=%d rows_ok=%d quarantined=%d deduplicated=%d bad_share=%.4f "
-        "duration_s=%.2f",
+        "duration_s=%.2f forgotten=%d",
         outcome.batch_id, outcome.passed, outcome.rows_in, outcome.rows_ok, outcome.rows_quarantined,
-        outcome.rows_deduplicated, outcome.bad_share, outcome.duration_s,
+        outcome.rows_deduplicated, outcome.bad_share, outcome.duration_s, outcome.rows_forgotten,
     )  # fmt: skip
     log.info("data docs: %s ; results: %s", outcome.data_docs_path, outcome.results_path)
     if outcome.stopped:

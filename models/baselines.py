@@ -164,3 +164,24 @@ class Markov1(_Baseline):
 #: The baselines every evaluation and benchmark runs beside the candidate, with their default settings
 #: (ItemKNN k_neighbours=100, EASE l2=500; MostPop and Markov1 have none). The one table of them.
 BASELINES: dict[str, type[_Baseline]] = {"MostPop": MostPop, "ItemKNN": ItemKNN, "EASE": EASE, "Markov1": Markov1}
+
+#: Baselines whose fit holds a dense (n_items + 1)^2 float32 matrix (ItemKNN's similarities, EASE's B and
+#: the inverse behind it): 30,000 items is 3.6 GB each, so above this size they are skipped, and the
+#: evaluation report says so (``baselines_for``).
+DENSE_BASELINES: tuple[str, ...] = ("ItemKNN", "EASE")
+DENSE_BASELINE_MAX_ITEMS = 30_000
+
+
+def baselines_for(n_items: int, names: list[str] | tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
+    """Which of ``names`` can run on a catalogue of ``n_items``: ``(kept, {skipped name: reason})``.
+
+    The dense ones (``DENSE_BASELINES``) are skipped above ``DENSE_BASELINE_MAX_ITEMS`` items.
+    """
+    kept, skipped = [], {}
+    for name in names:
+        if name in DENSE_BASELINES and n_items > DENSE_BASELINE_MAX_ITEMS:
+            skipped[name] = (f"skipped: {n_items} items > {DENSE_BASELINE_MAX_ITEMS} "
+                             f"(dense n_items^2 matrix, {4 * (n_items + 1) ** 2 / 2**30:.1f} GiB)")
+        else:
+            kept.append(name)
+    return kept, skipped

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -106,14 +107,134 @@ def warm_start_state(
     old = init_state["state_dict"]
     new = {k: v.detach().clone() for k, v in model.state_dict().items()}
     for name, tensor in old.items():
-        if name == "item_emb.weight":
-            new_idx = vocab.encode(old_vocab.ids, unknown="pad")  # (old n_items,) 0 where dropped
-            keep = new_idx != PAD_IDX
-            rows = torch.from_numpy(np.flatnonzero(keep) + 1)
-            new[name][torch.from_numpy(new_idx[keep])] = tensor.to(new[name].dtype)[rows]
-        elif name == "pos_emb.weight":
-            n = min(len(tensor), len(new[name]))
-            new[name][-n:] = tensor[-n:].to(new[name].dtype)
-        elif name in new and new[name].shape == tensor.shape:
-            new[name] = tensor.to(new[name].dtype).clone()
+        if name in new:
+            remapped = remap_tensor(name, tensor, new[name], old_vocab, vocab)
+            if remapped is not None:
+                new[name] = remapped
     return new
+
+
+def remap_tensor(
+    name: str, old: torch.Tensor, template: torch.Tensor, old_vocab: ItemVocabulary, vocab: ItemVocabulary
+) -> torch.Tensor | None:
+    """The warm-start rule for one tensor named ``name`` (a weight, or an optimiser moment of that weight).
+
+    ``item_emb.weight``: rows copied by item id into a copy of ``template`` (new items keep the
+    template's rows, dropped items are ignored); ``pos_emb.weight``: rows copied right-aligned; any other
+    tensor: copied when the shape matches. Returns None when nothing can be copied.
+    """
+    out = template.detach().clone()
+    if name == "item_emb.weight":
+        new_idx = vocab.encode(old_vocab.ids, unknown="pad")  # (old n_items,) 0 where dropped
+        keep = new_idx != PAD_IDX
+        rows = torch.from_numpy(np.flatnonzero(keep) + 1)
+        out[torch.from_numpy(new_idx[keep])] = old.to(out.dtype)[rows]
+        return out
+    if name == "pos_emb.weight":
+        n = min(len(old), len(out))
+        out[-n:] = old[-n:].to(out.dtype)
+        return out
+    if out.shape == old.shape:
+        return old.to(out.dtype).clone()
+    return None
+
+
+def named_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, dict[str, Any]]:
+    """The optimiser's per-parameter state keyed by parameter name (CPU copies), e.g. AdamW's
+    ``{"item_emb.weight": {"step": 120.0, "exp_avg": (n_items + 1, d), "exp_avg_sq": (n_items + 1, d)}}``.
+
+    Keyed by name rather than by position so it survives a vocabulary change (``remap_optimizer_state``).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for name, param in model.named_parameters():
+        state = optimizer.state.get(param)
+        if state:
+            out[name] = {k: (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
+    return out
+
+
+def load_named_optimizer_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, named: dict[str, dict[str, Any]]
+) -> list[str]:
+    """Put ``named`` (``named_optimizer_state``) into ``optimizer`` for ``model``'s parameters.
+
+    A parameter whose recorded moments do not match its shape keeps a fresh state (AdamW starts it
+    at the first step). ``step`` goes where the optimiser keeps it (the parameter's device for fused).
+
+    Returns:
+        The parameter names that received a state.
+    """
+    on_device_step = bool(optimizer.defaults.get("fused") or optimizer.defaults.get("capturable"))
+    loaded = []
+    for name, param in model.named_parameters():
+        state = named.get(name)
+        if not state or any(isinstance(v, torch.Tensor) and v.dim() and v.shape != param.shape
+                            for v in state.values()):
+            continue
+        placed: dict[str, Any] = {}
+        for key, value in state.items():
+            if not isinstance(value, torch.Tensor):
+                placed[key] = value
+            elif value.dim() == 0:  # "step": on CPU unless the optimiser is fused or capturable
+                placed[key] = value.to(param.device if on_device_step else "cpu", torch.float32, copy=True)
+            else:
+                placed[key] = value.to(param.device, param.dtype, copy=True)  # never shares the caller's tensor
+        optimizer.state[param] = placed
+        loaded.append(name)
+    return loaded
+
+
+def remap_optimizer_state(
+    named: dict[str, dict[str, Any]], old_vocab: ItemVocabulary, model: torch.nn.Module, vocab: ItemVocabulary
+) -> dict[str, dict[str, Any]]:
+    """Carry an optimiser state (``named_optimizer_state``) over to ``model`` built for a new ``vocab``.
+
+    Each moment tensor follows its weight's rule (``remap_tensor``): item-embedding rows move by item id,
+    position rows right-aligned, other tensors when the shape matches. Rows of items new in ``vocab`` get
+    ``exp_avg`` 0 and ``exp_avg_sq`` equal to the mean of the known rows' (zero second moments under the
+    inherited step count would give new rows several times larger first updates than known rows). The
+    step count is kept (no new bias-correction warm-up). The learning-rate schedule is not carried: a
+    warm start runs its own warm-up and decay.
+    """
+    params = dict(model.named_parameters())
+    out: dict[str, dict[str, Any]] = {}
+    for name, state in named.items():
+        if name not in params:
+            continue
+        template = torch.zeros_like(params[name], device="cpu")
+        new_state: dict[str, Any] = {}
+        for key, value in state.items():
+            if not isinstance(value, torch.Tensor) or value.dim() == 0:
+                new_state[key] = value
+                continue
+            fill = template
+            if name == "item_emb.weight" and key == "exp_avg_sq" and len(value) > 1:
+                fill = template + value[1:].mean(dim=0, keepdim=True).to(template.dtype)
+                fill[PAD_IDX] = 0.0
+            remapped = remap_tensor(name, value, fill, old_vocab, vocab)
+            if remapped is None:
+                new_state = {}
+                break
+            new_state[key] = remapped
+        if new_state:
+            out[name] = new_state
+    return out
+
+
+def save_train_state(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Atomically write a training-state payload (optimiser, scheduler, epoch, ...; tensors and plain
+    values only) to ``path``: written beside it first, then renamed, so a kill leaves the old file whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_train_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
+    """The payload ``save_train_state`` wrote, or None when ``path`` does not exist."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    return torch.load(path, map_location=map_location, weights_only=True)

@@ -17,9 +17,10 @@ from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.losses import full_softmax_ce, sampled_softmax_ce
+from models.losses import full_softmax_ce, in_batch_sampled_ce, sampled_softmax_ce
 from models.vocab import PAD_IDX
 
 
@@ -33,12 +34,17 @@ class Batch:
         n_negatives: None for the full-softmax cross-entropy over the catalogue, else the number of
             uniform negatives of the sampled softmax.
         generator: CPU generator for the negatives (determinism).
+        item_prob: optional (n_items + 1,) training target frequency; with ``n_negatives`` set, the loss
+            is the in-batch + uniform sampled softmax with the logQ correction (``models.losses``).
+        n_in_batch: with ``item_prob``, how many of the batch's targets serve as negatives (None: all).
     """
 
     inputs: Tensor
     targets: Tensor
     n_negatives: int | None = None
     generator: torch.Generator | None = None
+    item_prob: Tensor | None = None
+    n_in_batch: int | None = None
 
 
 @runtime_checkable
@@ -58,6 +64,30 @@ class SequentialModel(Scorer, Protocol):
     def loss(self, batch: Batch) -> Tensor: ...
 
     def item_embeddings(self) -> Tensor: ...
+
+
+#: How an item's vector is made (``item_repr`` of a model config): its ID embedding only; the ID embedding plus
+#: a learned linear projection of its frozen text embedding; or the projection alone (no ID embedding in the
+#: vectors; UniSRec, Hou et al. KDD 2022, and Recformer, Li et al. KDD 2023, use text without IDs).
+ITEM_REPRS: tuple[str, ...] = ("id", "id+text", "text")
+
+
+def check_item_repr(item_repr: str, d_text: int, text_dropout: float = 0.0, id_dropout: float = 0.0) -> None:
+    """The checks of the text-aware item fields every model config shares.
+
+    Raises:
+        ValueError: unknown ``item_repr`` (lists them), ``d_text`` < 1 with text (or != 0 without), a dropout
+            outside [0, 1).
+    """
+    if item_repr not in ITEM_REPRS:
+        raise ValueError(f"item_repr={item_repr!r}; expected one of {list(ITEM_REPRS)}")
+    if item_repr != "id" and d_text < 1:
+        raise ValueError(f"item_repr={item_repr!r} needs d_text >= 1 (the text embedding width); got {d_text}")
+    if item_repr == "id" and d_text != 0:
+        raise ValueError(f"item_repr='id' takes no text; got d_text={d_text} (expected 0)")
+    for name, value in (("text_dropout", text_dropout), ("id_dropout", id_dropout)):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{name}={value}; expected in [0, 1)")
 
 
 def check_config(n_items: int, max_seq_len: int, dropout: float = 0.0) -> None:
@@ -88,7 +118,18 @@ class ItemSequenceModel(nn.Module):
     """Base of every sequential model: an item embedding table tied to the output layer.
 
     Subclasses set ``name`` and ``config_class``, build ``self.item_emb``
-    (``nn.Embedding(n_items + 1, d_model, padding_idx=0)``) and implement ``encode``.
+    (``nn.Embedding(n_items + 1, d_model, padding_idx=0)``) and implement ``encode(item_idx, item_table=None)``,
+    embedding their input with ``self.embed_items(item_idx, item_table)``.
+
+    Text-aware items (config ``item_repr`` "id+text" or "text", ``d_text`` > 0): the model holds the frozen text
+    embeddings of its items as a buffer ``item_text`` ((n_items + 1, d_text), row 0 zero; saved in the
+    checkpoint, set with ``set_item_text``) and a learned ``text_proj`` (Linear d_text -> d_model, no bias, so
+    the padding row stays zero). An item's vector is ``item_emb + text_proj(item_text)`` ("id+text") or
+    ``text_proj(item_text)`` ("text"), used for the input and, tied, for the output layer, and trained by the
+    same ``loss``. ``text_dropout`` drops text features in training; ``id_dropout`` zeroes the ID part of a
+    random share of items per step (DropoutNet, Volkovs et al., NeurIPS 2017), so that the text part alone
+    scores well: what an item without an ID embedding (a new one) gets at serving time
+    (``models.text_items``).
     """
 
     name: ClassVar[str] = ""
@@ -103,6 +144,54 @@ class ItemSequenceModel(nn.Module):
         if not isinstance(config, self.config_class):
             raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}; got {type(config).__name__}")
         self.config = config
+        self.text_proj: nn.Linear | None = None
+        if getattr(config, "item_repr", "id") != "id":
+            self.register_buffer("item_text", torch.zeros(config.n_items + 1, config.d_text))
+            self.text_proj = nn.Linear(config.d_text, config.d_model, bias=False)
+            nn.init.trunc_normal_(self.text_proj.weight, std=0.02)
+            self.text_drop = nn.Dropout(getattr(config, "text_dropout", 0.0))
+
+    @property
+    def uses_text(self) -> bool:
+        """True when item vectors include the projected text embedding (``item_repr`` "id+text" or "text")."""
+        return self.text_proj is not None
+
+    def set_item_text(self, item_text: Tensor | Any) -> None:
+        """Copy the items' frozen text embeddings into the ``item_text`` buffer.
+
+        Args:
+            item_text: (n_items + 1, d_text) float array or tensor, row k = item_idx k (row 0, padding, is zeroed;
+                an item without text may have a zero row).
+        Raises:
+            ValueError: the model takes no text, or the shape is not (n_items + 1, d_text).
+        """
+        if not self.uses_text:
+            raise ValueError(f"{type(self).__name__} with item_repr='id' takes no item text")
+        text = torch.as_tensor(item_text, dtype=torch.float32)
+        if tuple(text.shape) != tuple(self.item_text.shape):
+            raise ValueError(f"item_text shape {tuple(text.shape)}; expected {tuple(self.item_text.shape)}")
+        with torch.no_grad():
+            self.item_text.copy_(text.to(self.item_text.device))
+            self.item_text[PAD_IDX].zero_()
+
+    def project_text(self, text: Tensor) -> Tensor:
+        """``text_proj`` of text embeddings: (..., d_text) -> (..., d_model); a zero row stays zero.
+
+        Raises:
+            ValueError: the model takes no text.
+        """
+        if self.text_proj is None:
+            raise ValueError(f"{type(self).__name__} with item_repr='id' takes no item text")
+        return self.text_proj(text.to(self.text_proj.weight.dtype))
+
+    def embed_items(self, item_idx: Tensor, item_table: Tensor | None = None) -> Tensor:
+        """Input vectors of ``item_idx`` (any shape) -> (..., d_model): rows of ``item_table`` when given (it may
+        hold more rows than the catalogue: serving appends new items), else of ``item_embeddings()``."""
+        if item_table is None:
+            if self.text_proj is None:
+                return self.item_emb(item_idx)
+            item_table = self.item_embeddings()
+        return F.embedding(item_idx, item_table, padding_idx=PAD_IDX)
 
     def check_input(self, item_idx: Tensor) -> tuple[int, int]:
         """The shape checks every ``encode`` starts with; returns ``(batch, seq_len)``.
@@ -117,8 +206,9 @@ class ItemSequenceModel(nn.Module):
             raise ValueError(f"seq_len={seq_len} exceeds max_seq_len={self.config.max_seq_len}")
         return batch, seq_len
 
-    def encode(self, item_idx: Tensor) -> Tensor:
-        """(batch, seq_len) int64 left-padded histories -> (batch, seq_len, d_model) hidden states."""
+    def encode(self, item_idx: Tensor, item_table: Tensor | None = None) -> Tensor:
+        """(batch, seq_len) int64 left-padded histories -> (batch, seq_len, d_model) hidden states (input vectors
+        from ``embed_items(item_idx, item_table)``)."""
         raise NotImplementedError  # pragma: no cover - abstract
 
     def forward(self, item_idx: Tensor) -> Tensor:
@@ -126,12 +216,31 @@ class ItemSequenceModel(nn.Module):
         return self.encode(item_idx)
 
     def item_embeddings(self) -> Tensor:
-        """(n_items + 1, d_model) item vectors the output layer scores with; row 0 is padding."""
-        return self.item_emb.weight
+        """(n_items + 1, d_model) item vectors the output layer scores with; row 0 is padding.
 
-    def logits(self, hidden: Tensor) -> Tensor:
-        """Tied output layer: (..., d_model) -> (..., n_items + 1); column 0 (padding) is -inf."""
-        out = hidden @ self.item_embeddings().T  # (..., n_items + 1)
+        ID-only: the ID embedding table. Text-aware: ``item_emb + text_proj(item_text)`` or, for "text",
+        ``text_proj(item_text)`` (see the class docstring; in training with dropout on the text path and on IDs).
+        """
+        if self.text_proj is None:
+            return self.item_emb.weight
+        text = self.project_text(self.text_drop(self.item_text))  # (n_items + 1, d_model), row 0 zero
+        if self.config.item_repr == "text":
+            return text
+        ids = self.item_emb.weight  # (n_items + 1, d_model)
+        p = float(getattr(self.config, "id_dropout", 0.0))
+        if self.training and p > 0:
+            keep = torch.rand(ids.shape[0], 1, device=ids.device) >= p  # (n_items + 1, 1) items keeping their ID
+            ids = ids * keep
+        return ids + text
+
+    def logits(self, hidden: Tensor, item_table: Tensor | None = None) -> Tensor:
+        """Tied output layer: (..., d_model) -> (..., n_rows); column 0 (padding) is -inf.
+
+        ``item_table``: the (n_rows, d_model) item vectors to score (default ``item_embeddings()``, n_rows =
+        n_items + 1; serving passes a frozen table with new items appended).
+        """
+        table = self.item_embeddings() if item_table is None else item_table
+        out = hidden @ table.T  # (..., n_rows)
         out[..., PAD_IDX] = float("-inf")
         return out
 
@@ -139,12 +248,20 @@ class ItemSequenceModel(nn.Module):
         """Next-item cross-entropy at every non-padding target position, shape ().
 
         Full softmax over the catalogue (Klenitskiy & Vasilev, RecSys 2023) when
-        ``batch.n_negatives`` is None, else the sampled softmax of ``models.losses``.
+        ``batch.n_negatives`` is None, else the sampled softmax of ``models.losses``. A text-aware model builds
+        its item vectors once per batch, for its input and its tied output layer.
         """
-        hidden = self.encode(batch.inputs)  # (batch, seq_len, d_model)
-        weight = self.item_embeddings()  # (n_items + 1, d_model)
+        if self.text_proj is None:
+            hidden = self.encode(batch.inputs)  # (batch, seq_len, d_model)
+            weight = self.item_embeddings()  # (n_items + 1, d_model)
+        else:
+            weight = self.item_embeddings()  # (n_items + 1, d_model), one ID-dropout draw for the batch
+            hidden = self.encode(batch.inputs, item_table=weight)  # (batch, seq_len, d_model)
         if batch.n_negatives is None:
             return full_softmax_ce(hidden, batch.targets, weight)
+        if batch.item_prob is not None:
+            return in_batch_sampled_ce(hidden, batch.targets, weight, batch.n_negatives, batch.item_prob,
+                                       batch.generator, batch.n_in_batch)
         return sampled_softmax_ce(hidden, batch.targets, weight, batch.n_negatives, batch.generator)
 
     @torch.inference_mode()
@@ -157,11 +274,30 @@ class ItemSequenceModel(nn.Module):
         Returns:
             (batch, n_items + 1) float32 scores with column 0 = -inf, or (batch, n_candidates).
         """
-        device = self.item_embeddings().device
+        return self.score_with_table(item_idx, None, candidate_idx)
+
+    @torch.inference_mode()
+    def score_with_table(self, item_idx: Tensor, item_table: Tensor | None,
+                         candidate_idx: Tensor | None = None) -> Tensor:
+        """``score`` against given item vectors (serving's frozen table, new items appended; ``models.text_items``).
+
+        Args:
+            item_idx: (batch, seq_len) int64 left-padded histories; indices may reach ``n_rows - 1``.
+            item_table: (n_rows, d_model) item vectors, or None for ``item_embeddings()`` (``score``).
+            candidate_idx: optional (n_candidates,) or (batch, n_candidates) item_idx to score.
+        Returns:
+            (batch, n_rows) float32 scores with column 0 = -inf, or (batch, n_candidates).
+        """
+        device = self.item_emb.weight.device
         item_idx = torch.as_tensor(item_idx, dtype=torch.long, device=device)
         item_idx = item_idx[:, -self.config.max_seq_len :]
-        last = self.encode(item_idx)[:, -1, :]  # (batch, d_model)
-        scores = self.logits(last).float()  # (batch, n_items + 1)
+        if item_table is None and self.text_proj is not None:
+            item_table = self.item_embeddings()  # once for the input and the output layer
+        if item_table is None:
+            last = self.encode(item_idx)[:, -1, :]  # (batch, d_model)
+        else:
+            last = self.encode(item_idx, item_table=item_table)[:, -1, :]  # (batch, d_model)
+        scores = self.logits(last, item_table).float()  # (batch, n_rows)
         return select_candidates(scores, candidate_idx)
 
     def config_dict(self) -> dict[str, Any]:

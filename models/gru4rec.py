@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from models.contract import ItemSequenceModel, check_config
+from models.contract import ItemSequenceModel, check_config, check_item_repr
 from models.vocab import PAD_IDX
 
 #: Training knobs chosen with the config defaults on ML-100K validation NDCG@10 (``bench/tune_gru4rec.py``;
@@ -46,6 +46,7 @@ class GRU4RecConfig:
             the item embeddings).
         n_layers: stacked GRU layers.
         dropout: dropout on the item embeddings, between GRU layers and on the GRU outputs.
+        item_repr, d_text, text_dropout, id_dropout: text-aware items, as in ``models.sasrec.SASRecConfig``.
     """
 
     n_items: int
@@ -53,9 +54,14 @@ class GRU4RecConfig:
     d_model: int = 64
     n_layers: int = 1
     dropout: float = 0.5
+    item_repr: str = "id"
+    d_text: int = 0
+    text_dropout: float = 0.0
+    id_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         check_config(self.n_items, self.max_seq_len, self.dropout)
+        check_item_repr(self.item_repr, self.d_text, self.text_dropout, self.id_dropout)
         if self.d_model < 1:
             raise ValueError(f"d_model={self.d_model}; expected >= 1")
         if self.n_layers < 1:
@@ -93,11 +99,12 @@ class GRU4Rec(ItemSequenceModel):
             self.item_emb.weight[PAD_IDX].zero_()
         self.gru.reset_parameters()
 
-    def encode(self, item_idx: Tensor) -> Tensor:
+    def encode(self, item_idx: Tensor, item_table: Tensor | None = None) -> Tensor:
         """Run the GRU over each history from its first real item.
 
         Args:
             item_idx: (batch, seq_len) int64, left-padded with 0, most recent item last.
+            item_table: optional (n_rows, d_model) item vectors to embed the input with (``embed_items``).
         Returns:
             (batch, seq_len, d_model) hidden states; position t depends only on items <= t and not
             on the amount of leading padding; rows at leading-padding positions are zero.
@@ -111,7 +118,7 @@ class GRU4Rec(ItemSequenceModel):
         positions = torch.arange(seq_len, device=item_idx.device)  # (seq_len,)
         # Rotate each row left by its padding so the history starts at column 0 (right padding).
         to_right = (positions + (seq_len - lengths).unsqueeze(1)) % seq_len  # (batch, seq_len)
-        h = self.emb_drop(self.item_emb(item_idx.gather(1, to_right)))  # (batch, seq_len, d_model)
+        h = self.emb_drop(self.embed_items(item_idx.gather(1, to_right), item_table))  # (batch, seq_len, d_model)
         # All-padding rows run one step over the zero padding embedding; their output is masked below.
         packed = pack_padded_sequence(h, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
         out, _ = self.gru(packed)

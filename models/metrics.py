@@ -172,6 +172,38 @@ def _genres_of(item_genres: Mapping[int, Sequence[str]] | Sequence, i: int) -> S
     return item_genres[i] if i < len(item_genres) and item_genres[i] is not None else ()
 
 
+def rank_in_chunks(
+    scorer: Scorer, eval_set: EvalSet, *, n_items: int, k: int, exclude_seen: bool = True, batch_size: int = 512
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pessimistic target ranks and top-k lists of every user, ``batch_size`` users at a time.
+
+    Each chunk is scored, masked and ranked by ``models.ranking`` exactly as the whole set would be, so
+    the result equals the unchunked one while memory stays O(batch_size * n_items), not
+    O(n_users * n_items) (a 6,000-user, 50,000-item float64 score matrix alone is 2.4 GB).
+
+    Returns:
+        ``(ranks (n_users,) int64, lists (n_users, min(k, n_items + 1)) int64)``.
+    Raises:
+        ValueError: the scorer returns other than ``n_items + 1`` columns, or ``batch_size < 1``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}; expected >= 1")
+    ranks, lists = [], []
+    for start in range(0, max(len(eval_set), 1), batch_size):
+        histories = eval_set.histories[start : start + batch_size]
+        if not histories:
+            break
+        scores = score_histories(scorer, histories, batch_size=batch_size)
+        if scores.shape[1] != n_items + 1:
+            raise ValueError(f"scorer returned {scores.shape[1]} columns; expected n_items + 1 = {n_items + 1}")
+        masked = mask_scores(scores, seen_mask(histories, n_items) if exclude_seen else None)
+        ranks.append(target_ranks(masked, eval_set.targets[start : start + batch_size]))
+        lists.append(top_k(masked, k))
+    if not ranks:
+        raise ValueError("score_histories needs at least one history")
+    return np.concatenate(ranks), np.concatenate(lists, axis=0)
+
+
 def evaluate(
     scorer: Scorer,
     eval_set: EvalSet,
@@ -197,17 +229,14 @@ def evaluate(
         n_train_users: users behind ``item_counts`` (for novelty); default = len(eval_set).
         item_genres: item_idx -> genres; enables intra-list diversity.
         fresh: (n_items + 1,) bool fresh items (``fresh_items``); enables freshness@K.
+        batch_size: users scored, masked and ranked at once (memory is O(batch_size * n_items)).
     Returns:
         ``{"metrics": {name: mean}, "per_user": {name: (n_users,) array}, "protocol": {...}}`` with
         names like ``ndcg@10``, ``hr@10``, ``recall@10``, ``precision@10``, ``mrr@10``, ``f1@10``,
         ``coverage@10``, ``novelty@10``, ``ild@10``, ``mean_pop@10``, ``freshness@10``.
     """
-    scores = score_histories(scorer, eval_set.histories, batch_size=batch_size)
-    if scores.shape[1] != n_items + 1:
-        raise ValueError(f"scorer returned {scores.shape[1]} columns; expected n_items + 1 = {n_items + 1}")
-    masked = mask_scores(scores, seen_mask(eval_set.histories, n_items) if exclude_seen else None)
-    ranks = target_ranks(masked, eval_set.targets)
-    lists = top_k(masked, k)
+    ranks, lists = rank_in_chunks(scorer, eval_set, n_items=n_items, k=k, exclude_seen=exclude_seen,
+                                  batch_size=batch_size)
     per_user = {
         f"hr@{k}": hit_rate(ranks, k),
         f"ndcg@{k}": ndcg(ranks, k),

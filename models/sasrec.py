@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.contract import ItemSequenceModel, check_config
+from models.contract import ItemSequenceModel, check_config, check_item_repr
 from models.vocab import PAD_IDX
 
 
@@ -35,6 +35,11 @@ class SASRecConfig:
         dropout: dropout on the embeddings, the feed-forward hidden layer and the block outputs
             (not on the attention weights, see the module docstring).
         ff_mult: feed-forward width = ff_mult * d_model.
+        item_repr: "id" (ID embeddings), "id+text" or "text" (``models.contract.ITEM_REPRS``: the projected
+            frozen text embedding of each item is added to, or replaces, its ID embedding).
+        d_text: width of the text embeddings (384 for all-MiniLM-L6-v2); 0 with "id".
+        text_dropout: dropout on the text embeddings in training (text-aware only).
+        id_dropout: share of items whose ID part is zeroed per training step ("id+text" only; DropoutNet).
     """
 
     n_items: int
@@ -44,9 +49,14 @@ class SASRecConfig:
     n_layers: int = 2
     dropout: float = 0.3
     ff_mult: int = 1
+    item_repr: str = "id"
+    d_text: int = 0
+    text_dropout: float = 0.0
+    id_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         check_config(self.n_items, self.max_seq_len, self.dropout)
+        check_item_repr(self.item_repr, self.d_text, self.text_dropout, self.id_dropout)
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
 
@@ -108,11 +118,12 @@ class SASRec(ItemSequenceModel):
         with torch.no_grad():
             self.item_emb.weight[PAD_IDX].zero_()
 
-    def encode(self, item_idx: Tensor) -> Tensor:
+    def encode(self, item_idx: Tensor, item_table: Tensor | None = None) -> Tensor:
         """Encode item histories with causal self-attention.
 
         Args:
             item_idx: (batch, seq_len) int64, left-padded with 0, most recent item last.
+            item_table: optional (n_rows, d_model) item vectors to embed the input with (``embed_items``).
         Returns:
             (batch, seq_len, d_model) hidden states; position t depends only on items <= t;
             rows at padded positions are zero.
@@ -124,7 +135,7 @@ class SASRec(ItemSequenceModel):
         positions = torch.arange(
             self.config.max_seq_len - seq_len, self.config.max_seq_len, device=item_idx.device
         )
-        h = self.item_emb(item_idx) * self.config.d_model**0.5 + self.pos_emb(
+        h = self.embed_items(item_idx, item_table) * self.config.d_model**0.5 + self.pos_emb(
             positions
         )  # (batch, seq_len, d_model)
         h = self.emb_drop(h) * keep.unsqueeze(-1)

@@ -121,6 +121,7 @@ class EventLog:
             return 0
         with self.engine.begin() as conn:
             self._lock_users(conn, sorted({r["user_id"] for r in rows}))
+            self._refuse_forgotten(conn, {r["user_id"] for r in rows})
             _stamp_received(rows, self._last_received(conn, {r["user_id"] for r in rows}))
             return len(self._insert(conn, rows))
 
@@ -180,6 +181,7 @@ class EventLog:
         rows = self._rows([row])
         with self.engine.begin() as conn:
             self._lock_users(conn, [rows[0]["user_id"]])
+            self._refuse_forgotten(conn, {rows[0]["user_id"]})
             _stamp_received(rows, self._last_received(conn, {rows[0]["user_id"]}))
             inserted = self._insert(conn, rows)
             recent = self._recent(conn, rows[0]["user_id"], n, after_ts)
@@ -202,6 +204,7 @@ class EventLog:
             raise ValueError(f"n={n}; expected n >= 1")
         with self.engine.begin() as conn:
             self._lock_users(conn, [str(user_id)])
+            self._refuse_forgotten(conn, {str(user_id)})
             recent = self._recent(conn, str(user_id), n, after_ts)
             while_locked(recent)
         return recent
@@ -241,6 +244,31 @@ class EventLog:
             ),
             {"keys": keys},
         )
+
+    # ---- forgotten users (recloop/forget.py) -------------------------------------------------
+    @property
+    def user_hasher(self) -> Any:
+        """The forget key's hasher (``recloop.forget.user_hasher`` of the settings), or None while no key
+        exists (re-read until one does: the key file appears with the first forget)."""
+        if getattr(self, "_user_hasher", None) is None:
+            from recloop.forget import user_hasher
+            from recloop.settings import get_settings
+
+            self._user_hasher = user_hasher(get_settings())
+        return self._user_hasher
+
+    @user_hasher.setter
+    def user_hasher(self, value: Any) -> None:
+        self._user_hasher = value
+
+    def _refuse_forgotten(self, conn: Connection, users: set[str]) -> None:
+        """Raise ``recloop.forget.UserForgotten`` when a user has a tombstone (read under the users' write
+        lock: a forget deleting after its tombstone committed cannot miss an event admitted here)."""
+        from recloop.forget import UserForgotten, forgotten_among
+
+        gone = forgotten_among(conn, self.tables.forgotten_users, users, self.user_hasher)
+        if gone:
+            raise UserForgotten(self.user_hasher(sorted(gone)[0]))
 
     def _as_text(self, column: Any) -> Any:
         """A timestamp column as ISO-8601 UTC text (PostgreSQL: independent of the session's DateStyle)."""

@@ -87,6 +87,16 @@ def _fingerprint(df: pd.DataFrame, key: str) -> pd.Series:
     return pd.Series(digests, index=df[key].to_numpy())
 
 
+def batch_digest(events: pd.DataFrame | None) -> str:
+    """sha256 of a batch's (event_id, timestamp ns) pairs, sorted by event_id (row order does not matter)."""
+    digest = hashlib.sha256()
+    if events is not None and len(events):
+        frame = events[["event_id", "timestamp"]].sort_values("event_id", kind="stable")
+        digest.update("\n".join(frame["event_id"].astype(str)).encode())
+        digest.update(pd.to_datetime(frame["timestamp"], utc=True).astype("int64").to_numpy().tobytes())
+    return digest.hexdigest()
+
+
 class Lake:
     """A Parquet lake at ``root`` (``settings.lake_path`` by default at the edges)."""
 
@@ -119,6 +129,61 @@ class Lake:
         """Committed batches, oldest first (``batch_id``, ``created_at``, counts, ``sources``)."""
         return list(self._state()["batches"])
 
+    # ---- forgetting a user (recloop/forget.py) ------------------------------------------------
+    def _user_rows(self, path: Path, user_id: str) -> tuple[Any, int]:
+        """(mask of ``user_id``'s rows, count) of one Parquet file, reading its user_id column only."""
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        if "user_id" not in pq.read_schema(path).names:
+            return None, 0
+        mask = pc.equal(pq.read_table(path, columns=["user_id"]).column("user_id").cast("string"), user_id)
+        return mask, int(pc.sum(mask).as_py() or 0)
+
+    def count_user(self, user_id: str) -> int:
+        """Rows of ``user_id`` in every committed (and left-over uncommitted) events and users file."""
+        return sum(self._user_rows(f, user_id)[1] for t in ("events", "users")
+                   for f in (self.root / t).glob("*/part-0.parquet"))
+
+    def delete_user(self, user_id: str) -> dict[str, int]:
+        """Rewrite every events and users file that holds ``user_id`` without its rows, under the lake's lock.
+
+        Each file is written to a temporary file and renamed over the old one (atomic per file; a reader
+        sees the old or the new file). The batch entries' counts in ``_state.json`` follow; ``seq`` values
+        and watermarks stay (a gap in ``seq`` is allowed). Uncommitted folders left by a crash are cleaned too.
+
+        Returns:
+            {"events": rows removed, "users": rows removed, "files": files rewritten}.
+        """
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        removed = {"events": 0, "users": 0, "files": 0}
+        with self._locked():
+            state = self._state()
+            by_id = {b["batch_id"]: b for b in state["batches"]}
+            for table in ("events", "users"):
+                for path in sorted((self.root / table).glob("*/part-0.parquet")):
+                    mask, n = self._user_rows(path, user_id)
+                    if not n:
+                        continue
+                    kept = pq.read_table(path).filter(pc.invert(mask))
+                    tmp = path.with_name("part-0.parquet.forget-tmp")
+                    pq.write_table(kept, tmp)
+                    os.replace(tmp, path)
+                    removed[table] += n
+                    removed["files"] += 1
+                    entry = by_id.get(path.parent.name)
+                    if entry is not None:
+                        entry[table] = max(0, int(entry.get(table, 0)) - n)
+                        if table == "events":  # the batch's digest follows its rows (``fingerprint``)
+                            entry["sha256"] = batch_digest(kept.select(["event_id", "timestamp"]).to_pandas())
+            if removed["files"]:
+                self._commit(state)
+        logger.info("lake delete_user events=%d users=%d files=%d", removed["events"], removed["users"],
+                    removed["files"])
+        return removed
+
     # ---- reads ---------------------------------------------------------------------------
     def events(self, *, with_lineage: bool = False) -> pd.DataFrame:
         """All events in contract dtypes, ordered by (received_at, seq): the contract's history order
@@ -128,7 +193,11 @@ class Lake:
             with_lineage: also return ``batch_id`` and ``seq``.
         """
         ids = [b["batch_id"] for b in self._state()["batches"]]
-        df = self._read("events", ids)
+        return self._as_events(self._read("events", ids), with_lineage)
+
+    @staticmethod
+    def _as_events(df: pd.DataFrame | None, with_lineage: bool) -> pd.DataFrame:
+        """Raw lake rows -> contract dtypes and columns, ordered by (received_at, seq)."""
         if df is None:
             out = empty_events()
             return (
@@ -145,6 +214,97 @@ class Lake:
             df[col] = df[col].astype(object)
         cols = list(EVENT_COLUMNS) + (["batch_id", "seq"] if with_lineage else [])
         return df[cols]
+
+    # ---- incremental reads (the loop's incremental turn, docs/architecture.md "Incremental loop") ----------
+    def _event_files(self, batches: list[str] | None = None) -> list[Path]:
+        ids = [b["batch_id"] for b in self._state()["batches"]] if batches is None else batches
+        return [f for f in (self.root / "events" / b / "part-0.parquet" for b in ids) if f.exists()]
+
+    def _scan_events(self, keep: Any, columns: list[str], batches: list[str] | None = None) -> pd.DataFrame | None:
+        """Rows of committed event files where ``keep(table of columns) -> bool mask``; only ``columns`` are
+        read to decide, and the rest of a file only when it has a hit (pyarrow; nothing else is materialised)."""
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        parts = []
+        for path in self._event_files(batches):
+            pf = pq.ParquetFile(path)
+            names = pf.schema_arrow.names
+            mask = keep(pf.read(columns=[c for c in columns if c in names]))
+            if not pc.any(mask).as_py():
+                continue
+            parts.append(pf.read().filter(mask).to_pandas())
+        return pd.concat(parts, ignore_index=True) if parts else None
+
+    def _colliding_events(self, event_ids: pd.Series, batches: list[str]) -> pd.DataFrame | None:
+        """Committed rows whose ``event_id`` is in ``event_ids`` (what a new batch can collide with)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        wanted = pa.array(event_ids.astype(str).unique(), type=pa.string())
+        return self._scan_events(lambda t: pc.is_in(t.column("event_id").cast(pa.string()), wanted),
+                                 ["event_id"], batches)
+
+    def events_of_batches(self, batch_ids: list[str], *, with_lineage: bool = False) -> pd.DataFrame:
+        """The events of the given committed batches only, as ``events()``."""
+        return self._as_events(self._read("events", list(batch_ids)), with_lineage)
+
+    def events_of_users(self, user_ids: Any, *, with_lineage: bool = False) -> pd.DataFrame:
+        """Every event of the given users, as ``events()`` (contract dtypes, history order).
+
+        Reads the ``user_id`` column of each batch and the other columns of batches that hold one of them:
+        the cost follows the lake's file count and the users' own rows, not a full materialisation.
+        """
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        wanted = pa.array(sorted({str(u) for u in user_ids}), type=pa.string())
+        df = self._scan_events(lambda t: pc.is_in(t.column("user_id").cast(pa.string()), wanted), ["user_id"])
+        return self._as_events(df, with_lineage)
+
+    def events_received_after(self, after: pd.Timestamp | datetime, *, with_lineage: bool = False) -> pd.DataFrame:
+        """Events whose order time (``received_at``, else ``timestamp``) is later than ``after``, as ``events()``."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        cut = pa.scalar(pd.Timestamp(after).tz_convert("UTC").value, type=pa.timestamp("ns", tz="UTC"))
+
+        def keep(t: Any) -> Any:
+            ts = t.column("timestamp").cast(pa.timestamp("ns", tz="UTC"))
+            if ORDER_COLUMN in t.column_names:
+                ts = pc.coalesce(t.column(ORDER_COLUMN).cast(pa.timestamp("ns", tz="UTC")), ts)
+            return pc.fill_null(pc.greater(ts, cut), False)
+
+        return self._as_events(self._scan_events(keep, ["timestamp", ORDER_COLUMN]), with_lineage)
+
+    def user_ids(self) -> np.ndarray:
+        """Distinct user ids of the lake's events, sorted (reads the ``user_id`` column only)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        cols = [pq.read_table(f, columns=["user_id"]).column("user_id").cast(pa.string()) for f in self._event_files()]
+        if not cols:
+            return np.array([], dtype=object)
+        uniq = pc.unique(pa.chunked_array([c for col in cols for c in col.chunks], type=pa.string()))
+        return np.sort(np.asarray(uniq.to_pylist(), dtype=object))
+
+    def fingerprint(self) -> str:
+        """The lake's incremental data fingerprint: sha256 chained over the committed batches' digests
+        (``batch_digest`` of each batch's event ids and timestamps, kept in ``_state.json`` at ingest), so it
+        costs O(batches) and changes exactly when a batch is added or rewritten (``delete_user``). A batch
+        written before digests were kept is digested from its file; a batch without events is passed over."""
+        chain = hashlib.sha256(b"recloop-lake-v1")
+        for entry in self._state()["batches"]:
+            if not int(entry.get("events", 0)):
+                continue  # a batch without events (all duplicates, or all forgotten) holds no data
+            digest = entry.get("sha256")
+            if digest is None:
+                files = self._event_files([entry["batch_id"]])
+                frame = pd.read_parquet(files[0], columns=["event_id", "timestamp"]) if files else None
+                digest = batch_digest(frame)
+            chain.update(f"{entry['batch_id']}:{digest}\n".encode())
+        return chain.hexdigest()
 
     def events_since(self, watermark: pd.Timestamp | datetime | None) -> pd.DataFrame:
         """Events with ``timestamp > watermark`` (all when None), ordered as ``events()``."""
@@ -221,10 +381,12 @@ class Lake:
                 )
             if batch_id in committed:
                 raise ValueError(f"batch_id {batch_id!r} already exists in {self.root}")
-            existing = self._read("events", committed)
+            existing = self._colliding_events(batch["event_id"], committed)  # never the whole lake
             new = self._drop_known(batch, existing)
-            new_items = self._changed(frames.items, self._read("items", committed), "item_id")
-            new_users = self._changed(frames.users, self._read("users", committed), "user_id")
+            new_items = self._changed(frames.items, self._read("items", committed) if len(frames.items) else None,
+                                      "item_id")
+            new_users = self._changed(frames.users, self._read("users", committed) if len(frames.users) else None,
+                                      "user_id")
             new = new.assign(batch_id=batch_id, seq=np.arange(len(new), dtype=np.int64) + state["next_seq"])
             self._write(
                 batch_id,
@@ -244,12 +406,13 @@ class Lake:
                 "items": len(new_items),
                 "users": len(new_users),
                 "sources": sorted(ev["source"].unique()),
+                "sha256": batch_digest(new),  # the lake's incremental fingerprint chains these (``fingerprint``)
             }
             state.update(
                 next_seq=state["next_seq"] + len(new), batches=[*state["batches"], entry], watermarks=marks
             )
             self._commit(state)
-        total = (0 if existing is None else len(existing)) + len(new)
+        total = sum(int(b.get("events", 0)) for b in state["batches"])  # counts of committed batches (with this one)
         report = IngestReport(
             batch_id=batch_id,
             sources=entry["sources"],

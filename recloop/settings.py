@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     model_name: str = Field(default="recloop-sasrec", description="MLflow registered model name")
     model_alias: str = Field(default="champion", description="The alias serving follows and promotion moves")
     model_class: str = Field(default="sasrec", description="The sequential model trained (models/factory.py)")
+    item_repr: Literal["id", "id+text", "text"] = Field(
+        default="id", description="Item vectors of a model trained from scratch: ID embeddings, ID + projected item"
+        " text, or text only (models.contract.ITEM_REPRS; a warm start keeps the served model's)",
+    )
 
     # Event log and feature store
     event_log_url: str | None = Field(default=None, description="SQLAlchemy URL; default sqlite under home")
@@ -142,6 +146,16 @@ class Settings(BaseSettings):
         default=5.0, ge=0, description="Seconds a serving worker reuses the blocklist it read (every worker sees a"
         " change within this)",
     )
+    catalog_ttl_s: float = Field(
+        default=5.0, ge=0, description="Seconds a serving worker reuses the new-item catalogue it read (every worker"
+        " serves a new item within this)",
+    )
+    query_weight: float = Field(
+        default=0.5, ge=0, le=1, description="Weight of a recommend query's text similarity against the sequence"
+        " score (both standardised; models.text_items.blend_query)",
+    )
+    query_max_chars: int = Field(default=200, ge=1, le=2000, description="Longest recommend query accepted")
+    query_cache_size: int = Field(default=1024, ge=0, description="Query embeddings kept per worker (LRU)")
     freshness_days: float = Field(
         default=30.0, ge=0, description="An item is fresh when added to the catalogue in the last N days, counted"
         " back from the data's newest timestamp",
@@ -193,6 +207,68 @@ class Settings(BaseSettings):
 
     # Continuous loop
     loop_cron: str = Field(default="0 * * * *", description="Schedule of the continuous loop")
+
+    # Forgetting a user (recloop/forget.py)
+    forget_salt: str | None = Field(
+        default=None, description="Secret key of the salted user hash (HMAC-SHA256) of deletion receipts and "
+        "tombstones; the same on every replica. Unset: a random key generated once under home/state/forget_salt",
+    )
+    forget_lock_timeout_s: float = Field(
+        default=3.0, ge=0, description="How long POST /forget waits for the loop's lock before answering "
+        "'pending' (the tombstone holds at once; the worker finishes the deletion when the lock is free)",
+    )
+    forget_settle_s: float = Field(
+        default=1.0, ge=0, description="Pause before a forget's second deletion pass (writes already past "
+        "the tombstone check, e.g. queued exposures, land by then)",
+    )
+    loop_gap_grace_s: float = Field(
+        default=600.0, ge=0, description="A seq missing below the loop's watermark is re-read this long (a "
+        "PostgreSQL insert may commit after a larger seq; recloop/cursor.py)",
+    )
+    loop_trigger_cooldown_s: float = Field(
+        default=3600.0, ge=0, description="After a monitor event started the loop, the same kind of event "
+        "starts none for this long (the automation's window)",
+    )
+    loop_incremental: bool = Field(
+        default=True, description="A warm loop turn updates features from the new lake batches only and retrains "
+        "and evaluates on samples (flows/loop_incremental.py); False = every turn rebuilds from the whole lake",
+    )
+    loop_replay_users: int = Field(
+        default=2000, ge=0, description="Users an incremental turn retrains on besides the ones its new events "
+        "touched: a seeded uniform replay sample of the lake's other users (recloop/loop_sample.py)",
+    )
+    loop_eval_users: int = Field(
+        default=2000, ge=1, description="Users an incremental turn evaluates candidate, champion and baselines "
+        "on: a seeded fixed-size sample of its training set's evaluable users",
+    )
+
+    # Monitors (recloop/drift.py, recloop/monitors.py, flows/watch.py); docs/operations.md "Monitors"
+    monitor_cron: str = Field(default="*/10 * * * *", description="Schedule of the monitor flow")
+    monitor_reference_events: int = Field(
+        default=200_000, ge=100, description="Newest lake events the drift statistics compare with"
+    )
+    monitor_window_max_events: int = Field(
+        default=50_000, ge=1, description="Newest unconsumed log events a drift check reads, at most"
+    )
+    monitor_min_events: int = Field(default=200, ge=1, description="Fewer new events: drift is not assessed")
+    monitor_bootstrap_windows: int = Field(default=200, ge=10, description="Windows of the no-drift distribution")
+    monitor_drift_quantile: float = Field(
+        default=0.99, gt=0, le=1, description="A drift threshold is this quantile of the statistic over no-drift "
+        "windows of the reference"
+    )
+    monitor_popularity_js_max: float | None = Field(default=None, description="Fixed threshold (None: derived)")
+    monitor_activity_js_max: float | None = Field(default=None, description="Fixed threshold (None: derived)")
+    monitor_new_item_share_max: float | None = Field(default=None, description="Fixed threshold (None: derived)")
+    monitor_event_mix_js_max: float | None = Field(default=None, description="Fixed threshold (None: derived)")
+    monitor_ctr_baseline_exposures: int = Field(
+        default=1000, ge=1, description="The served version's first exposures that make its CTR baseline"
+    )
+    monitor_freshness_max_lag_s: float = Field(
+        default=60.0, ge=0, description="An online write older than this that has not landed makes the store stale"
+    )
+    monitor_freshness_sample: int = Field(default=1000, ge=1, description="Newest log events the freshness check reads")
+    monitor_max_error_rate: float = Field(default=0.01, ge=0, le=1, description="Serving 5xx share above it: unhealthy")
+    monitor_max_p99_ms: float = Field(default=500.0, gt=0, description="Serving p99 above it: unhealthy")
 
     @field_validator("timestamp_floor")
     @classmethod

@@ -14,6 +14,11 @@ under an alias is a registered-model tag, ``last_good_version.<alias>``, written
 promotion and by the service after it loaded and smoke-scored the alias's version; a service whose
 alias points at a version that does not load falls back to it (``fallback_candidates``), so every
 replica agrees on what to serve.
+
+Forgotten users (``recloop.forget``): when a deletion completes, every existing version is tagged
+``recloop.holds_forgotten_users=true`` (``tag_holding_forgotten``: it was trained while the user's data was
+in its training set). A checked promotion of such a version, and a rollback to one, are refused unless
+forced (``force=True``, recorded as ``forced_over``/``restored_over``).
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from pathlib import Path
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+
+from recloop.forget import HOLDS_FORGOTTEN_TAG
 
 logger = logging.getLogger(__name__)
 
@@ -128,15 +135,40 @@ def promote(client: MlflowClient, name: str, version: str | int, *, alias: str, 
     return AliasMove(alias, version, previous)
 
 
-def rollback(client: MlflowClient, name: str, *, alias: str) -> AliasMove:
+def holds_forgotten(client: MlflowClient, name: str, version: str | int) -> bool:
+    """Whether ``version`` was trained before a user's deletion completed (tagged ``HOLDS_FORGOTTEN_TAG``)."""
+    return client.get_model_version(name, str(version)).tags.get(HOLDS_FORGOTTEN_TAG) == "true"
+
+
+def tag_holding_forgotten(client: MlflowClient, name: str) -> int:
+    """Tag every registered version of ``name`` as holding forgotten users (a deletion just completed:
+    each was trained while the user's data was in its training set). Returns the versions newly tagged
+    (0 when the model is not registered)."""
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except MlflowException:
+        return 0
+    n = 0
+    for mv in versions:
+        if (mv.tags or {}).get(HOLDS_FORGOTTEN_TAG) != "true":
+            client.set_model_version_tag(name, mv.version, HOLDS_FORGOTTEN_TAG, "true")
+            n += 1
+    return n
+
+
+def rollback(client: MlflowClient, name: str, *, alias: str, force: bool = False) -> AliasMove:
     """Move the served ``alias`` (``settings.model_alias``) back to the version it pointed at before.
 
     The current champion is taken from the alias (so a UI promotion is respected); the target is
     the last different version in ``champion_history`` before it, else the current version's
     ``previous_champion`` tag.
 
+    A target tagged ``HOLDS_FORGOTTEN_TAG`` (trained before a user was forgotten) is refused unless
+    ``force`` (the target is then tagged ``restored_over``).
+
     Raises:
         LookupError: there is no champion, or no earlier champion to return to.
+        PromotionRefused: the target holds forgotten users and ``force`` is False (the alias did not move).
     """
     current = get_alias_version(client, name, alias)
     if current is None:
@@ -152,6 +184,11 @@ def rollback(client: MlflowClient, name: str, *, alias: str) -> AliasMove:
     if not history:
         raise LookupError(f"registered model {name!r}: no champion before version {current} to roll back to")
     target = history[-1]
+    if holds_forgotten(client, name, target):
+        reason = f"version {target} was trained before a user was forgotten ({HOLDS_FORGOTTEN_TAG}=true)"
+        if not force:
+            raise PromotionRefused(name, target, alias, [reason])
+        client.set_model_version_tag(name, target, "restored_over", reason)
     set_alias(client, name, alias, target)
     client.set_registered_model_tag(name, _history_tag(alias), ",".join(history))
     client.set_model_version_tag(name, current, "rolled_back", f"to {target}")
@@ -306,7 +343,8 @@ def promote_checked(client: MlflowClient, name: str, version: str | int, *, alia
                     load_check: Callable[..., LoadCheck] = check_loads) -> AliasMove:
     """``promote`` after checking the version: refused when its gate failed or it does not load.
 
-    1. A version tagged ``gate.decision=fail`` is refused (without running the load check).
+    1. A version tagged ``gate.decision=fail``, or ``recloop.holds_forgotten_users=true`` (trained before a
+       user was forgotten), is refused (without running the load check).
     2. ``load_check`` (``check_loads``: a fresh process loads and smoke-scores it, ``timeout_s``);
        the outcome is tagged on the version (``load_check``: ``pass`` | ``fail: <error>``).
     3. With ``force`` the version is promoted anyway, and the version is tagged ``forced=true``,
@@ -326,6 +364,10 @@ def promote_checked(client: MlflowClient, name: str, version: str | int, *, alia
         logger.info("already served model=%s alias=%s version=%s", name, alias, version)
         return AliasMove(alias, version, previous)
     blockers: list[str] = []
+    if mv.tags.get(HOLDS_FORGOTTEN_TAG) == "true":
+        blockers.append(f"version {version} was trained before a user was forgotten ({HOLDS_FORGOTTEN_TAG}=true)")
+        if not force:
+            raise PromotionRefused(name, version, alias, blockers)
     if mv.tags.get("gate.decision") == "fail":
         why = mv.tags.get("gate.reasons", "")
         blockers.append(f"version {version} failed the evaluation gate (gate.decision=fail"

@@ -51,8 +51,10 @@ from models.ranking import encode_history, mask_scores, score_histories, seen_ma
 from models.rerank import RERANKERS
 from models.rerank import rerank as rerank_positions
 from models.short_history import SHORT_HISTORY_MAX, blend_scores, neighbour_table
+from models.text_items import ItemTable, blend_query
 from models.vocab import PAD_IDX, ItemVocabulary
 from recloop.experiments import assign_arm
+from recloop.forget import UserForgotten, log_id
 from recloop.interleaving import TEAM_A, TEAM_B, request_rng, team_draft
 from recloop.policy import DEFAULT_POLICY, EventPolicy, event_role
 from serving.explain import explain_items
@@ -119,6 +121,8 @@ class ServedModel:
         fresh: (n_items + 1,) bool, items added to the catalogue recently (freshness boost), or None.
         short_history: (neighbours, sims, weight) of the short-history blend (``attach_short_history``), or
             None: the model answers users with 1-2 known items too.
+        cold_items: ids of new catalogue items a text-aware model scores from their text (appended after the
+            trained catalogue by ``serving.catalog.TextCatalog``; flagged ``cold_item`` in answers).
     """
 
     model: Any
@@ -133,6 +137,7 @@ class ServedModel:
     genre_masks: dict[str, np.ndarray] = field(default_factory=dict)
     fresh: np.ndarray | None = None
     short_history: tuple[np.ndarray, np.ndarray, float] | None = None
+    cold_items: frozenset[str] = frozenset()
 
 
 class Ranked(NamedTuple):
@@ -300,6 +305,8 @@ def build_served(
     extra = extra or {}
     if hasattr(model, "eval"):
         model.eval()
+    if getattr(model, "uses_text", False):
+        model = ItemTable(model)  # a text-aware model's item vectors, computed once (models.text_items)
     seq_len = int(model.config.max_seq_len)
     smoke = score_history(model, seq_len, np.arange(1, min(len(vocab), 3) + 1, dtype=np.int64))
     if smoke.shape != (len(vocab) + 1,) or not np.isfinite(smoke[1:]).all():
@@ -420,6 +427,10 @@ class RecommenderCore:
         self._served = served
         #: the catalogue-wide blocklist (``recloop.blocklist.CachedBlocklist``: ``item_ids()``); None = none
         self.blocklist = blocklist
+        #: new catalogue items and text queries (``serving.catalog.TextCatalog``); None = neither
+        self.text: Any = None
+        #: weight of a query's text similarity in ``recommend`` (``settings.query_weight``)
+        self.query_weight = 0.5
         if rerank_default not in RERANKERS:
             raise ValueError(f"rerank_default={rerank_default!r}; expected one of {list(RERANKERS)}")
         self.rerank_default = rerank_default
@@ -456,6 +467,9 @@ class RecommenderCore:
         self._resync_lock = threading.Lock()
         self.resyncing = False
         self.last_resync: dict[str, Any] | None = None
+        #: forgotten users (``recloop.forget.TombstoneCheck``: ``is_forgotten``, ``forgotten_ids``); None = none.
+        #: A forgotten user is unknown to ``recommend`` (no stored history, no exposure) and refused by ``feedback``.
+        self.tombstones: Any = None
 
     @property
     def served(self) -> ServedModel:
@@ -466,6 +480,23 @@ class RecommenderCore:
         old = self._served.version
         self._served = served
         logger.info("model swapped old_version=%s new_version=%s", old, served.version)
+
+    def current_served(self) -> ServedModel:
+        """The served model as a request sees it: with the catalogue's new items appended when it is text-aware
+        (``serving.catalog.TextCatalog.current``, cached per model and catalogue version), else as swapped in."""
+        served = self._served
+        return served if self.text is None else self.text.current(served)
+
+    def _blend_query(self, served: ServedModel, scores: np.ndarray, query: str) -> np.ndarray:
+        """``scores`` blended with the items' text similarity to ``query`` (``models.text_items.blend_query``).
+
+        Raises:
+            ValueError: the service has no text support (no query encoder).
+        """
+        if self.text is None:
+            raise ValueError("query: this service has no text encoder")
+        sims = self.text.query_sims(served, query)  # (n_rows,)
+        return blend_query(scores, sims, self.query_weight)
 
     def _lock(self, user_id: str) -> threading.Lock:
         return self._locks[zlib.crc32(user_id.encode()) % N_LOCK_STRIPES]
@@ -488,8 +519,8 @@ class RecommenderCore:
         try:
             tail = list(self.events.recent_items(user_id, self.max_seq_len, after_ts=base_ts))
         except Exception as err:  # noqa: BLE001 - the lake part still serves
-            logger.warning("event log not readable; history from the lake only user_id=%s error=%s",
-                           user_id[:64], err)
+            logger.warning("event log not readable; history from the lake only user=%s error=%s",
+                           log_id(user_id), err)
             tail = []
         return (list(base) + tail)[-self.max_seq_len:]
 
@@ -522,7 +553,7 @@ class RecommenderCore:
             try:
                 log_consumed, log_suppressed = user_state(user_id, after_ts=base_ts, now=now)
             except Exception as err:  # noqa: BLE001 - the snapshot's part still masks
-                logger.warning("event log not readable; seen set without it user_id=%s error=%s", user_id[:64], err)
+                logger.warning("event log not readable; seen set without it user=%s error=%s", log_id(user_id), err)
             else:
                 if typed is not None:
                     types = dict(log_consumed)
@@ -541,8 +572,13 @@ class RecommenderCore:
         self, user_id: str, k: int = 10, exclude_seen: bool = True, history: list[str] | None = None, *,
         diversity: float | None = None, reranker: str | None = None, explain: bool = False,
         exclude_items: Iterable[str] | None = None, genres: Iterable[str] | None = None,
+        query: str | None = None,
     ) -> dict[str, Any]:
         """Top-k items for a user.
+
+        ``query`` (free text, e.g. "space adventure with robots") steers the answer: each item's score is blended
+        with its text's similarity to the query (``models.text_items.blend_query``, weight ``query_weight``);
+        the answer then carries ``query_weight``. New catalogue items (text-aware models) carry ``cold_item``.
 
         History: the request's ``history`` if given, else the online store's recent items. A user
         without stored history is a cold start: the model on the given history if it has known
@@ -568,8 +604,10 @@ class RecommenderCore:
             UnknownGenreError: a genre of ``genres`` is not in the served catalogue.
             ValueError: ``diversity`` outside [0, 1] or an unknown ``reranker``.
         """
-        served = self._served  # one read: a concurrent swap does not mix versions
+        served = self.current_served()  # one read: a concurrent swap does not mix versions
         arms = self.experiment_arms  # one read: start/stop of an online experiment is atomic per request
+        if self._forgotten(user_id):
+            return self._forgotten_answer(served, k, history, exclude_items)
         stored: list[str] | None = None
         fallback = user_id in self._pending  # its online row is behind the log until the retry lands
         if not fallback:
@@ -577,7 +615,7 @@ class RecommenderCore:
                 stored = self.online.recent_items(user_id)
             except Exception as err:  # noqa: BLE001 - any online failure degrades to the sources
                 fallback = True
-                logger.debug("online read failed; fallback user_id=%s error=%s", user_id[:64], err)
+                logger.debug("online read failed; fallback user=%s error=%s", log_id(user_id), err)
         if fallback:
             stored = self.history_from_sources(user_id)
         cold_start = not stored
@@ -590,20 +628,21 @@ class RecommenderCore:
         experiment_id = arm = None
         teams: list[str] | None = None
         if arms is None:
-            ranked = self._rank(served, hist_ids, seen, k, user_id, self.exploration, request_id, stage)
+            ranked = self._rank(served, hist_ids, seen, k, user_id, self.exploration, request_id, stage, query=query)
         elif arms.mode == "ab":
             arm = assign_arm(arms.salt, user_id, arms.weights)
             served = arms.served(arm)
             experiment_id = arms.experiment_id
             stage = self._stage(served, *arms.rerank_of(arm, diversity, reranker), genres)
             ranked = self._rank(served, hist_ids, seen, k, user_id, arms.exploration_of(arm, self.exploration),
-                                request_id, stage)
+                                request_id, stage, query=query)
         else:  # team-draft interleaving of the two arms' greedy lists (two forward passes plus the merge)
             experiment_id, arm = arms.experiment_id, "interleaved"
             stage = self._stage(arms.champion, *arms.rerank_of(TEAM_A, diversity, reranker), genres)
-            a = self._rank(arms.champion, hist_ids, seen, k, user_id, stage=stage)
+            a = self._rank(arms.champion, hist_ids, seen, k, user_id, stage=stage, query=query)
             b = self._rank(arms.challenger, hist_ids, seen, k, user_id,
-                           stage=self._stage(arms.challenger, *arms.rerank_of(TEAM_B, diversity, reranker), genres))
+                           stage=self._stage(arms.challenger, *arms.rerank_of(TEAM_B, diversity, reranker), genres),
+                           query=query)
             merged, teams = team_draft([x["item_id"] for x in a.items], [x["item_id"] for x in b.items], k,
                                        request_rng(request_id))
             by_team = {TEAM_A: {x["item_id"]: x for x in a.items}, TEAM_B: {x["item_id"]: x for x in b.items}}
@@ -612,6 +651,10 @@ class RecommenderCore:
             ranked = Ranked(items, a.strategy, a.context, [None] * len(items), a.pool_size, "interleaving")
             served = arms.champion
         items, strategy, context = ranked.items, ranked.strategy, ranked.context
+        if served.cold_items:  # new catalogue items scored from their text (serving.catalog)
+            for x in items:
+                if x["item_id"] in served.cold_items:
+                    x["cold_item"] = True
         if strategy == "sequential" and history is not None:
             strategy = "history"
         if fallback:
@@ -636,7 +679,45 @@ class RecommenderCore:
         }
         if experiment_id is not None:
             out.update(experiment_id=experiment_id, arm=arm)
+        if query:
+            out["query_weight"] = self.query_weight
         return out
+
+    # ---- forgotten users (recloop/forget.py) ------------------------------------------------------
+    def _forgotten(self, user_id: str) -> bool:
+        """Whether the user has a tombstone (one indexed read); a hit also drops it from this process's memory."""
+        if self.tombstones is None or not self.tombstones.is_forgotten(user_id):
+            return False
+        self.forget_memory(user_id)
+        return True
+
+    def forget_memory(self, user_id: str) -> int:
+        """Drop the user from this process's lake snapshot (history, seen and suppressed sets, explanation
+        verbs) and its owed online push. Returns the entries removed."""
+        n = 0
+        for table in (self.base_history, self.consumed, self.suppressed, self.event_types):
+            if isinstance(table, dict) and table.pop(user_id, None) is not None:
+                n += 1
+        with self._pending_cv:
+            if user_id in self._pending:
+                del self._pending[user_id]
+                n += 1
+        return n
+
+    def memory_rows(self, user_id: str) -> int:
+        """Entries this process still holds for the user (0 after ``forget_memory``)."""
+        tables = (self.base_history, self.consumed, self.suppressed, self.event_types, self._pending)
+        return sum(user_id in t for t in tables)
+
+    def _forgotten_answer(self, served: ServedModel, k: int, history: list[str] | None,
+                          exclude_items: Iterable[str] | None) -> dict[str, Any]:
+        """``recommend`` for a forgotten user: an unknown user (popularity, or the request's own ``history``),
+        nothing stored read, no exposure recorded."""
+        seen = set(exclude_items or ()) | self._blocked()
+        ranked = self._rank(served, list(history or []), seen, k, "")
+        strategy = "history" if ranked.strategy == "sequential" else ranked.strategy
+        return {"items": ranked.items, "model_version": served.version, "variant": self.variant,
+                "strategy": strategy, "cold_start": True, "request_id": uuid.uuid4().hex, "reranker": None}
 
     def _blocked(self) -> frozenset[str]:
         """The catalogue-wide blocklist's ids (a TTL cache of the shared store; empty without one)."""
@@ -684,8 +765,10 @@ class RecommenderCore:
 
     def _rank(self, served: ServedModel, hist_ids: list[str], seen: set[str] | None, k: int, user_id: str,
               exploration: ExplorationPolicy | None = None, request_id: str = "",
-              stage: RerankStage | None = None) -> Ranked:
+              stage: RerankStage | None = None, query: str | None = None) -> Ranked:
         """One model's slate after ``hist_ids`` (popularity when none is known), ``seen`` masked.
+
+        With a ``query``, the scores are first blended with the items' text similarity to it (``_blend_query``).
 
         Greedy (the default): the top k (``models.ranking.top_k_items``), each slot's propensity 1. Any
         other exploration policy draws the slate with ``models.exploration.explore`` from the pool left
@@ -718,7 +801,9 @@ class RecommenderCore:
         else:
             scores = served.popularity.copy()
             strategy, context = "popularity", []
-            logger.info("cold start user_id=%s strategy=popularity", user_id[:64])
+            logger.info("cold start user=%s strategy=popularity", log_id(user_id))
+        if query:
+            scores = self._blend_query(served, scores, query)  # (n_items + 1,) sequence score + query similarity
         if seen is not None:
             scores = mask_scores(scores[None, :], seen_mask([encode_history(served.vocab, seen)], len(served.vocab)))[0]
         if stage is not None and stage.allowed is not None:
@@ -774,6 +859,8 @@ class RecommenderCore:
             degraded (True: stored, online refresh pending), role (the event policy's: positive,
             negative or context; a negative suppresses the item for ``policy.suppress_s``).
         """
+        if self._forgotten(user_id):
+            raise UserForgotten(self.tombstones.hash_of(user_id) or "")
         if timestamp is None and event_id is not None:
             # A client retry of the same event_id without a timestamp is the same event, not a conflict.
             stored = self.events.get(event_id)
@@ -823,14 +910,14 @@ class RecommenderCore:
             if failure is not None:
                 degraded = True
                 self._owe_push(user_id)
-                logger.info("online refresh failed; push queued user_id=%s error=%s", user_id[:64], failure)
+                logger.info("online refresh failed; push queued user=%s error=%s", log_id(user_id), failure)
             else:
                 with self._pending_cv:  # the pushed list is the log's latest: nothing owed any more
                     self._pending.pop(user_id, None)
         return {
             "event_id": event["event_id"],
             "inserted": bool(inserted),
-            "known_item": item_id in self._served.vocab,
+            "known_item": item_id in self.current_served().vocab,
             "recent_items": len(recent),
             "degraded": degraded,
             "role": event_role(event_type, value, self.policy),
@@ -862,6 +949,8 @@ class RecommenderCore:
 
     def _push_owed(self, user_id: str) -> bool:
         """Push one owed user, derived from the log under its lock (so pushes stay ordered)."""
+        if self._forgotten(user_id):  # nothing to push: the user's rows are being deleted
+            return True
         base, base_ts = self.base_history.get(user_id, ([], None))
         with self._lock(user_id):
             try:
@@ -874,7 +963,7 @@ class RecommenderCore:
                     tail = list(self.events.recent_items(user_id, self.max_seq_len, after_ts=base_ts))
                     self._refresh(user_id, list(base), base_ts, tail)
             except Exception as err:  # noqa: BLE001 - still down: retried after a pause
-                logger.debug("owed push failed user_id=%s error=%s", user_id[:64], err)
+                logger.debug("owed push failed user=%s error=%s", log_id(user_id), err)
                 return False
             with self._pending_cv:
                 self._pending.pop(user_id, None)
@@ -965,7 +1054,11 @@ class RecommenderCore:
         with self._resync_lock:
             self.resyncing = True
             try:
-                report = resync_online(self.online, self.events, self.base_history, self.max_seq_len)
+                base = self.base_history
+                if self.tombstones is not None:  # never restore a forgotten user from a stale lake snapshot
+                    gone = self.tombstones.forgotten_ids(list(base))
+                    base = {u: v for u, v in base.items() if u not in gone}
+                report = resync_online(self.online, self.events, base, self.max_seq_len)
             finally:
                 self.resyncing = False
             self.last_resync = report
@@ -1008,7 +1101,7 @@ class RecommenderCore:
         Raises:
             UnknownItemError: ``item_id`` is not in the served model's vocabulary.
         """
-        served = self._served
+        served = self.current_served()
         if item_id not in served.vocab:
             raise UnknownItemError(
                 f"item_id={item_id!r} is not in the served model's vocabulary (version {served.version})"

@@ -268,8 +268,10 @@ def build_runtime(settings: Settings | None = None, *, online: Any = None, event
         rerank_default=settings.rerank_default, rerank_candidates=settings.rerank_candidates,
         freshness_boost=settings.freshness_boost, event_types=cat.event_types,
     )
+    core.tombstones = _tombstones(settings)  # forgotten users are unknown on every worker at once
     # Re-sync an empty online store now (a Redis that restarted empty), then retry failed pushes and
     # watch for an emptied store in a daemon thread (serving/recommender.py, "Online-store outages").
+    core.text, core.query_weight = _text_catalog(settings), settings.query_weight  # new items, text queries
     core.start_online_sync(settings.online_check_interval_s)
     logger.info("service ready model=%s version=%s degraded=%s", settings.model_name, served.version,
                 alias_error)
@@ -279,6 +281,35 @@ def build_runtime(settings: Settings | None = None, *, online: Any = None, event
         experiments = ExperimentStore(settings.event_log_uri)
     return Runtime(settings, client, core, titles, popularity, alias_version, alias_error, experiments,
                    cat.genres, cat.fresh, sequences)
+
+
+def _tombstones(settings: Settings) -> Any:
+    """Forgotten users as a serving worker checks them: one indexed read of the shared table per request."""
+    from recloop.forget import ForgetStore, TombstoneCheck, user_hasher
+
+    return TombstoneCheck(ForgetStore(settings.event_log_uri), lambda: user_hasher(settings))
+
+
+def _text_catalog(settings: Settings) -> Any:
+    """New catalogue items and text queries of one worker (``serving.catalog.TextCatalog``): the shared
+    ``catalog_items`` table behind a TTL cache, the packaged encoder behind the embedding cache (loaded on the
+    first new item or query), and the lake's item texts (queries against an ID-only model)."""
+    from featurestore.materialize import load_text_encoder
+    from featurestore.text import QueryEncoder, embedding_cache_path
+    from recloop.catalog import CachedCatalog, CatalogStore
+    from serving.catalog import TextCatalog
+
+    lake_items = None
+    try:
+        from recloop.lake import Lake
+
+        lake_items = Lake(settings.lake_path).items()
+    except Exception as err:  # noqa: BLE001 - queries against an ID-only model then find no lake texts
+        logger.warning("lake items not read for queries error=%s", err)
+    catalog = CachedCatalog(CatalogStore(settings.event_log_uri), ttl_s=settings.catalog_ttl_s)
+    cache = embedding_cache_path(settings.home)
+    return TextCatalog(catalog, lambda: load_text_encoder(cache_path=cache),
+                       QueryEncoder(load_text_encoder, settings.query_cache_size), lake_items)
 
 
 def _blocklist(settings: Settings) -> Any:
@@ -521,4 +552,5 @@ class ChampionWatcher:
             last_poll_at=self.last_poll_at,
             last_error=self.last_error,
             experiment=arms.describe() if (arms := self.rt.core.experiment_arms) is not None else None,
+            text=text.status(served) if (text := getattr(self.rt.core, "text", None)) is not None else None,
         )

@@ -62,6 +62,26 @@ def contract_event_id(value: str) -> str:
 
 
 Id = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_CHARS), AfterValidator(contract_id)]
+MAX_QUERY_CHARS = 2000  # hard schema bound; settings.query_max_chars (default 200) lowers it (checked in the service)
+
+
+def _plain_text(value: str) -> str:
+    """Free text without control or format characters (a query, a title), whitespace-collapsed.
+
+    Raises:
+        ValueError: a control character, or nothing but whitespace.
+    """
+    import unicodedata
+
+    if any(unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn") for ch in value):
+        raise ValueError("must not contain control or format characters")
+    value = " ".join(value.split())
+    if not value:
+        raise ValueError("must not be empty")
+    return value
+
+
+Query = Annotated[str, StringConstraints(min_length=1, max_length=MAX_QUERY_CHARS), AfterValidator(_plain_text)]
 def contract_request_id(value: str) -> str:
     """The contract's rule of a ``request_id`` (``recloop.contract.request_id_violation``), normalised.
 
@@ -125,6 +145,11 @@ class RecommendRequest(_Strict):
         default=None, max_length=MAX_GENRES,
         description="Only items with at least one of these genres (catalogue attribute; unknown genre: 400)",
     )
+    query: Query | None = Field(
+        default=None,
+        description="Free text steering the answer (e.g. 'space adventure with robots'): item scores are blended"
+        " with their text's similarity to it (weight: settings.query_weight); at most settings.query_max_chars",
+    )
 
 
 class Because(BaseModel):
@@ -153,6 +178,9 @@ class ScoredItem(BaseModel):
     reason: str | None = Field(
         default=None, description="explain only: e.g. 'Because you rated Toy Story (1995)'",
     )
+    cold_item: bool = Field(
+        default=False, description="A new catalogue item (POST /items) scored from its text, before any retrain",
+    )
 
 
 class RecommendResponse(BaseModel):
@@ -180,6 +208,8 @@ class RecommendResponse(BaseModel):
         " send it back in /feedback (with the item's position) to link the event to this answer",
     )
     experiment_id: str | None = Field(default=None, description="The online experiment this answer is part of")
+    query_weight: float | None = Field(
+        default=None, description="With a query: the weight its text similarity got (settings.query_weight)")
     arm: str | None = Field(
         default=None,
         description="The experiment arm that answered: 'champion' | 'challenger' (A/B test) or 'interleaved'"
@@ -262,6 +292,11 @@ class ModelInfo(BaseModel):
         default=None,
         description="The running online experiment as served (id, mode, weights, both versions), else None",
     )
+    text: dict | None = Field(
+        default=None,
+        description="Text-aware items: item_repr, serves_new_items (false for an ID-only model: new items wait for"
+        " the next retrain), new_items_served, reason, last_error",
+    )
 
 
 class ReadyResponse(BaseModel):
@@ -287,6 +322,30 @@ class ReadyResponse(BaseModel):
     detail: ModelInfo
 
 
+class ItemRequest(_Strict):
+    """Input of ``/items``: a new catalogue item (``recloop.catalog``; stored where every worker sees it)."""
+
+    item_id: Id = Field(description="Raw item id (the contract's id rule)")
+    title: Annotated[str, StringConstraints(min_length=1, max_length=500), AfterValidator(_plain_text)] = Field(
+        description="Title (1-500 characters, no control characters)")
+    genres: list[Genre] | None = Field(default=None, max_length=MAX_GENRES, description="Genres, e.g. ['Sci-Fi']")
+    text: Annotated[str, StringConstraints(max_length=4000)] | None = Field(
+        default=None, description="Free text (a description), at most 4000 characters")
+
+
+class ItemResponse(BaseModel):
+    """Output of ``/items``."""
+
+    item_id: str = Field(description="The stored item's id")
+    inserted: bool = Field(description="False when the item was already in the catalogue (title/text updated)")
+    known_item: bool = Field(description="True when the served model was trained on it (it has an ID embedding)")
+    served_now: bool = Field(
+        description="True when the served model recommends it now (text-aware model; every worker within"
+        " settings.catalog_ttl_s); False for an ID-only model: it waits for the next retrain")
+    reason: str | None = Field(default=None, description="Why it is not served now (None when it is)")
+    n_catalogue: int = Field(description="Items in the new-item catalogue after the call")
+
+
 class BlocklistRequest(_Strict):
     """Input of ``/blocklist``: change or read the catalogue-wide blocklist (every worker sees it)."""
 
@@ -301,6 +360,24 @@ class BlocklistResponse(BaseModel):
 
     changed: list[str] = Field(description="add: ids newly listed; remove: ids that were listed; list: []")
     items: list[dict] = Field(description="The blocklist after the call: [{item_id, kind, reason, added_at}]")
+
+
+class ForgetRequest(_Strict):
+    """Input of ``/forget``: delete a user from every store, serving state and (at the next retrain) the model."""
+
+    user_id: Id = Field(description="Raw user id to forget")
+
+
+class ForgetResponse(BaseModel):
+    """Output of ``/forget``: the deletion receipt (``recloop.forget``); never the raw id."""
+
+    user_hash: str = Field(description="Salted hash of the user id (HMAC-SHA256): the tombstone and receipt key")
+    status: Literal["done", "pending"] = Field(
+        description="done: deleted everywhere; pending: the tombstone holds (serving and ingestion refuse the "
+        "user) and the deletion finishes when the loop releases its lock")
+    rows: dict[str, int] = Field(description="Rows removed per store (empty while pending)")
+    seconds: dict[str, float] = Field(description="Time per store and in total (s)")
+    new_request: bool = Field(description="False when the user had been forgotten before (re-run)")
 
 
 EXAMPLE_REQUEST = RecommendRequest(user_id="1", k=10)

@@ -2,7 +2,8 @@
 
 Run: ``bentoml serve serving.service:Recommender`` (ready in 40-60 s; ``POST /ready`` or
 ``GET /readyz``). Endpoints (all ``POST``, JSON; see ``serving/schemas.py`` for bodies and errors):
-``/recommend``, ``/feedback``, ``/similar_items``, ``/blocklist``, ``/health``, ``/ready``, ``/model_info``.
+``/recommend``, ``/feedback``, ``/similar_items``, ``/blocklist``, ``/forget``, ``/health``, ``/ready``,
+``/model_info``.
 
 The model lives in this process (no adaptive batching, no cross-service calls: docs/stack-notes.md).
 The champion is resolved from the MLflow alias at start; a daemon thread polls the alias every
@@ -21,10 +22,11 @@ import logging
 import threading
 import warnings
 from datetime import UTC, datetime
+from http import HTTPStatus
 from typing import Any
 
 import bentoml
-from bentoml.exceptions import InvalidArgument
+from bentoml.exceptions import BentoMLException, InvalidArgument
 
 from serving.schemas import (
     EXAMPLE_FEEDBACK,
@@ -33,6 +35,10 @@ from serving.schemas import (
     BlocklistResponse,
     FeedbackRequest,
     FeedbackResponse,
+    ForgetRequest,
+    ForgetResponse,
+    ItemRequest,
+    ItemResponse,
     ModelInfo,
     ReadyResponse,
     RecommendRequest,
@@ -48,7 +54,8 @@ logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024
 OPEN_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/health", "/metrics", "/docs.json", "/"})
-API_PATHS = frozenset({"/recommend", "/feedback", "/similar_items", "/blocklist", "/health", "/ready", "/model_info"})
+API_PATHS = frozenset({"/recommend", "/feedback", "/similar_items", "/blocklist", "/forget", "/health", "/ready",
+                       "/model_info", "/items"})
 KNOWN_PATHS = OPEN_PATHS | API_PATHS
 
 
@@ -82,8 +89,22 @@ class InvalidRecommend(InvalidArgument):
     """A recommend option the served catalogue cannot apply, e.g. an unknown genre (HTTP 400)."""
 
 
+class InvalidItem(InvalidArgument):
+    """A new catalogue item the store refused, e.g. a bad id or a control character in its title (HTTP 400)."""
+
+
 class InvalidBlocklist(InvalidArgument):
     """A blocklist change the store refused, e.g. a bad item id (HTTP 400)."""
+
+
+class UserGone(BentoMLException):
+    """The user was forgotten (``POST /forget``): its feedback is refused (HTTP 410 Gone)."""
+
+    error_code = HTTPStatus.GONE
+
+
+class InvalidForget(InvalidArgument):
+    """A forget request the store refused, e.g. a bad user id (HTTP 400)."""
 
 
 class RequestGuard:
@@ -284,14 +305,35 @@ class Recommender:
             raise KTooLarge(f"k={req.k} exceeds max_k={self.settings.max_k}")
         from serving.recommender import UnknownGenreError
 
+        query = getattr(req, "query", None)
+        if query is not None and len(query) > self.settings.query_max_chars:
+            limit = self.settings.query_max_chars
+            raise InvalidRecommend(f"query has {len(query)} characters; expected at most {limit}")
         try:
             out = self.core.recommend(
                 req.user_id, req.k, req.exclude_seen, req.history, diversity=req.diversity,
                 reranker=req.reranker, explain=req.explain, exclude_items=req.exclude_items, genres=req.genres,
+                query=query,
             )
         except UnknownGenreError as err:
             raise InvalidRecommend(str(err)) from err
         return RecommendResponse.model_validate(out)
+
+    @bentoml.api(input_spec=ItemRequest, output_spec=ItemResponse)
+    def items(self, **request: Any) -> ItemResponse:
+        """Add (or update) a new catalogue item ``{item_id, title, genres?, text?}``: stored in the shared
+        ``catalog_items`` table, served at once by a text-aware model (every worker within
+        ``settings.catalog_ttl_s``); an ID-only model says it waits for the next retrain. Needs the ``X-API-Key``
+        when one is set (``RequestGuard``)."""
+        from serving.catalog import add_item
+
+        req = ItemRequest.model_construct(**request)
+        try:
+            out = add_item(self.core, {"item_id": req.item_id, "title": req.title, "genres": req.genres or [],
+                                       "text": req.text})
+        except ValueError as err:
+            raise InvalidItem(f"item refused: {err}") from err
+        return ItemResponse.model_validate(out)
 
     @bentoml.api(input_spec=BlocklistRequest, output_spec=BlocklistResponse)
     def blocklist(self, **request: Any) -> BlocklistResponse:
@@ -315,6 +357,22 @@ class Recommender:
             cache.invalidate()  # this worker at once; the others within the TTL
         return BlocklistResponse(changed=changed, items=store.list())
 
+    @bentoml.api(input_spec=ForgetRequest, output_spec=ForgetResponse)
+    def forget(self, **request: Any) -> ForgetResponse:
+        """Forget a user: tombstone at once (every worker then treats it as unknown, feedback gets 410), then
+        delete it from every store (``serving/forget.py``); the model forgets at the next retrain. Needs the
+        ``X-API-Key`` when one is set. ``status: pending`` when the loop held its lock longer than
+        ``settings.forget_lock_timeout_s``: this worker then finishes the deletion in the background."""
+        req = ForgetRequest.model_construct(**request)
+        from serving.forget import forget_user
+
+        try:
+            out = forget_user(req.user_id, self.settings, core=self.core, client=self.runtime.client,
+                              lock_timeout_s=self.settings.forget_lock_timeout_s, background=True)
+        except ValueError as err:
+            raise InvalidForget(f"forget refused: {err}") from err
+        return ForgetResponse.model_validate(out)
+
     @bentoml.api(input_spec=FeedbackRequest, output_spec=FeedbackResponse)
     def feedback(self, **request: Any) -> FeedbackResponse:
         """Store one event, refresh the user's online history from the log; ack after both."""
@@ -328,11 +386,15 @@ class Recommender:
             rule = feedback_timestamp_violation(req.timestamp, self.settings)
             if rule:
                 raise InvalidFeedback(f"timestamp: {rule}")
+        from recloop.forget import UserForgotten
+
         try:
             out = self.core.feedback(
                 req.user_id, req.item_id, req.event_type, req.value, req.timestamp, req.event_id,
                 request_id=req.request_id, position=req.position,
             )
+        except UserForgotten as err:  # the tombstone: nothing was stored
+            raise UserGone(f"feedback refused: {err}") from err
         except ValueError as err:  # ContractError is a ValueError; nothing was stored
             raise InvalidFeedback(f"feedback refused: {err}") from err
         return FeedbackResponse.model_validate(out)

@@ -1,0 +1,44 @@
+"""``flows.tune.run_study`` on a slice of ML-100K: trials are nested MLflow runs, the study lives in SQLite under
+the home and resumes, and the best parameters land in the tagged run that the next cold ``train`` reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from recloop.contract import coerce_events
+
+
+@pytest.mark.slow
+def test_tune_runs_resumes_and_records_the_best_for_the_next_cold_train(
+        recloop_home: Path, ml100k_path: Path, tmp_path: Path) -> None:
+    from flows.train import TUNE_EXPERIMENT, latest_tuned
+    from flows.tune import run_study
+    from recloop.settings import get_settings
+    from registry import tracking
+
+    raw = pd.read_csv(ml100k_path / "u.data", sep="\t", names=["user_id", "item_id", "value", "timestamp"])
+    raw = raw[raw["user_id"] <= 60].assign(event_type="rating", source="movielens-100k")
+    data = tmp_path / "events.parquet"
+    coerce_events(raw, default_source="movielens-100k").to_parquet(data)
+    budget = {"epochs": 1, "device": "cpu", "num_threads": 1, "batch_size": 128}
+
+    first = run_study("parquet", str(data), 2, train_params=budget)
+    assert first["trials"] == {"finished": 2, "run_now": 2, "pruned": 0, "complete": 2}
+    assert first["storage"] == "sqlite" and (recloop_home / "optuna.db").exists()
+    again = run_study("parquet", str(data), 3, train_params=budget)  # the same study continues
+    assert again["study"] == first["study"] and again["trials"]["finished"] == 3 and again["trials"]["run_now"] == 1
+    assert 0 < again["best"]["value"] <= 1 and 0 <= again["test"]["ndcg@10"] <= 1
+
+    client = tracking.configure_tracking(get_settings())
+    exp = client.get_experiment_by_name(TUNE_EXPERIMENT)
+    children = client.search_runs([exp.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{again['parent_run_id']}'")
+    assert len(children) == 1 and children[0].data.metrics["val.ndcg_at_10"] > 0
+    tuned = latest_tuned(client, "sasrec")
+    assert tuned is not None and tuned["run_id"] == again["best_run_id"]
+    assert tuned["model"] == again["best"]["params"]["model"] and "lr" in tuned["train"]
+    assert {"d_model", "n_layers", "n_heads", "dropout", "max_seq_len"} <= set(tuned["model"])
+    assert latest_tuned(client, "gru4rec") is None
