@@ -1204,6 +1204,7 @@ def forget(
     retrain. Exit 1 on a bad id or when rows were left; 2 when the loop's lock was not free in time (pending).
     """
     from recloop.forget import ForgetIncomplete, ForgetStore
+    from recloop.pseudonym import identity_or
     from recloop.settings import get_settings
     from serving.forget import forget_user
 
@@ -1220,7 +1221,7 @@ def forget(
         raise typer.Exit(2)
     try:
         with _stdout_to_stderr(as_json):
-            out = forget_user(user_id, settings, lock_timeout_s=lock_timeout)
+            out = forget_user(identity_or(settings)(user_id), settings, lock_timeout_s=lock_timeout)
     except (ValueError, ForgetIncomplete) as err:
         typer.echo(f"forget failed: {err}", err=True)
         raise typer.Exit(1) from err

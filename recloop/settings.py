@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from recloop.gate import DEFAULT_MAX_COVERAGE_DROP, DEFAULT_MIN_GAIN
@@ -212,6 +212,14 @@ class Settings(BaseSettings):
     forget_salt: str | None = Field(
         default=None, description="Secret key of the salted user hash (HMAC-SHA256) of deletion receipts and "
         "tombstones; the same on every replica. Unset: a random key generated once under home/state/forget_salt",
+    )
+    pseudonymize_user_ids: bool = Field(
+        default=False, description="Replace every user id by a keyed hash (HMAC-SHA256 with pseudonym_key) where it "
+        "enters: at ingestion and at the API, so no store holds a raw id (recloop/pseudonym.py)",
+    )
+    pseudonym_key: SecretStr | None = Field(
+        default=None, description="The pseudonyms' secret (>= 16 characters), the same on every replica and flow "
+        "run; required when pseudonymize_user_ids is on. Changing it orphans stored pseudonyms",
     )
     forget_lock_timeout_s: float = Field(
         default=3.0, ge=0, description="How long POST /forget waits for the loop's lock before answering "

@@ -48,6 +48,7 @@ from serving.schemas import (
 )
 
 with bentoml.importing():
+    from recloop.pseudonym import identity_or
     from serving.runtime import ChampionWatcher, build_runtime
 
 logger = logging.getLogger(__name__)
@@ -280,6 +281,8 @@ class Recommender:
         self.runtime = build_runtime()
         self.settings = self.runtime.settings
         self.core = self.runtime.core
+        # Pseudonymous ids (recloop/pseudonym.py): the API maps a client's user id before anything stores it.
+        self.pseudonym = identity_or(self.settings)
         self.watcher = ChampionWatcher(self.runtime)
         self.watcher.poll_experiment()  # a replica started mid-experiment routes like the others at once
         self._poller = threading.Thread(target=self.watcher.run_forever, name="champion-poll", daemon=True)
@@ -311,7 +314,7 @@ class Recommender:
             raise InvalidRecommend(f"query has {len(query)} characters; expected at most {limit}")
         try:
             out = self.core.recommend(
-                req.user_id, req.k, req.exclude_seen, req.history, diversity=req.diversity,
+                self.pseudonym(req.user_id), req.k, req.exclude_seen, req.history, diversity=req.diversity,
                 reranker=req.reranker, explain=req.explain, exclude_items=req.exclude_items, genres=req.genres,
                 query=query,
             )
@@ -367,7 +370,7 @@ class Recommender:
         from serving.forget import forget_user
 
         try:
-            out = forget_user(req.user_id, self.settings, core=self.core, client=self.runtime.client,
+            out = forget_user(self.pseudonym(req.user_id), self.settings, core=self.core, client=self.runtime.client,
                               lock_timeout_s=self.settings.forget_lock_timeout_s, background=True)
         except ValueError as err:
             raise InvalidForget(f"forget refused: {err}") from err
@@ -390,7 +393,7 @@ class Recommender:
 
         try:
             out = self.core.feedback(
-                req.user_id, req.item_id, req.event_type, req.value, req.timestamp, req.event_id,
+                self.pseudonym(req.user_id), req.item_id, req.event_type, req.value, req.timestamp, req.event_id,
                 request_id=req.request_id, position=req.position,
             )
         except UserForgotten as err:  # the tombstone: nothing was stored

@@ -10,6 +10,7 @@ sequence-txt, synthetic.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +32,33 @@ def read_source(name: str, path: Path | None = None, **options: Any) -> SourceFr
         path: file or folder of the data; MovieLens sources download into the cache when None.
         options: source-specific options (see each reader's docstring).
     Returns:
-        ``SourceFrames`` with raw (uncoerced) values, events in file order.
+        ``SourceFrames`` with raw (uncoerced) values, events in file order; user ids are pseudonyms when
+        ``settings.pseudonymize_user_ids`` is on (``pseudonymize_frames``).
     Raises:
         ValueError: unknown ``name`` (the message lists the known ones).
         SourceError: the file cannot be read as the format promises.
     """
     if name not in SOURCES:
         raise ValueError(f"unknown source {name!r}; expected one of {sorted(SOURCES)}")
-    return SOURCES[name](None if path is None else Path(path), **options)
+    frames = SOURCES[name](None if path is None else Path(path), **options)
+    return pseudonymize_frames(frames)
+
+
+def pseudonymize_frames(frames: SourceFrames) -> SourceFrames:
+    """``frames`` with every user id replaced by its pseudonym when ``settings.pseudonymize_user_ids`` is on
+    (``recloop.pseudonym``: ingestion is one of the two doors ids come in by); unchanged otherwise.
+
+    Raises:
+        ValueError: pseudonyms are on without a valid ``pseudonym_key``.
+    """
+    from recloop.pseudonym import from_settings
+    from recloop.settings import get_settings
+
+    pseudonym = from_settings(get_settings())
+    if pseudonym is None:
+        return frames
+    return replace(frames, events=pseudonym.frame(frames.events), users=pseudonym.frame(frames.users),
+                   meta={**frames.meta, "pseudonymized": True})
 
 
 def load_source(name: str, path: Path | None = None, **options: Any) -> SourceFrames:
