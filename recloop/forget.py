@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from filelock import FileLock, Timeout
-from sqlalchemy import Connection, Table, select, update
+from sqlalchemy import Connection, Table, func, select, update
 
 from recloop.contract import id_violation, normalise_id
 from recloop.logdb import LogTableStore
@@ -235,6 +235,11 @@ class ForgetStore(LogTableStore):
         with self._read() as conn:
             return forgotten_hashes(conn, self.table, user_hashes)
 
+    def count(self) -> int:
+        """How many users were ever forgotten here (one aggregate read)."""
+        with self._read() as conn:
+            return int(conn.execute(select(func.count()).select_from(self.table)).scalar() or 0)
+
     def any(self) -> bool:
         """Whether any user was ever forgotten here."""
         with self._read() as conn:
@@ -313,6 +318,10 @@ class TombstoneCheck:
         if hit:
             self._known.add(user_hash)
         return hit
+
+    def count(self) -> int:
+        """The store's number of tombstones (a failed read raises)."""
+        return int(self.store.count())
 
     def forgotten_ids(self, user_ids: Iterable[str]) -> set[str]:
         """The forgotten ids among ``user_ids`` (bulk reads; a failed read raises)."""

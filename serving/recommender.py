@@ -470,6 +470,7 @@ class RecommenderCore:
         #: forgotten users (``recloop.forget.TombstoneCheck``: ``is_forgotten``, ``forgotten_ids``); None = none.
         #: A forgotten user is unknown to ``recommend`` (no stored history, no exposure) and refused by ``feedback``.
         self.tombstones: Any = None
+        self._tombstones_swept = 0  # the tombstone count at the last sweep_forgotten
 
     @property
     def served(self) -> ServedModel:
@@ -703,6 +704,31 @@ class RecommenderCore:
                 del self._pending[user_id]
                 n += 1
         return n
+
+    def sweep_forgotten(self) -> int:
+        """Drop from this process's memory every user forgotten since the last sweep, whichever worker or replica
+        took the ``forget`` (the champion watcher calls it every poll). One count read when nothing changed;
+        when the tombstones grew, the ids held in memory are hashed and checked in bulk (``forgotten_ids``).
+
+        Returns:
+            The users dropped. Raises what the tombstone store raises (the caller logs it and retries).
+        """
+        if self.tombstones is None or not hasattr(self.tombstones, "count"):
+            return 0
+        count = int(self.tombstones.count())
+        if count == self._tombstones_swept:
+            return 0
+        held: set[str] = set()
+        for table in (self.base_history, self.consumed, self.suppressed, self.event_types):
+            if isinstance(table, dict):
+                held.update(table)
+        with self._pending_cv:
+            held.update(self._pending)
+        gone = self.tombstones.forgotten_ids(held) if held else set()
+        for user_id in gone:
+            self.forget_memory(user_id)
+        self._tombstones_swept = count
+        return len(gone)
 
     def memory_rows(self, user_id: str) -> int:
         """Entries this process still holds for the user (0 after ``forget_memory``)."""

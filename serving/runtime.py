@@ -535,6 +535,16 @@ class ChampionWatcher:
         while not self._stop.wait(self.rt.settings.serve_poll_interval_s):
             self.poll_once()
             self.poll_experiment()
+            self.sweep_forgotten()
+
+    def sweep_forgotten(self) -> int:
+        """``RecommenderCore.sweep_forgotten``: users forgotten through another worker leave this one's memory
+        within one poll interval. A failed read is logged and retried at the next poll."""
+        try:
+            return self.rt.core.sweep_forgotten()
+        except Exception as err:  # noqa: BLE001 - the poll thread must survive a database outage
+            logger.warning("forgotten-user sweep failed; retried next poll error=%s", err)
+            return 0
 
     def stop(self) -> None:
         self._stop.set()
