@@ -35,10 +35,12 @@ import pytest
 import torch
 
 from flows.ope import (
+    REWARD_SIGNS,
     LoggedData,
     apply_ope_gate,
     estimate_online_ctr,
     fit_click_model,
+    fit_reward_model,
     logged_requests,
     ope_gate,
     ope_metrics,
@@ -121,15 +123,22 @@ def test_estimates_match_the_hand_computed_values() -> None:
     assert snips["ci_low"] <= snips["value"] <= snips["ci_high"]
     assert iips["value"] == pytest.approx(5 / 6) and iips["key"] == "iips_clicks" and iips["n_unsupported"] == 2
     assert pi["value"] == pytest.approx(2 / 3) and pi["n_unsupported"] == 2
-    # DR: r̂(x, a) = σ(b0 + b1 log rank(a)); logged top items a, c, a, a, b, b have ranks 1, 3, 1, 1, 2, 2.
-    b0, b1 = est["reward_model"]["b0"], est["reward_model"]["b1"]
-    assert (b0, b1) == pytest.approx(fit_click_model([1, 3, 1, 1, 2, 2], [1, 0, 0, 0, 0, 0]))
-    def sig(x: float) -> float:
-        return 1 / (1 + math.exp(-x))
-
+    # DR: r̂(x, a) = σ(b0 + b1 log rank(a) + b2 log P(a | x)); the logged top items a, c, a, a, b, b have ranks
+    # 1, 3, 1, 1, 2, 2 and softmax probabilities over the masked scores (f is the context: masked).
+    lse = math.log(sum(math.exp(v) for item, v in SCORES.items() if item != "f"))
+    logp = {item: v - lse for item, v in SCORES.items()}
     w, r, ranks = [2, 0, 2, 1, 0, 0], [1, 0, 0, 0, 0, 0], [1, 3, 1, 1, 2, 2]
-    expected = np.mean([sig(b0) + wi * (ri - sig(b0 + b1 * math.log(k)))
-                        for wi, ri, k in zip(w, r, ranks, strict=True)])
+    x = np.column_stack([np.ones(6), np.log(ranks), [logp[i] for i in "acaabb"]])
+    beta = fit_reward_model(x, np.array(r, dtype=float), signs=REWARD_SIGNS)
+    model = est["reward_model"]
+    assert [model["b0"], model["b1"], model["b2"]] == pytest.approx(beta.tolist())
+    assert beta[1] <= 0 <= beta[2]
+
+    def sig(v: float) -> float:
+        return 1 / (1 + math.exp(-v))
+
+    hat_target = sig(beta[0] + beta[2] * logp["a"])  # the target's top item a: rank 1 (log 1 = 0)
+    expected = np.mean([hat_target + wi * (ri - sig(float(xi @ beta))) for wi, ri, xi in zip(w, r, x, strict=True)])
     assert dr["value"] == pytest.approx(expected)
 
 
@@ -179,24 +188,41 @@ def test_support_under_a_bounded_epsilon_pool() -> None:
 def test_the_dr_interval_refits_the_reward_model() -> None:
     """When the target seldom agrees with the logged item, r̂_π carries DR: a fixed-model bootstrap is too
     narrow, refitting per resample widens it and still contains the estimate."""
-    from flows.ope import dr_refit_interval
+    from flows.ope import dr_refit_interval, reward_features
     from models import ope as estimators
 
     rng = np.random.default_rng(0)
     n = 400
     ranks = rng.integers(1, 30, size=n).astype(float)
+    log_probs = -np.log(ranks) - 2.0 + rng.normal(0, 0.3, size=n)
     clicks = (rng.random(n) < 0.3 / np.sqrt(ranks)).astype(float)
     mu = np.full(n, 0.9)
     pi = (ranks == 1).astype(float)
     has_target = np.ones(n, dtype=bool)
-    b0, b1 = fit_click_model(ranks, clicks)
-    hat_logged = 1 / (1 + np.exp(-(b0 + b1 * np.log(ranks))))
-    hat_target = np.full(n, 1 / (1 + math.exp(-b0)))
+    x_logged = reward_features(ranks, log_probs)
+    x_target = reward_features(np.ones(n), np.full(n, -2.0))
+    beta = fit_reward_model(x_logged, clicks, signs=REWARD_SIGNS)
+    hat_logged = 1 / (1 + np.exp(-(x_logged @ beta)))
+    hat_target = 1 / (1 + np.exp(-(x_target @ beta)))
     fixed = estimators.doubly_robust(clicks, mu, pi, hat_logged, hat_target, n_boot=500, seed=3)
-    low, high = dr_refit_interval(ranks, clicks, mu, pi, has_target, n_boot=500, seed=3)
+    low, high = dr_refit_interval(x_logged, x_target, clicks, mu, pi, has_target, n_boot=500, seed=3)
     assert low <= fixed.value <= high
     assert high - low > 2 * (fixed.ci_high - fixed.ci_low)
-    assert all(math.isnan(x) for x in dr_refit_interval(ranks, clicks, mu, pi, has_target, n_boot=0))
+    assert all(math.isnan(v) for v in dr_refit_interval(x_logged, x_target, clicks, mu, pi, has_target, n_boot=0))
+
+
+def test_the_reward_model_keeps_its_signs_and_uses_the_models_confidence() -> None:
+    rng = np.random.default_rng(1)
+    n = 4000
+    log_probs = rng.uniform(-6, -1, size=n)
+    ranks = rng.integers(1, 20, size=n).astype(float)
+    clicks = (rng.random(n) < 1 / (1 + np.exp(-(0.5 + 0.6 * log_probs)))).astype(float)  # no rank effect
+    beta = fit_reward_model(np.column_stack([np.ones(n), np.log(ranks), log_probs]), clicks, signs=REWARD_SIGNS)
+    assert beta[2] == pytest.approx(0.6, abs=0.1) and beta[0] == pytest.approx(0.5, abs=0.25) and beta[1] <= 0
+    flipped = fit_reward_model(np.column_stack([np.ones(n), np.log(ranks), -log_probs]), clicks, signs=REWARD_SIGNS)
+    assert flipped[2] == 0.0  # the wrong sign is held at 0 and the rest refitted
+    with pytest.raises(ValueError):
+        fit_reward_model(np.ones((3, 2)), np.zeros(2))
 
 
 def test_the_click_model_is_monotone_in_rank() -> None:
