@@ -240,6 +240,9 @@ def item_text_task(vocab: ItemVocabulary, items: pd.DataFrame | None, catalog: p
     """(n_items + 1, d_text) text embeddings of ``vocab``'s items (title, genres, text; the packaged encoder
     behind the features stage's embedding cache, ``featurestore.text``); an item without text gets a zero row.
 
+    A training source without an items table (the loop's incremental training set, a contract Parquet file) takes
+    the lake's items table, the catalogue the platform serves.
+
     Raises:
         ValueError: no item has text (a text-aware model needs the items table).
     """
@@ -247,6 +250,10 @@ def item_text_task(vocab: ItemVocabulary, items: pd.DataFrame | None, catalog: p
     from featurestore.text import embedding_cache_path, item_text_embeddings
     from models.text_items import text_matrix
 
+    if items is None or not len(items):
+        from recloop.lake import Lake
+
+        items = Lake(get_settings().lake_path).items()
     frames = [f for f in (items, catalog) if f is not None and len(f)]
     if not frames:
         raise ValueError("a text-aware model (item_repr 'id+text' or 'text') needs item texts; the source has none")
