@@ -9,6 +9,7 @@ import sys
 import httpx
 import typer
 
+from cli import DEMO_TRAIN_SECONDS
 from recloop import __version__
 from recloop.settings import configure_environment
 
@@ -506,7 +507,9 @@ def demo(
     path: str = typer.Option(None, help="File or folder of the source"),
     epochs: int = typer.Option(None, help="Training epochs (default 20)"),
     user: str = typer.Option(None, help="User to show recommendations for"),
-    max_train_seconds: float = typer.Option(90.0, min=1.0, help="Wall-clock budget of the training"),
+    max_train_seconds: float = typer.Option(
+        DEMO_TRAIN_SECONDS, min=1.0, help="Wall-clock budget of the training (early stopping usually ends it first "
+        "on an idle machine)"),
 ) -> None:
     """The main job: platform up, the whole pipeline, a served model answering, a click changing the next answer.
 

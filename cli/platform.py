@@ -18,6 +18,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from cli import DEMO_TRAIN_SECONDS
 from recloop.settings import Settings, get_settings
 from supervisor import services
 
@@ -200,7 +201,7 @@ def held_back_message(evaluation: dict[str, Any], alias: str) -> str:
 
 
 def demo(source: str = "synthetic", path: str | None = None, epochs: int | None = None,
-         user_id: str | None = None, max_train_seconds: float = 90.0) -> dict[str, Any]:
+         user_id: str | None = None, max_train_seconds: float = DEMO_TRAIN_SECONDS) -> dict[str, Any]:
     """The main job: platform up, pipeline on ``source``, a served model answering, feedback loop shown.
 
     Args:
