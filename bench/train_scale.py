@@ -158,10 +158,10 @@ def fit(split: Any, vocab: ItemVocabulary, cfg: SASRecConfig, tcfg: TrainConfig)
 
 def run(items: list[int], users: int, events: int, *, steps: int = 30, epochs: int = 20, patience: int = 3,
         n_negatives: int = 256, d_model: int = 64, max_seq_len: int = 50, batch_size: int = 128, seed: int = 0,
-        device: str = "auto", threads: int | None = None) -> dict[str, Any]:
+        device: str = "auto", threads: int | None = None, lr: float = 3e-3) -> dict[str, Any]:
     """The benchmark (see the module docstring); returns the JSON report."""
     base = TrainConfig(batch_size=batch_size, epochs=epochs, patience=patience, seed=seed, device=device,
-                       num_threads=threads, n_negatives=n_negatives, lr=1e-3)
+                       num_threads=threads, n_negatives=n_negatives, lr=lr)
     results = []
     for n_items in items:
         t0 = time.perf_counter()
@@ -198,7 +198,7 @@ def run(items: list[int], users: int, events: int, *, steps: int = 30, epochs: i
             "seed": seed, "users": users, "events_target": events, "items": items,
             "model": {"class": "sasrec", "d_model": d_model, "n_layers": 2, "n_heads": 2, "max_seq_len": max_seq_len,
                       "dropout": 0.2},
-            "train": {"batch_size": batch_size, "lr": 1e-3, "epochs_max": epochs, "patience": patience,
+            "train": {"batch_size": batch_size, "lr": lr, "epochs_max": epochs, "patience": patience,
                       "n_negatives": n_negatives, "n_in_batch": base.n_in_batch,
                       "sampled": "n_in_batch in-batch targets + n_negatives uniform, logQ-corrected"},
             "throughput_steps": steps, "split": "leave-one-out; full ranking, seen excluded; NDCG@10",
@@ -222,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--max-seq-len", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int)
@@ -230,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     report = run(args.items, args.users, args.events, steps=args.steps, epochs=args.epochs, patience=args.patience,
                  n_negatives=args.negatives, d_model=args.d_model, max_seq_len=args.max_seq_len,
-                 batch_size=args.batch_size, seed=args.seed, device=args.device, threads=args.threads)
+                 batch_size=args.batch_size, seed=args.seed, device=args.device, threads=args.threads, lr=args.lr)
     report["command"] = "python -m bench.train_scale " + " ".join(argv if argv is not None else sys.argv[1:])
     report["command_full_size"] = "python -m bench.train_scale --json"
     if args.json:

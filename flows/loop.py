@@ -206,7 +206,8 @@ def loop_flow(source: str | None = None, path: str | None = None, train_params: 
         trigger: why the turn runs (``TRIGGERS``: the cron schedule, a monitor's drift or freshness event
             through the deployment's automation, or by hand); recorded as the run's ``trigger:<why>`` tag.
     Returns:
-        ``{"status", "trigger", "new_events", "watermark_from", "watermark_to", ...stage results}``.
+        ``{"status", "trigger", "new_events", "watermark_from", "watermark_to", "mode", ...stage results}``;
+        ``mode`` is "incremental" (``incremental_turn``: ``flows.loop_incremental``) or "full" (the whole lake).
     Raises:
         DataValidationError: the feedback batch was stopped by the gate (the watermark stays).
         ValueError: an unknown ``trigger``.

@@ -380,6 +380,9 @@ def train_flow(source: str = "lake", path: str | None = None, model_params: dict
 
     if tuned is not None:
         client.set_tag(run_id, "tuned_from", tuned["run_id"])
+        if int(model_params.get("max_seq_len", 0)) > settings.max_seq_len:  # serving keeps settings.max_seq_len
+            logger.warning("tuned max_seq_len=%s exceeds RECLOOP_MAX_SEQ_LEN=%d: set it so serving keeps as much "
+                           "history as the model reads", model_params["max_seq_len"], settings.max_seq_len)
     resume = resume_dir(settings.home, tags["data.sha256"], model, model_params, train_params,
                         init.version if init is not None else None)
     client.set_tag(run_id, "train.resume_dir", str(resume))

@@ -154,9 +154,10 @@ def run_study(source: str, path: str | None, trials: int, *, model: str | None =
 
         try:
             result = _fit(split, vocab, model, {**base_model, **model_params}, params, on_epoch)
-        except optuna.TrialPruned:
+        except optuna.TrialPruned as pruned:
             client.set_terminated(child.info.run_id, status="KILLED")
             client.set_tag(child.info.run_id, "tune.state", "pruned")
+            logger.info("trial %d pruned (%d/%d): %s", trial.number, len(finished()) + 1, trials, pruned)
             raise
         except BaseException:
             client.set_terminated(child.info.run_id, status="FAILED")

@@ -70,14 +70,19 @@ class SequentialModel(Scorer, Protocol):
 #: a learned linear projection of its frozen text embedding; or the projection alone (no ID embedding in the
 #: vectors; UniSRec, Hou et al. KDD 2022, and Recformer, Li et al. KDD 2023, use text without IDs).
 ITEM_REPRS: tuple[str, ...] = ("id", "id+text", "text")
+#: Initial gain of the LayerNorm on the projected text (``text_norm``): the ID embeddings' init scale (trunc-normal
+#: std 0.02), so the text part starts as large as the ID part instead of dominating it (LayerNorm output has unit
+#: variance). The gain is learned: the text part's scale relative to the ID part.
+TEXT_NORM_INIT = 0.02
 
 
-def check_item_repr(item_repr: str, d_text: int, text_dropout: float = 0.0, id_dropout: float = 0.0) -> None:
+def check_item_repr(item_repr: str, d_text: int, text_dropout: float = 0.0, id_dropout: float = 0.0,
+                    text_norm: bool = False) -> None:
     """The checks of the text-aware item fields every model config shares.
 
     Raises:
         ValueError: unknown ``item_repr`` (lists them), ``d_text`` < 1 with text (or != 0 without), a dropout
-            outside [0, 1).
+            outside [0, 1), ``text_norm`` without text.
     """
     if item_repr not in ITEM_REPRS:
         raise ValueError(f"item_repr={item_repr!r}; expected one of {list(ITEM_REPRS)}")
@@ -85,6 +90,8 @@ def check_item_repr(item_repr: str, d_text: int, text_dropout: float = 0.0, id_d
         raise ValueError(f"item_repr={item_repr!r} needs d_text >= 1 (the text embedding width); got {d_text}")
     if item_repr == "id" and d_text != 0:
         raise ValueError(f"item_repr='id' takes no text; got d_text={d_text} (expected 0)")
+    if item_repr == "id" and text_norm:
+        raise ValueError("text_norm=True needs a text-aware item_repr ('id+text' or 'text'); got 'id'")
     for name, value in (("text_dropout", text_dropout), ("id_dropout", id_dropout)):
         if not 0.0 <= value < 1.0:
             raise ValueError(f"{name}={value}; expected in [0, 1)")
@@ -126,7 +133,9 @@ class ItemSequenceModel(nn.Module):
     checkpoint, set with ``set_item_text``) and a learned ``text_proj`` (Linear d_text -> d_model, no bias, so
     the padding row stays zero). An item's vector is ``item_emb + text_proj(item_text)`` ("id+text") or
     ``text_proj(item_text)`` ("text"), used for the input and, tied, for the output layer, and trained by the
-    same ``loss``. ``text_dropout`` drops text features in training; ``id_dropout`` zeroes the ID part of a
+    same ``loss``. With ``text_norm`` the projected text goes through a LayerNorm (no bias) whose learned gain
+    starts at ``TEXT_NORM_INIT``: a learned scale of the text part against the ID part, started small.
+    ``text_dropout`` drops text features in training; ``id_dropout`` zeroes the ID part of a
     random share of items per step (DropoutNet, Volkovs et al., NeurIPS 2017), so that the text part alone
     scores well: what an item without an ID embedding (a new one) gets at serving time
     (``models.text_items``).
@@ -150,6 +159,10 @@ class ItemSequenceModel(nn.Module):
             self.text_proj = nn.Linear(config.d_text, config.d_model, bias=False)
             nn.init.trunc_normal_(self.text_proj.weight, std=0.02)
             self.text_drop = nn.Dropout(getattr(config, "text_dropout", 0.0))
+            self.text_norm: nn.LayerNorm | None = None
+            if getattr(config, "text_norm", False):
+                self.text_norm = nn.LayerNorm(config.d_model, bias=False)  # no bias: a zero (padding) row stays zero
+                nn.init.constant_(self.text_norm.weight, TEXT_NORM_INIT)
 
     @property
     def uses_text(self) -> bool:
@@ -175,14 +188,16 @@ class ItemSequenceModel(nn.Module):
             self.item_text[PAD_IDX].zero_()
 
     def project_text(self, text: Tensor) -> Tensor:
-        """``text_proj`` of text embeddings: (..., d_text) -> (..., d_model); a zero row stays zero.
+        """``text_proj`` of text embeddings (then ``text_norm`` when set): (..., d_text) -> (..., d_model); a zero
+        row stays zero.
 
         Raises:
             ValueError: the model takes no text.
         """
         if self.text_proj is None:
             raise ValueError(f"{type(self).__name__} with item_repr='id' takes no item text")
-        return self.text_proj(text.to(self.text_proj.weight.dtype))
+        out = self.text_proj(text.to(self.text_proj.weight.dtype))
+        return out if self.text_norm is None else self.text_norm(out)
 
     def embed_items(self, item_idx: Tensor, item_table: Tensor | None = None) -> Tensor:
         """Input vectors of ``item_idx`` (any shape) -> (..., d_model): rows of ``item_table`` when given (it may

@@ -46,7 +46,8 @@ class GRU4RecConfig:
             the item embeddings).
         n_layers: stacked GRU layers.
         dropout: dropout on the item embeddings, between GRU layers and on the GRU outputs.
-        item_repr, d_text, text_dropout, id_dropout: text-aware items, as in ``models.sasrec.SASRecConfig``.
+        item_repr, d_text, text_dropout, id_dropout, text_norm: text-aware items, as in
+            ``models.sasrec.SASRecConfig``.
     """
 
     n_items: int
@@ -58,10 +59,11 @@ class GRU4RecConfig:
     d_text: int = 0
     text_dropout: float = 0.0
     id_dropout: float = 0.0
+    text_norm: bool = False
 
     def __post_init__(self) -> None:
         check_config(self.n_items, self.max_seq_len, self.dropout)
-        check_item_repr(self.item_repr, self.d_text, self.text_dropout, self.id_dropout)
+        check_item_repr(self.item_repr, self.d_text, self.text_dropout, self.id_dropout, self.text_norm)
         if self.d_model < 1:
             raise ValueError(f"d_model={self.d_model}; expected >= 1")
         if self.n_layers < 1:

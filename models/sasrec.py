@@ -40,6 +40,8 @@ class SASRecConfig:
         d_text: width of the text embeddings (384 for all-MiniLM-L6-v2); 0 with "id".
         text_dropout: dropout on the text embeddings in training (text-aware only).
         id_dropout: share of items whose ID part is zeroed per training step ("id+text" only; DropoutNet).
+        text_norm: a LayerNorm with a learned gain (started at ``models.contract.TEXT_NORM_INIT``) on the
+            projected text (text-aware only).
     """
 
     n_items: int
@@ -53,10 +55,11 @@ class SASRecConfig:
     d_text: int = 0
     text_dropout: float = 0.0
     id_dropout: float = 0.0
+    text_norm: bool = False
 
     def __post_init__(self) -> None:
         check_config(self.n_items, self.max_seq_len, self.dropout)
-        check_item_repr(self.item_repr, self.d_text, self.text_dropout, self.id_dropout)
+        check_item_repr(self.item_repr, self.d_text, self.text_dropout, self.id_dropout, self.text_norm)
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
 

@@ -319,6 +319,8 @@ def train_model(
         scheduler.load_state_dict(saved["scheduler"])
         gen.set_state(saved["generator"])
         torch.set_rng_state(saved["torch_rng"])
+        if device.type == "cuda" and saved.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(saved["cuda_rng"], device)
         best, stale, history = saved["best"], int(saved["stale"]), list(saved["history"])
         done_before, start_epoch, stopped = float(saved["elapsed"]), int(saved["epoch"]) + 1, bool(saved["stopped"])
         logger.info("resuming from %s after epoch %d (best epoch %d)", resume_path, start_epoch - 1, best["epoch"])
@@ -399,6 +401,7 @@ def train_model(
                     "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                     "optimizer": named_optimizer_state(model, optimiser), "scheduler": scheduler.state_dict(),
                     "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "best": best,
+                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                     "stale": stale, "history": history, "elapsed": time.perf_counter() - start,
                 })
             if rank == 0:

@@ -287,7 +287,7 @@ class Lake:
         if not cols:
             return np.array([], dtype=object)
         uniq = pc.unique(pa.chunked_array([c for col in cols for c in col.chunks], type=pa.string()))
-        return np.sort(np.asarray(uniq.to_pylist(), dtype=object))
+        return np.sort(uniq.to_numpy(zero_copy_only=False).astype(object))
 
     def fingerprint(self) -> str:
         """The lake's incremental data fingerprint: sha256 chained over the committed batches' digests

@@ -485,7 +485,10 @@ class RecommenderCore:
     def current_served(self) -> ServedModel:
         """The served model as a request sees it: with the catalogue's new items appended when it is text-aware
         (``serving.catalog.TextCatalog.current``, cached per model and catalogue version), else as swapped in."""
-        served = self._served
+        return self._with_new_items(self._served)
+
+    def _with_new_items(self, served: ServedModel) -> ServedModel:
+        """``served`` with the catalogue's new items appended when it is text-aware (any arm's model too)."""
         return served if self.text is None else self.text.current(served)
 
     def _blend_query(self, served: ServedModel, scores: np.ndarray, query: str) -> np.ndarray:
@@ -628,21 +631,23 @@ class RecommenderCore:
         request_id = uuid.uuid4().hex
         experiment_id = arm = None
         teams: list[str] | None = None
+        cold_items: frozenset[str] | None = None  # interleaving: either arm's new items
         if arms is None:
             ranked = self._rank(served, hist_ids, seen, k, user_id, self.exploration, request_id, stage, query=query)
         elif arms.mode == "ab":
             arm = assign_arm(arms.salt, user_id, arms.weights)
-            served = arms.served(arm)
+            served = self._with_new_items(arms.served(arm))
             experiment_id = arms.experiment_id
             stage = self._stage(served, *arms.rerank_of(arm, diversity, reranker), genres)
             ranked = self._rank(served, hist_ids, seen, k, user_id, arms.exploration_of(arm, self.exploration),
                                 request_id, stage, query=query)
         else:  # team-draft interleaving of the two arms' greedy lists (two forward passes plus the merge)
             experiment_id, arm = arms.experiment_id, "interleaved"
-            stage = self._stage(arms.champion, *arms.rerank_of(TEAM_A, diversity, reranker), genres)
-            a = self._rank(arms.champion, hist_ids, seen, k, user_id, stage=stage, query=query)
-            b = self._rank(arms.challenger, hist_ids, seen, k, user_id,
-                           stage=self._stage(arms.challenger, *arms.rerank_of(TEAM_B, diversity, reranker), genres),
+            champion, challenger = self._with_new_items(arms.champion), self._with_new_items(arms.challenger)
+            stage = self._stage(champion, *arms.rerank_of(TEAM_A, diversity, reranker), genres)
+            a = self._rank(champion, hist_ids, seen, k, user_id, stage=stage, query=query)
+            b = self._rank(challenger, hist_ids, seen, k, user_id,
+                           stage=self._stage(challenger, *arms.rerank_of(TEAM_B, diversity, reranker), genres),
                            query=query)
             merged, teams = team_draft([x["item_id"] for x in a.items], [x["item_id"] for x in b.items], k,
                                        request_rng(request_id))
@@ -650,11 +655,13 @@ class RecommenderCore:
             items = [dict(by_team[t][i], team=t) for i, t in zip(merged, teams, strict=True)]
             # a merged slot's marginal probability is not logged (None): OPE uses A/B or single-policy logs
             ranked = Ranked(items, a.strategy, a.context, [None] * len(items), a.pool_size, "interleaving")
-            served = arms.champion
+            served = champion
+            cold_items = champion.cold_items | challenger.cold_items  # either arm may serve new items
         items, strategy, context = ranked.items, ranked.strategy, ranked.context
-        if served.cold_items:  # new catalogue items scored from their text (serving.catalog)
+        cold_items = served.cold_items if cold_items is None else cold_items
+        if cold_items:  # new catalogue items scored from their text (serving.catalog)
             for x in items:
-                if x["item_id"] in served.cold_items:
+                if x["item_id"] in cold_items:
                     x["cold_item"] = True
         if strategy == "sequential" and history is not None:
             strategy = "history"

@@ -101,6 +101,10 @@ def test_pipeline_then_feedback_then_loop(platform_env, ml100k_path: Path) -> No
     assert read_watermark(settings.home) == run2["watermark_to"] > run2["watermark_from"] == 0
     train_run = client.get_run(run2["train"]["run_id"])
     assert train_run.data.tags["warm_start_from"].endswith("/1")
+    # the turn is incremental (issue 20): features from the new batch only, a sampled training set, a lake fingerprint
+    assert run2["mode"] == "incremental" and run2["features"]["mode"] == "incremental"
+    assert run2["training_set"]["touched_users"] == 3
+    assert train_run.data.tags["data.source"] == "parquet" and len(train_run.data.tags["data.lake_sha256"]) == 64
     champion = get_alias_version(client, settings.model_name, ALIAS)
     assert champion == ("2" if run2["evaluate"]["promoted"] else "1")
     assert get_alias_version(client, settings.model_name, "champion") is None

@@ -135,6 +135,9 @@ BAD_REQUESTS = [
      400, "position"),
     ("similar_items", {"item_id": "no-such-item"}, 400, "item_id"),
     ("similar_items", {"item_id": "50", "k": -1}, 400, "k"),
+    ("items", {"item_id": "n-1"}, 400, "title"),
+    ("items", {"item_id": "n-1", "title": "bell\u0007"}, 400, "title"),
+    ("items", {"item_id": "n\u0007", "title": "ok"}, 400, "item_id"),
 ]
 
 
@@ -226,6 +229,30 @@ def test_similar_items_and_metadata_endpoints(server) -> None:
     assert ready["status"] == "ok" and ready["reason"] is None
     info = client.post("/model_info").json()
     assert info["version"] == server["version"] and info["n_items"] == 1682 and info["last_error"] is None
+
+
+def test_post_items_stores_a_new_item_and_the_id_only_champion_says_it_waits_for_a_retrain(server) -> None:
+    """``POST /items`` over HTTP (issue 18): stored in the shared catalogue, an upsert on a second call; this
+    champion is ID-only, so it answers ``served_now`` false with the reason, and recommend never returns the item.
+    (A text-aware model serving it at once: tests/integration/test_new_items.py.)"""
+    from recloop.catalog import CatalogStore
+    from serving.catalog import ID_ONLY_REASON
+
+    client = server["client"]
+    item = {"item_id": f"new-{uuid.uuid4().hex[:8]}", "title": "Star Trek: Nemesis (2002)", "genres": ["Sci-Fi"]}
+    first = client.post("/items", json=item)
+    assert first.status_code == 200, first.text[:500]
+    body = first.json()
+    assert body["inserted"] is True and body["known_item"] is False and body["served_now"] is False
+    assert body["reason"] == ID_ONLY_REASON and body["n_catalogue"] >= 1
+    again = client.post("/items", json={**item, "text": "The crew meets a clone of Picard."}).json()
+    assert again["inserted"] is False and again["n_catalogue"] == body["n_catalogue"]
+    row = {r["item_id"]: r for r in CatalogStore(get_settings().event_log_uri, create=False).list()}[item["item_id"]]
+    assert row["text"] == "The crew meets a clone of Picard." and row["genres"] == ["Sci-Fi"]
+    text = client.post("/model_info").json()["text"]
+    assert text["serves_new_items"] is False and text["item_repr"] == "id" and text["reason"] == ID_ONLY_REASON
+    answer = client.post("/recommend", json={"user_id": "1", "k": 50}).json()
+    assert item["item_id"] not in [x["item_id"] for x in answer["items"]]
 
 
 def test_simulated_users_over_http_every_reaction_acknowledged_and_linked(server) -> None:

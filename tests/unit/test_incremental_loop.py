@@ -137,3 +137,16 @@ def test_lake_reads_by_user_and_by_time_and_its_fingerprint_follows_the_data(tmp
     with pytest.raises(ValueError, match="different content"):  # a colliding id is still found in the lake
         changed = events.iloc[[19_999]].assign(value=0.5).reset_index(drop=True)
         lake.ingest(SourceFrames(events=changed), batch_id="b4")
+
+
+def test_sampled_evaluation_scores_every_model_on_one_seeded_fixed_size_sample():
+    from flows.evaluate import sample_split
+    from models.sequences import leave_one_out
+
+    split = leave_one_out({f"u{i:02d}": np.arange(1, 6 + i % 3) for i in range(50)})
+    small = sample_split(split, 10, seed=1, turn="t")
+    assert len(small.test) == len(small.valid) == 10
+    assert small.test.user_ids.tolist() == small.valid.user_ids.tolist()  # the same users on both splits
+    assert small.train is split.train and small.protocol["eval_users"] == 10
+    assert sample_split(split, 10, seed=1, turn="t").test.user_ids.tolist() == small.test.user_ids.tolist()
+    assert len(sample_split(split, 500, seed=1, turn="t").test) == 50

@@ -11,9 +11,13 @@ from models.checkpoint import checkpoint_dict, model_from_dict
 from models.contract import Batch
 from models.factory import MODELS, build_config, build_model
 from models.text_items import (
+    MIN_COLD_TARGETS,
+    WINDOW_SHARES,
     ContentScorer,
     ItemTable,
+    PaddedScorer,
     blend_query,
+    bootstrap_interval,
     cold_temporal_split,
     cold_vectors,
     text_matrix,
@@ -125,15 +129,58 @@ def test_text_matrix_rows_follow_the_vocabulary() -> None:
     assert m.shape == (4, 3) and m[0].sum() == 0 and m[1][0] == 2 and m[2].sum() == 0 and m[3][0] == 1
 
 
-def test_cold_temporal_split_on_movielens_counts_cold_targets(ml100k_path) -> None:
+def test_cold_temporal_split_on_movielens_holds_enough_cold_targets_and_never_looks_ahead(ml100k_path) -> None:
+    from recloop.policy import DEFAULT_POLICY
     from recloop.sources import load_source
 
     frames = load_source("movielens-100k", ml100k_path)
-    split, vocab, new_ids, cold = cold_temporal_split(frames.events, frames.items["item_id"].astype(str), 0.9)
-    assert split.protocol["n_cold_targets"] == int(cold.sum()) > 0
-    assert (split.test.targets[cold] > len(vocab)).all() and (split.test.targets[~cold] <= len(vocab)).all()
-    assert len(vocab) + len(new_ids) == frames.items["item_id"].nunique()
-    # every history is pre-cut only: its items are all in the past vocabulary
-    assert all((h <= len(vocab)).all() for h in split.test.histories)
-    ts = pd.to_datetime(frames.events["timestamp"], utc=True)
-    assert ts.quantile(0.9) == pd.Timestamp(split.protocol["cut"])
+    events = DEFAULT_POLICY.positives(frames.events)
+    cs = cold_temporal_split(events, frames.items["item_id"].astype(str))
+    p, n_vocab = cs.protocol, len(cs.vocab)
+    # the share is the first whose windows both hold MIN_COLD_TARGETS cold targets (ml-100k: 0.1 does not)
+    assert p["min_cold_met"] and p["n_test_cold"] >= MIN_COLD_TARGETS and p["n_valid_cold"] >= MIN_COLD_TARGETS
+    assert p["share"] > WINDOW_SHARES[0] and p["shares_tried"][str(WINDOW_SHARES[0])][1] < MIN_COLD_TARGETS
+    assert p["n_test_cold"] == int(cs.test_cold.sum()) and (cs.test.targets[cs.test_cold] > n_vocab).all()
+    assert (cs.test.targets[~cs.test_cold] <= n_vocab).all() and n_vocab + len(cs.new_ids) == 1682
+    # training is the past only: every training item is in the vocabulary, and no cold item was seen before the cut
+    assert all((seq <= n_vocab).all() for seq in cs.split.train.values())
+    ts = pd.to_datetime(events["timestamp"], utc=True)
+    assert ts.quantile(1 - 2 * p["share"]) == pd.Timestamp(p["valid_cut"])
+    assert pd.Timestamp(p["valid_cut"]) < pd.Timestamp(p["test_cut"])
+    # each case's history is every earlier positive of its user: the next case of the same user extends it by one
+    users, hist = cs.test.user_ids, cs.test.histories
+    same = next(i for i in range(len(users) - 1) if users[i] == users[i + 1])
+    assert np.array_equal(hist[same + 1], np.append(hist[same], cs.test.targets[same]))
+
+
+def test_an_id_only_scorer_drops_new_items_from_histories_and_scores_them_minus_inf() -> None:
+    model = _model("sasrec", "id").eval()
+    padded = PaddedScorer(model, 2)
+    with_new = torch.tensor([[0, 3, N_ITEMS + 1, 5, N_ITEMS + 2]])
+    scores = padded.score(with_new)
+    assert scores.shape == (1, N_ITEMS + 3) and torch.isinf(scores[0, N_ITEMS + 1:]).all()
+    assert torch.allclose(scores[0, 1: N_ITEMS + 1], model.score(torch.tensor([[0, 0, 0, 3, 5]]))[0, 1:])
+
+
+def test_cluster_bootstrap_resamples_whole_users() -> None:
+    values = np.array([1.0] * 50 + [0.0] * 50)
+    flat = bootstrap_interval(values, seed=0)
+    clustered = bootstrap_interval(values, seed=0, groups=np.array(["a"] * 50 + ["b"] * 50))
+    assert flat[1] - flat[0] < clustered[1] - clustered[0]  # two users: the interval is far wider
+    assert np.isnan(bootstrap_interval(np.array([]))[0])
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_text_norm_starts_the_text_part_at_the_id_scale_keeps_padding_zero_and_trains(name) -> None:
+    from models.contract import TEXT_NORM_INIT
+
+    model = _model(name, "id+text", text_norm=True)
+    emb = model.item_embeddings()
+    assert torch.count_nonzero(emb[0]) == 0 and torch.allclose(model.text_norm.weight, torch.tensor(TEXT_NORM_INIT))
+    text_part = model.project_text(model.item_text[1:])
+    assert text_part.std().item() == pytest.approx(TEXT_NORM_INIT, rel=0.2)  # as large as the ID part, not 50x
+    seqs = torch.randint(1, N_ITEMS + 1, (4, SEQ + 1))
+    model.loss(Batch(inputs=seqs[:, :-1], targets=seqs[:, 1:])).backward()
+    assert model.text_norm.weight.grad is not None and model.text_norm.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="text_norm"):
+        build_config(name, n_items=N_ITEMS, max_seq_len=SEQ, text_norm=True)

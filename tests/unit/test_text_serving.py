@@ -160,3 +160,26 @@ def test_bad_queries_are_refused_by_the_schema(bad: dict) -> None:
 def test_bad_items_are_refused_naming_the_field(bad: dict, field: str) -> None:
     with pytest.raises((ValidationError, ValueError), match=field):
         validate_item(ItemRequest(**bad).model_dump())
+
+
+@pytest.mark.parametrize("mode", ["ab", "interleave"])
+def test_experiment_arms_serve_new_items_and_each_arm_keeps_its_own_extension(mode) -> None:
+    from dataclasses import replace
+
+    from serving.recommender import ExperimentArms
+
+    served, enc = _text_served()
+    challenger = replace(_text_served()[0], version="8")
+    core, _ = _core(served, enc)
+    core.experiment_arms = ExperimentArms("exp-1", mode, (50.0, 50.0), "salt-1", served, challenger)
+    add_item(core, {"item_id": "new-1", "title": "robot space film sequel", "genres": ["Sci-Fi"]})
+    answers = [core.recommend(f"u{j}", k=5, history=["i1", "i2", "i3"]) for j in range(8)]
+    for answer in answers:
+        flagged = {x["item_id"] for x in answer["items"] if x.get("cold_item")}
+        assert "new-1" in [x["item_id"] for x in answer["items"]] and flagged == {"new-1"}
+    if mode == "ab":
+        assert {a["arm"] for a in answers} == {"champion", "challenger"}
+    # both arms' extensions stay cached side by side (no rebuild per request)
+    assert core.text.current(served) is core.text.current(served)
+    assert core.text.current(challenger) is core.text.current(challenger)
+    assert core.text.current(served) is not core.text.current(challenger)
