@@ -23,6 +23,7 @@ import logging
 import math
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -120,8 +121,11 @@ def run_study(source: str, path: str | None, trials: int, *, model: str | None =
     storage = study_storage(settings)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # Heartbeats: a trial whose process died (killed run) is marked failed on the next call and re-run once.
-    rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=60, grace_period=180,
-                                     failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1))
+    with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna 5
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=60, grace_period=180,
+                                         heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                                             max_retry=1))
     study = optuna.create_study(study_name=name, storage=rdb, direction="maximize", load_if_exists=True,
                                 sampler=optuna.samplers.TPESampler(seed=settings.seed),
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=3))

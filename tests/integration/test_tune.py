@@ -25,11 +25,11 @@ def test_tune_runs_resumes_and_records_the_best_for_the_next_cold_train(
     coerce_events(raw, default_source="movielens-100k").to_parquet(data)
     budget = {"epochs": 1, "device": "cpu", "num_threads": 1, "batch_size": 128}
 
-    first = run_study("parquet", str(data), 2, train_params=budget)
-    assert first["trials"] == {"finished": 2, "run_now": 2, "pruned": 0, "complete": 2}
+    first = run_study("parquet", str(data), 1, train_params=budget)
+    assert first["trials"] == {"finished": 1, "run_now": 1, "pruned": 0, "complete": 1}
     assert first["storage"] == "sqlite" and (recloop_home / "optuna.db").exists()
-    again = run_study("parquet", str(data), 3, train_params=budget)  # the same study continues
-    assert again["study"] == first["study"] and again["trials"]["finished"] == 3 and again["trials"]["run_now"] == 1
+    again = run_study("parquet", str(data), 2, train_params=budget)  # the same study continues
+    assert again["study"] == first["study"] and again["trials"]["finished"] == 2 and again["trials"]["run_now"] == 1
     assert 0 < again["best"]["value"] <= 1 and 0 <= again["test"]["ndcg@10"] <= 1
 
     client = tracking.configure_tracking(get_settings())

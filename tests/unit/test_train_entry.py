@@ -1,12 +1,11 @@
 """The bare training entry point (``python -m models.cli_train``): two gloo processes under ``torchrun`` follow
-one process's loss curve; a SIGKILLed run resumes from its last epoch. (That models/ imports no platform
-service, Prefect, MLflow, Feast or the kernel, is tests/unit/test_layering.py's rule.)"""
+one process's loss curve. (Resuming a killed run is tests/unit/test_train_scale.py's; that models/ imports no
+platform service, Prefect, MLflow, Feast or the kernel, is tests/unit/test_layering.py's rule.)"""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -53,33 +52,3 @@ def test_two_gloo_processes_follow_one_process_loss_curve(tmp_path: Path) -> Non
                                rtol=1e-4)
     assert ddp["best_val_ndcg@10"] == pytest.approx(single["best_val_ndcg@10"], abs=1e-3)
     assert "epoch done" in two.stderr and (tmp_path / "two.pt").exists()
-
-
-@pytest.mark.slow
-def test_a_sigkilled_training_resumes_after_its_last_epoch(tmp_path: Path, ml100k_path: Path) -> None:
-    from recloop.sources import load_source
-
-    data = tmp_path / "ml100k.parquet"
-    events = load_source("movielens-100k", ml100k_path).events
-    users = events["user_id"].drop_duplicates().iloc[:300]  # a third of the users: ~1 s epochs, time to kill
-    events[events["user_id"].isin(users)][["user_id", "item_id", "timestamp"]].to_parquet(data)
-    cmd = [sys.executable, "-m", "models.cli_train", "--data", str(data), "--out", str(tmp_path / "m.pt"),
-           "--epochs", "3", "--d-model", "16", "--n-layers", "1", "--max-seq-len", "20", "--device", "cpu",
-           "--num-threads", "1", "--json"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT,
-                            env=_env())
-    for line in proc.stderr:  # the epoch's checkpoint is written before its progress line
-        if "epoch done" in line and "epoch=1/3" in line:
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait(timeout=300)
-    assert proc.returncode == -signal.SIGKILL
-    assert (tmp_path / "m.pt.resume" / "last.pt").exists() and not (tmp_path / "m.pt").exists()
-    rerun = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, env=_env(), timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
-    report = json.loads(rerun.stdout)
-    assert 1 <= report["resumed_from_epoch"] < 3 and "resuming from" in rerun.stderr
-    assert [h["epoch"] for h in report["history"]] == [1, 2, 3]  # the counter continued, nothing repeated
-    losses = [h["loss"] for h in report["history"]]
-    assert losses[-1] < losses[0] and report["best_val_ndcg@10"] > 0.02  # it learned (a random ranking scores ~0.003)
-    assert (tmp_path / "m.pt").exists() and not (tmp_path / "m.pt.resume").exists()
