@@ -17,7 +17,8 @@ NDCG@K and HR@K overall, on warm and on cold targets, with the counts and a 95% 
 Choices on validation only: each model's early-stopping epoch (the trainer), and the text-aware variant among the
 "id+text" ones (the text path's standard fixes: DropoutNet's ID dropout, a LayerNorm with a learned gain started at
 the ID scale, both, none): the highest validation NDCG@K on cold targets among those whose validation NDCG@K
-overall is within 2% of the ID-only model's (else the highest overall). The test window is read once per model.
+overall is within 2% of the ID-only model's, ties going to the higher overall (else the highest overall). The
+test window is read once per model.
 Text: all-MiniLM-L6-v2 over "title. genres" (``recloop.features.item_text``), through the embedding cache.
 Prints one JSON document with ``--json``; progress goes to stderr.
 """
@@ -99,7 +100,9 @@ def choose_text_aware(valid: dict[str, dict[str, Any]], k: int) -> tuple[str, st
         floor = (1 - MAX_RELATIVE_DROP) * valid[ID_ONLY]["overall"][key]
         within = [n for n in aware if valid[n]["overall"][key] >= floor]
         if within:
-            return max(within, key=lambda n: valid[n]["cold"][key]), "best validation cold NDCG within 2% overall"
+            # ties on cold NDCG (e.g. all 0) go to the better validation overall NDCG
+            return (max(within, key=lambda n: (valid[n]["cold"][key], valid[n]["overall"][key])),
+                    "best validation cold NDCG within 2% overall (ties: best overall)")
     return max(aware, key=lambda n: valid[n]["overall"][key]), "best validation overall NDCG (none within 2%)"
 
 

@@ -1,5 +1,6 @@
 """Text-aware items outside training: text matrices, serving's frozen item table with new items appended, the
-content-only baseline, query blending, and the cold-item temporal split.
+content-only baseline, query blending, and the cold-item temporal protocol (two cuts, every later event a case,
+windows sized to hold ``MIN_COLD_TARGETS`` cold targets; a cluster bootstrap over users for the intervals).
 
 The model side (an item's vector = ID embedding + a learned projection of its frozen text embedding, or the
 projection alone) is in ``models.contract.ItemSequenceModel`` (``item_repr``). A new item has no ID embedding:

@@ -2,8 +2,8 @@
 
 A slice of ml-100k (its most-rated films plus every Star Trek film: a coherent family of titles, and the events
 on them), the real packaged sentence encoder (all-MiniLM-L6-v2) and a small text-only SASRec+ trained for two
-epochs, shared by the module (about 20 s on an idle 2-core machine; the whole catalogue and 4 epochs cost 90 s
-idle and showed nothing more). The constructed case: a user whose history is every Star Trek film; a new item
+epochs, shared by the module (37 s of CPU, about 25 s on an idle 2-core machine; the whole catalogue and 4 epochs
+cost 90 s idle and showed nothing more). The constructed case: a user whose history is every Star Trek film; a new item
 "Star Trek: Nemesis (2002)" is added through the ``/items`` handler (``serving.catalog.add_item``, the function
 the endpoint calls, after the request schema's validation; the HTTP route itself is exercised against the
 ID-only champion in tests/integration/test_serving_http.py); that user's very next recommendation holds it,

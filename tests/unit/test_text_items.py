@@ -184,3 +184,22 @@ def test_text_norm_starts_the_text_part_at_the_id_scale_keeps_padding_zero_and_t
     assert model.text_norm.weight.grad is not None and model.text_norm.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="text_norm"):
         build_config(name, n_items=N_ITEMS, max_seq_len=SEQ, text_norm=True)
+
+
+def test_the_reported_text_aware_variant_is_chosen_on_validation_within_two_percent_of_id_only() -> None:
+    from bench.text_quality import ID_ONLY, choose_text_aware
+
+    def seg(overall: float, cold: float) -> dict:
+        return {"overall": {"ndcg@10": overall}, "cold": {"ndcg@10": cold}}
+
+    valid = {ID_ONLY: seg(0.100, 0.0), "SASRec+ (id+text)": seg(0.101, 0.001),
+             "SASRec+ (id+text, id_dropout 0.5)": seg(0.0985, 0.004), "SASRec+ (id+text, text_norm)": seg(0.090, 0.009),
+             "SASRec+ (text)": seg(0.05, 0.02)}
+    assert choose_text_aware(valid, 10)[0] == "SASRec+ (id+text, id_dropout 0.5)"  # best cold within 2% overall
+    valid["SASRec+ (id+text, id_dropout 0.5)"] = seg(0.097, 0.004)
+    assert choose_text_aware(valid, 10)[0] == "SASRec+ (id+text)"
+    tied = {ID_ONLY: seg(0.1, 0.0), "SASRec+ (id+text)": seg(0.099, 0.0), "SASRec+ (id+text, text_norm)": seg(0.1, 0.0)}
+    assert choose_text_aware(tied, 10)[0] == "SASRec+ (id+text, text_norm)"  # a tie on cold: the better overall
+    far = {ID_ONLY: seg(0.2, 0.0), "SASRec+ (id+text)": seg(0.1, 0.0), "SASRec+ (id+text, text_norm)": seg(0.15, 0.0)}
+    name, rule = choose_text_aware(far, 10)
+    assert name == "SASRec+ (id+text, text_norm)" and "none within" in rule
