@@ -14,7 +14,6 @@ State every serving worker must see lives in the event-log database (``recloop.l
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -24,6 +23,7 @@ from sqlalchemy import delete, select, update
 
 from recloop.contract import id_violation, normalise_id
 from recloop.logdb import BLOCK_REASON_CHARS, LogTableStore
+from recloop.ttl import TTLCached
 
 logger = logging.getLogger(__name__)
 
@@ -144,10 +144,9 @@ class BlocklistStore(LogTableStore):
 
 
 class CachedBlocklist:
-    """A serving worker's view of the blocklist: ``BlocklistStore.item_ids`` re-read at most every ``ttl_s``.
-
-    Thread-safe; one request at a time re-reads (the others use the previous ids meanwhile). A failed
-    read keeps the last ids (an empty set before the first success) and is retried after ``ttl_s``.
+    """A serving worker's view of the blocklist: ``BlocklistStore.item_ids`` re-read at most every ``ttl_s``
+    (``recloop.ttl.TTLCached``: one re-read at a time; a failed read keeps the last ids, an empty set before the
+    first success, and is retried after ``ttl_s``).
 
     Args:
         store: anything with ``item_ids() -> frozenset[str]``.
@@ -158,33 +157,19 @@ class CachedBlocklist:
     """
 
     def __init__(self, store: Any, ttl_s: float = DEFAULT_TTL_S, clock: Any = time.monotonic) -> None:
-        if ttl_s < 0:
-            raise ValueError(f"ttl_s={ttl_s}; expected >= 0")
-        self.store, self.ttl_s, self._clock = store, ttl_s, clock
-        self._ids: frozenset[str] = frozenset()
-        self._read_at: float | None = None
-        self._lock = threading.Lock()
-        self.last_error: str | None = None
+        self.store, self.ttl_s = store, ttl_s
+        self._cache: TTLCached[frozenset[str]] = TTLCached(lambda: frozenset(store.item_ids()), frozenset(), ttl_s,
+                                                           clock, "blocklist")
+
+    @property
+    def last_error(self) -> str | None:
+        """Why the last read failed (None after a success)."""
+        return self._cache.last_error
 
     def invalidate(self) -> None:
         """Re-read on the next call (this process changed the store)."""
-        self._read_at = None if self._read_at is None else self._read_at - self.ttl_s - 1.0
+        self._cache.invalidate()
 
     def item_ids(self) -> frozenset[str]:
         """The blocked item ids, at most ``ttl_s`` seconds old (or the last ones read, after a failure)."""
-        now = self._clock()
-        if self._read_at is not None and now - self._read_at < self.ttl_s:
-            return self._ids
-        if not self._lock.acquire(blocking=self._read_at is None):
-            return self._ids  # another request is re-reading
-        try:
-            try:
-                self._ids = frozenset(self.store.item_ids())
-                self.last_error = None
-            except Exception as err:  # noqa: BLE001 - keep masking the last known ids; retried after ttl_s
-                self.last_error = f"{type(err).__name__}: {err}"[:300]
-                logger.warning("blocklist not read; keeping %d ids error=%s", len(self._ids), self.last_error)
-            self._read_at = self._clock()
-        finally:
-            self._lock.release()
-        return self._ids
+        return self._cache.get()

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import threading
 import time
 import unicodedata
 from collections.abc import Iterable, Mapping
@@ -30,6 +29,7 @@ from sqlalchemy import select, update
 
 from recloop.contract import id_violation, normalise_id
 from recloop.logdb import CATALOG_GENRES_CHARS, CATALOG_TITLE_CHARS, LogTableStore
+from recloop.ttl import TTLCached
 
 logger = logging.getLogger(__name__)
 
@@ -189,10 +189,9 @@ def rows_version(rows: Iterable[Mapping[str, Any]]) -> str:
 
 
 class CachedCatalog:
-    """A serving worker's view of the catalogue: ``CatalogStore.list`` re-read at most every ``ttl_s``.
-
-    Thread-safe; one request at a time re-reads (the others use the previous rows meanwhile). A failed read
-    keeps the last rows (none before the first success) and is retried after ``ttl_s``.
+    """A serving worker's view of the catalogue: ``CatalogStore.list`` re-read at most every ``ttl_s``
+    (``recloop.ttl.TTLCached``: one re-read at a time; a failed read keeps the last rows, none before the first
+    success, and is retried after ``ttl_s``).
 
     Args:
         store: anything with ``list() -> [{item_id, title, genres, text, added_at}]``.
@@ -203,24 +202,27 @@ class CachedCatalog:
     """
 
     def __init__(self, store: Any, ttl_s: float = DEFAULT_TTL_S, clock: Any = time.monotonic) -> None:
-        if ttl_s < 0:
-            raise ValueError(f"ttl_s={ttl_s}; expected >= 0")
-        self.store, self.ttl_s, self._clock = store, ttl_s, clock
-        self._rows: tuple[dict[str, Any], ...] = ()
-        self._version = rows_version(())
-        self._read_at: float | None = None
-        self._lock = threading.Lock()
-        self.last_error: str | None = None
+        self.store, self.ttl_s = store, ttl_s
+
+        def read() -> tuple[tuple[dict[str, Any], ...], str]:
+            rows = tuple(store.list())
+            return rows, rows_version(rows)
+
+        self._cache: TTLCached[tuple[tuple[dict[str, Any], ...], str]] = TTLCached(
+            read, ((), rows_version(())), ttl_s, clock, "catalogue")
+
+    @property
+    def last_error(self) -> str | None:
+        """Why the last read failed (None after a success)."""
+        return self._cache.last_error
 
     def invalidate(self) -> None:
         """Re-read on the next call (this process changed the store)."""
-        self._read_at = None if self._read_at is None else self._read_at - self.ttl_s - 1.0
+        self._cache.invalidate()
 
     def rows(self) -> tuple[tuple[dict[str, Any], ...], str]:
         """(the catalogue rows, their version), at most ``ttl_s`` seconds old (or the last ones read)."""
-        now = self._clock()
-        if self._read_at is not None and now - self._read_at < self.ttl_s:
-            return self._rows, self._version
+        return self._cache.get()
         if not self._lock.acquire(blocking=self._read_at is None):
             return self._rows, self._version  # another request is re-reading
         try:
