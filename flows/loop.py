@@ -47,15 +47,6 @@ def read_watermark(home: Path) -> int:
     return int(json.loads(path.read_text())["event_log_seq"]) if path.exists() else 0
 
 
-def write_watermark(home: Path, seq: int) -> None:
-    """Atomically record ``seq`` as consumed."""
-    path = state_path(home)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"event_log_seq": int(seq)}))
-    tmp.replace(path)
-
-
 def read_cursor(home: Path) -> LogCursor:
     """The loop's event-log cursor: the watermark and the open gaps below it (``recloop.cursor``)."""
     path = state_path(home)
@@ -106,53 +97,6 @@ def read_feedback(cursor: LogCursor) -> tuple[Any, LogCursor, list[int]]:
         log.close()
     late = [int(s) for s in frame["seq"] if s <= cursor.watermark]
     return frame.drop(columns=[c for c in ("seq", "ingested_at") if c in frame.columns]), nxt, late
-
-
-#: A gap in the log's sequence younger than this may be a transaction still committing (PostgreSQL hands
-#: out ``seq`` at insert time, so seq 11 can commit before seq 10): the loop stops reading before it and
-#: takes it next turn. An older gap is a rolled-back insert and is passed over.
-SEQ_GAP_GRACE_S = 30.0
-
-
-def committed_prefix(frame: Any, after_seq: int, now: Any, grace_s: float = SEQ_GAP_GRACE_S) -> Any:
-    """The rows of ``frame`` (log rows with ``seq`` and ``ingested_at``, any order) the loop may consume.
-
-    Reads in ``seq`` order from ``after_seq`` and stops before the first gap whose next row was received
-    less than ``grace_s`` before ``now``, so a late-committing insert is never skipped. Pure.
-
-    Returns:
-        The prefix, sorted by ``seq``.
-    """
-    import pandas as pd
-
-    rows = frame[frame["seq"] > after_seq].sort_values("seq", kind="stable").reset_index(drop=True)
-    if rows.empty:
-        return rows
-    seqs = rows["seq"].to_numpy()
-    expected = after_seq + 1
-    received = pd.to_datetime(rows["ingested_at"], utc=True, errors="coerce")
-    for i, seq in enumerate(seqs):
-        if seq != expected:
-            recent = pd.isna(received.iloc[i]) or received.iloc[i] > now - pd.Timedelta(seconds=grace_s)
-            if recent:
-                return rows.iloc[:i]
-        expected = int(seq) + 1
-    return rows
-
-
-@task(name="read-new-feedback", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
-def read_new_feedback(after_seq: int) -> tuple[Any, int]:
-    """Events of the log with ``seq > after_seq`` up to the first possibly uncommitted gap
-    (``committed_prefix``), as a contract frame, and the highest seq among them."""
-    import pandas as pd
-
-    log = EventLog(get_settings().event_log_uri)
-    try:
-        frame = committed_prefix(log.since(after_seq=after_seq, with_seq=True), after_seq, pd.Timestamp.now(tz="UTC"))
-    finally:
-        log.close()
-    high = int(frame["seq"].max()) if len(frame) else after_seq
-    return frame.drop(columns=[c for c in ("seq", "ingested_at") if c in frame.columns]), high
 
 
 def ingest_feedback(events: Any, batch_id: str) -> dict[str, Any]:

@@ -90,7 +90,8 @@ def _env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, log_url: str) -> None:
 def test_every_bad_log_row_is_quarantined_and_good_rows_reach_the_lake(
     harness: None, log_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from flows.loop import ingest_feedback, read_new_feedback
+    from flows.loop import ingest_feedback, read_feedback
+    from recloop.cursor import LogCursor
     from recloop.lake import Lake
 
     _env(monkeypatch, tmp_path, log_url)
@@ -98,8 +99,8 @@ def test_every_bad_log_row_is_quarantined_and_good_rows_reach_the_lake(
     good = [("good", "u1", "i100", "click", None, GOOD_TS, ""), ("good 2", "u2", "i101", "like", None, GOOD_TS, "")]
     _write_raw(log_url, good + bad)
 
-    events, high = read_new_feedback.fn(0)  # reading never fails on a bad row
-    assert len(events) == len(good) + len(bad) and high == len(good) + len(bad)
+    events, cursor, _ = read_feedback.fn(LogCursor())  # reading never fails on a bad row
+    assert len(events) == len(good) + len(bad) and cursor.watermark == len(good) + len(bad)
     summary = ingest_feedback(events, "feedback-1")
     assert summary["new_events"] == len(good) and summary["rows_quarantined"] == len(bad)
 
@@ -131,9 +132,10 @@ def test_a_batch_of_only_bad_rows_moves_the_watermark_on(
 def test_training_sequences_follow_the_order_of_receipt_not_client_stamps(
     harness: None, log_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from flows.loop import ingest_feedback, read_new_feedback
+    from flows.loop import ingest_feedback, read_feedback
     from models.sequences import build_sequences
     from models.vocab import ItemVocabulary
+    from recloop.cursor import LogCursor
     from recloop.eventlog import EventLog
     from recloop.lake import Lake
 
@@ -147,7 +149,7 @@ def test_training_sequences_follow_the_order_of_receipt_not_client_stamps(
     edge = [("\u00fc" * 255, pd.Timestamp("1990-01-01T00:00:01Z")), ("cafe\u0301", now)]
     log.append([{"user_id": "u2", "item_id": i, "event_type": "view", "timestamp": t} for i, t in edge])
     log.close()
-    events, _ = read_new_feedback.fn(0)
+    events, _, _ = read_feedback.fn(LogCursor())
     summary = ingest_feedback(events, "feedback-order")
     assert summary["rows_quarantined"] == 0
     lake = Lake(get_settings().lake_path).events()
@@ -160,23 +162,12 @@ def test_training_sequences_follow_the_order_of_receipt_not_client_stamps(
     get_settings.cache_clear()
 
 
-def test_committed_prefix_waits_for_a_recent_gap_and_passes_an_old_one() -> None:
-    """PostgreSQL hands out seq at insert: seq 11 may commit before 10. A recent gap stops the read."""
-    from flows.loop import committed_prefix
-
-    now = pd.Timestamp("2026-01-01T12:00:00Z")
-    rows = pd.DataFrame({"seq": [1, 2, 4, 5], "ingested_at": [now - pd.Timedelta(seconds=s) for s in (90, 80, 5, 1)]})
-    assert committed_prefix(rows, 0, now, grace_s=30)["seq"].tolist() == [1, 2]  # 3 may still be committing
-    old = rows.assign(ingested_at=[now - pd.Timedelta(seconds=s) for s in (90, 80, 70, 60)])
-    assert committed_prefix(old, 0, now, grace_s=30)["seq"].tolist() == [1, 2, 4, 5]  # 3 was rolled back
-    assert committed_prefix(rows, 2, now, grace_s=30).empty  # the gap right after the watermark
-
-
 def test_a_busy_user_or_a_retried_batch_never_wedges_the_feedback_path(
     harness: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The bot guard does not stop feedback; rows a failed turn already put in the lake still count."""
-    from flows.loop import ingest_feedback, read_new_feedback
+    from flows.loop import ingest_feedback, read_feedback
+    from recloop.cursor import LogCursor
     from recloop.eventlog import EventLog
 
     url = f"sqlite:///{tmp_path / 'log.db'}"
@@ -187,7 +178,7 @@ def test_a_busy_user_or_a_retried_batch_never_wedges_the_feedback_path(
     log = EventLog(url)
     log.append(rows)
     log.close()
-    events, _ = read_new_feedback.fn(0)
+    events, _, _ = read_feedback.fn(LogCursor())
     first = ingest_feedback(events, "feedback-busy")
     assert first["new_events"] == 1200 and first["rows_ok"] == 1200
     again = ingest_feedback(events, "feedback-busy-retry")  # the turn failed after the lake: same rows again
