@@ -843,11 +843,22 @@ def monitor_cmd(
     """Run the monitors once now: data drift, online CTR, feature freshness, serving health.
 
     An alert emits a Prefect event; drift and freshness events start the loop deployment (docs/operations.md,
-    "Monitors"). The deployment runs it on settings.monitor_cron. Exit 1 on an unknown check.
+    "Monitors"). The deployment runs it on settings.monitor_cron. Exit 1 on an unknown check, or when the
+    Prefect server does not answer (`recloop up` starts it): one line on stderr, nothing on stdout.
     """
     _prefect_env()
-    from flows.watch import monitor_flow
+    import httpx
 
+    from flows.watch import monitor_flow
+    from recloop.settings import get_settings
+
+    api = get_settings().prefect_api_url
+    try:
+        httpx.get(f"{api.rstrip('/')}/health", timeout=5.0).raise_for_status()
+    except httpx.HTTPError as err:
+        typer.echo(f"monitor failed: the Prefect API at {api} does not answer ({type(err).__name__}); "
+                   "start it with `recloop up`", err=True)
+        raise typer.Exit(1) from err
     try:
         with _stdout_to_stderr(as_json):
             out = monitor_flow(checks=check or None)
