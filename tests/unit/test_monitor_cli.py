@@ -19,7 +19,9 @@ def test_monitor_without_a_prefect_server_fails_cleanly(tmp_path, monkeypatch: p
     from recloop.settings import get_settings
 
     monkeypatch.setenv("RECLOOP_HOME", str(tmp_path))
-    monkeypatch.setenv("RECLOOP_PREFECT_API_URL", f"http://127.0.0.1:{_free_port()}/api")
+    api = f"http://127.0.0.1:{_free_port()}/api"
+    monkeypatch.setenv("RECLOOP_PREFECT_API_URL", api)
+    monkeypatch.setenv("PREFECT_API_URL", api)  # the command points Prefect here; monkeypatch restores it after
     get_settings.cache_clear()
     try:
         result = CliRunner().invoke(app, ["monitor", "--json"])
