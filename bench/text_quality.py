@@ -62,6 +62,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "SASRec+ (id+text, id_dropout 0.5)": ("id+text", {"id_dropout": 0.5}),
     "SASRec+ (id+text, text_norm)": ("id+text", {"text_norm": True}),
     "SASRec+ (id+text, text_norm, id_dropout 0.5)": ("id+text", {"text_norm": True, "id_dropout": 0.5}),
+    "SASRec+ (id+text, id_dropout 0.5, cold_id)": ("id+text", {"id_dropout": 0.5, "cold_id": True}),
+    "SASRec+ (id+text, text_norm, id_dropout 0.5, cold_id)": ("id+text", {"text_norm": True, "id_dropout": 0.5,
+                                                                          "cold_id": True}),
     "SASRec+ (text)": ("text", {}),
 }
 ID_ONLY = "SASRec+ (id)"
@@ -108,7 +111,8 @@ def choose_text_aware(valid: dict[str, dict[str, Any]], k: int) -> tuple[str, st
 
 def run_text_bench(source: str, path: Path, *, share: float | None = None, epochs: int = 200, seed: int = 42,
                    k: int = 10, max_train_seconds: float | None = None, cache_dir: Path | None = None,
-                   variants: list[str] | None = None, progress: bool = False) -> dict[str, Any]:
+                   variants: list[str] | None = None, progress: bool = False,
+                   threads: int | None = None) -> dict[str, Any]:
     """Train the variants and evaluate them and the content-only baseline under the cold-item protocol.
 
     Args:
@@ -117,6 +121,7 @@ def run_text_bench(source: str, path: Path, *, share: float | None = None, epoch
         epochs / seed / k / max_train_seconds: training bound, seed, cut-off, wall-clock budget per model.
         cache_dir: where the embedding cache lives (default: a temporary folder).
         variants: names of ``VARIANTS`` (default all).
+        threads: CPU threads for training (default: all cores).
     Returns:
         ``{"protocol", "models": {name: {"valid", "test": segments, ...}}, "checks"}``.
     Raises:
@@ -165,7 +170,7 @@ def run_text_bench(source: str, path: Path, *, share: float | None = None, epoch
         params = {"n_items": n_warm, "max_seq_len": settings.max_seq_len, "item_repr": item_repr,
                   "d_text": 0 if item_repr == "id" else d_text, **extra}
         cfg = build_config("sasrec", **params)
-        tcfg = TrainConfig(epochs=epochs, seed=seed, max_train_seconds=max_train_seconds)
+        tcfg = TrainConfig(epochs=epochs, seed=seed, max_train_seconds=max_train_seconds, num_threads=threads)
         logger.info("training variant=%s", name)
         result = train_model(cs.split, vocab, cfg, tcfg, progress=progress,
                              item_text=None if item_repr == "id" else text_warm)
@@ -219,7 +224,7 @@ def run_text_bench(source: str, path: Path, *, share: float | None = None, epoch
         "epochs": epochs,
         "max_train_seconds": max_train_seconds,
         "seed": seed,
-        "cpu_threads": os.cpu_count() or 1,
+        "cpu_threads": threads or os.cpu_count() or 1,
     }
     return {"protocol": protocol, "models": report, "checks": checks}
 
@@ -235,12 +240,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--max-train-seconds", type=float, default=None)
     parser.add_argument("--variants", default="all", help="VARIANTS names separated by ';', or 'all'")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for training (default: all cores)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     names = None if args.variants == "all" else [v.strip() for v in args.variants.split(";") if v.strip()]
     report = run_text_bench(args.source, Path(args.path), share=args.share, epochs=args.epochs,
-                            seed=args.seed, max_train_seconds=args.max_train_seconds, variants=names)
+                            seed=args.seed, max_train_seconds=args.max_train_seconds, variants=names,
+                            threads=args.threads)
     print(json.dumps(report, indent=None if args.json else 2, default=str))
 
 

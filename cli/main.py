@@ -809,13 +809,15 @@ def online_resync(as_json: bool = typer.Option(False, "--json", help="Print the 
     at start-up and when it finds the store empty. Exit 1 when the store cannot be written.
     """
     from featurestore.online import OnlineFeatures, OnlineStoreUnavailable
+    from flows.features import materialised_history_len
     from recloop.eventlog import EventLog
     from recloop.settings import get_settings
     from serving.recommender import resync_online
     from serving.runtime import load_catalogue
 
     settings = get_settings()
-    catalogue = load_catalogue(settings.lake_path, settings.max_seq_len, settings.event_policy)
+    history_len = materialised_history_len(settings)  # as long as the served (or tuned) model reads
+    catalogue = load_catalogue(settings.lake_path, history_len, settings.event_policy)
     try:
         online = OnlineFeatures(settings=settings)
     except KeyError as err:  # the feature service is not applied yet
@@ -824,7 +826,7 @@ def online_resync(as_json: bool = typer.Option(False, "--json", help="Print the 
     events = EventLog(settings.event_log_uri)
     try:
         with _stdout_to_stderr(as_json):
-            report = resync_online(online, events, catalogue.base_history, settings.max_seq_len)
+            report = resync_online(online, events, catalogue.base_history, history_len)
     except OnlineStoreUnavailable as err:
         typer.echo(f"online resync failed: {err}", err=True)
         raise typer.Exit(1) from err

@@ -10,8 +10,9 @@ new rows as one more part per view (Feast's file source reads the view's folder)
 newest row to the online store (what materialisation would write) and moves the materialisation watermark.
 
 It declines (returns None: the caller runs the full refresh) when there is no state, the lake's batches are not
-the ones the state covered plus new ones (a rewrite), or a new event is ordered at or before ``cut`` (a late
-event changes older rows) or after ``now`` (a future row must not go online).
+the ones the state covered plus new ones (a rewrite), a new event is ordered at or before ``cut`` (a late
+event changes older rows) or after ``now`` (a future row must not go online), or the recent-items length ``n``
+grew past the state's ``history_len`` (a tuned or served model reads more: every user's list must grow).
 """
 
 from __future__ import annotations
@@ -67,16 +68,23 @@ def write_state(features_dir: Path, state: dict[str, Any], item_state: pd.DataFr
 
 
 def full_state(events: pd.DataFrame, batch_ids: list[str], as_of: datetime,
-               policy: EventPolicy = DEFAULT_POLICY) -> tuple[dict[str, Any], pd.DataFrame]:
+               policy: EventPolicy = DEFAULT_POLICY, history_len: int | None = None
+               ) -> tuple[dict[str, Any], pd.DataFrame]:
     """The increment's starting state after a full build over the lake's ``events`` (batches ``batch_ids``).
 
+    Args:
+        history_len: the recent-items length the full build wrote (``n``), recorded so that a longer one later
+            forces a full rebuild; None records nothing (no check).
     Returns:
-        ({"lake_batches", "last_batch_id", "cut", "as_of"}, ``FI.item_state_table`` of the positives).
+        ({"lake_batches", "last_batch_id", "cut", "as_of"[, "history_len"]}, ``FI.item_state_table`` of the
+        positives).
     """
     order = FI.order_time(events)
     cut = order.max() if len(order) else pd.Timestamp(as_of)
     state = {"lake_batches": len(batch_ids), "last_batch_id": batch_ids[-1] if batch_ids else None,
              "cut": pd.Timestamp(cut).isoformat(), "as_of": pd.Timestamp(as_of).isoformat()}
+    if history_len is not None:
+        state["history_len"] = int(history_len)
     return state, FI.item_state_table(policy.positives(events))
 
 
@@ -129,7 +137,8 @@ def update_features(store: Any, lake: Any, features_dir: Path, now: datetime, *,
         lake: the ``recloop.lake.Lake`` the events are in.
         features_dir: ``home/features``.
         now: UTC time of the run (rows' ``created_ts``; nothing newer goes online).
-        n: ``settings.max_seq_len``.
+        n: items of each touched user's recent-items list (``recloop.settings.online_history_len``; the
+            features flow's ``materialised_history_len``).
     Returns:
         ``{"mode": "incremental", "new_events", "touched_users", "touched_items", "window_events", "rows",
         "watermark", "views"}``, or None.
@@ -140,6 +149,8 @@ def update_features(store: Any, lake: Any, features_dir: Path, now: datetime, *,
     if loaded is None or any(not (features_dir / SOURCE_FILES[v]).is_dir() for v in EVENT_VIEWS):
         return None
     state, item_state = loaded
+    if n > int(state.get("history_len", n)):  # untouched users' lists are shorter than the models now read
+        return None
     ids = [b["batch_id"] for b in lake.batches()]
     covered = int(state["lake_batches"])
     if covered > len(ids) or (covered and ids[covered - 1] != state["last_batch_id"]):
@@ -171,6 +182,8 @@ def update_features(store: Any, lake: Any, features_dir: Path, now: datetime, *,
         if mark is None or as_of > pd.Timestamp(mark):
             write_watermark(features_dir, as_of.to_pydatetime())
     state = {**state, "lake_batches": len(ids), "last_batch_id": ids[-1] if ids else None}
+    if "history_len" in state:  # the length every user's list holds at least (touched users now hold n)
+        state["history_len"] = min(int(state["history_len"]), n)
     write_state(features_dir, state, item_state)
     mark = read_watermark(features_dir)
     summary["watermark"] = mark.isoformat() if mark else None

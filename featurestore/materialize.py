@@ -256,17 +256,20 @@ def refresh_features(
     *,
     overlap_s: float = 3600.0,
     engine: str = "direct",
+    history_len: int | None = None,
 ) -> dict[str, Any]:
     """The whole stage in one process: tables -> Parquet -> apply -> incremental materialisation.
 
     ``as_of`` of the item-stats snapshots is the newest event not after ``now``; later events stay
     in the offline tables (a point-in-time join never reaches them) but never go online.
+    ``history_len``: items of each user's ``user_recent_items`` list (default ``settings.max_seq_len``; the
+    features flow passes ``recloop.settings.online_history_len`` of the served and tuned models).
     """
     features_dir = settings.home / "features"
     past = events.loc[events["timestamp"] <= pd.Timestamp(now), "timestamp"]
     as_of = past.max().to_pydatetime() if len(past) else now
     tables = build_feature_tables(
-        events, items, n=settings.max_seq_len, created_ts=now, as_of=as_of, encoder=encoder,
+        events, items, n=history_len or settings.max_seq_len, created_ts=now, as_of=as_of, encoder=encoder,
         policy=settings.event_policy,
     )
     write_feature_tables(tables, features_dir)

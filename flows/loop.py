@@ -220,14 +220,22 @@ def loop_deployment(settings: Any) -> Any:
 
 
 def serve_deployments() -> None:
-    """Serve the pipeline (by hand), the scheduled and event-triggered loop, the monitor, online metrics and the
-    online-experiment report (blocks)."""
+    """Serve the pipeline and the hyper-parameter search (by hand), the scheduled and event-triggered loop, the
+    monitor, online metrics and the online-experiment report (blocks): ``infra/prefect.yaml``'s deployments."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
+    from flows.tune import tune_flow
     from flows.watch import monitor_flow
 
     settings = get_settings()
     serve(
         pipeline_flow.to_deployment(name="recloop-pipeline", tags=["recloop", "pipeline"],
                                     description="ingest → validate → features → train → gate → deploy"),
+        tune_flow.to_deployment(name="recloop-tune", tags=["recloop", "tune"],
+                                parameters={"source": "lake", "trials": 20},
+                                description="Optuna search → the tune.best run the next cold train applies",
+                                concurrency_limit=ConcurrencyLimitConfig(
+                                    limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)),
         loop_deployment(settings),
         monitor_flow.to_deployment(name="recloop-monitor", cron=settings.monitor_cron, tags=["recloop", "monitor"],
                                    description="drift, online CTR, feature freshness, serving health → events"),

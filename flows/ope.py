@@ -42,8 +42,8 @@ item at position p, 0 otherwise.
   r̂_π(x) = σ(b0 + b2 · log max_a P(a | x)): it depends on how sure the model is for that user, so the
   requests where the target and the logger disagree (no support) are not all given the agreeing requests'
   CTR (those are the users the models find easy). Measured in ``bench.ope_study`` (20 seeds, peer target):
-  bias +1.1 pt and 20/20 seeds covered, against +3.3 pt and 16/20 with the rank-only model. Fitted on the same log it corrects (no
-  cross-fitting); its bootstrap interval refits the model in every resample (``dr_refit_interval``), so the
+  bias +1.1 pt and 20/20 seeds covered, against +3.3 pt and 16/20 with the rank-only model. Fitted on the same log it
+  corrects (no cross-fitting); its bootstrap interval refits the model in every resample (``dr_refit_interval``), so the
   model's own estimation error is in the interval.
 - ``iips`` / ``pi`` (slate, positions 1..K with K = min(k, the longest logged slate)): independent-item IPS
   and the pseudo-inverse estimator: expected clicks per request over the first K positions (not a rate).

@@ -31,13 +31,13 @@ from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from models.factory import build_config, model_class
+from models.factory import build_config, config_fields, model_class
 from models.sequences import Split, build_sequences, leave_one_out
 from models.trainer import val_keys
 from models.vocab import ItemVocabulary
 from recloop.contract import coerce_events, coerce_items
 from recloop.policy import EventPolicy
-from recloop.settings import get_settings
+from recloop.settings import Settings, get_settings
 from registry import plots, store, tracking
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -272,6 +272,19 @@ TUNED_TAG = "tune.best"
 TUNE_EXPERIMENT = "recloop-tune"
 
 
+def text_path_params(item_repr: str, settings: Settings) -> dict[str, Any]:
+    """The text path's fixes a text-aware model trained from scratch takes from the settings (``text_norm``;
+    ``id_dropout`` and ``cold_id`` for "id+text" only; ``cold_id`` only with ``id_dropout`` > 0); {} for "id".
+    Explicit model parameters and tuned ones override them."""
+    if item_repr == "id":
+        return {}
+    out: dict[str, Any] = {"text_norm": settings.text_norm}
+    if item_repr == "id+text":
+        out["id_dropout"] = settings.id_dropout
+        out["cold_id"] = bool(settings.cold_id and settings.id_dropout > 0)
+    return out
+
+
 def latest_tuned(client: MlflowClient, model: str) -> dict[str, Any] | None:
     """The newest tuned parameters of ``model``: ``{"run_id", "model": {...}, "train": {...}}`` from the run
     tagged ``tune.best=true`` and ``model.class=<model>`` in experiment ``recloop-tune``, else None."""
@@ -362,6 +375,10 @@ def train_flow(source: str = "lake", path: str | None = None, model_params: dict
     vocab, split = prepare_split(events, init.vocab if init is not None else None, extra_ids=catalog["item_id"])
     if init is None and "item_repr" not in model_params and settings.item_repr != "id":
         model_params["item_repr"] = settings.item_repr
+    if init is None:
+        fields = set(config_fields(model))
+        model_params = {**{k: v for k, v in text_path_params(model_params.get("item_repr", "id"), settings).items()
+                           if k in fields}, **model_params}
     item_text = None
     if model_params.get("item_repr", "id") != "id":
         item_text = item_text_task(vocab, items, catalog)
@@ -380,9 +397,10 @@ def train_flow(source: str = "lake", path: str | None = None, model_params: dict
 
     if tuned is not None:
         client.set_tag(run_id, "tuned_from", tuned["run_id"])
-        if int(model_params.get("max_seq_len", 0)) > settings.max_seq_len:  # serving keeps settings.max_seq_len
-            logger.warning("tuned max_seq_len=%s exceeds RECLOOP_MAX_SEQ_LEN=%d: set it so serving keeps as much "
-                           "history as the model reads", model_params["max_seq_len"], settings.max_seq_len)
+        if int(model_params.get("max_seq_len", 0)) > settings.max_seq_len:
+            # serving and materialisation keep the longer history (recloop.settings.online_history_len)
+            logger.info("tuned max_seq_len=%s exceeds RECLOOP_MAX_SEQ_LEN=%d: the served history follows the "
+                        "model", model_params["max_seq_len"], settings.max_seq_len)
     resume = resume_dir(settings.home, tags["data.sha256"], model, model_params, train_params,
                         init.version if init is not None else None)
     client.set_tag(run_id, "train.resume_dir", str(resume))

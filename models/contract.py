@@ -77,12 +77,13 @@ TEXT_NORM_INIT = 0.02
 
 
 def check_item_repr(item_repr: str, d_text: int, text_dropout: float = 0.0, id_dropout: float = 0.0,
-                    text_norm: bool = False) -> None:
+                    text_norm: bool = False, cold_id: bool = False) -> None:
     """The checks of the text-aware item fields every model config shares.
 
     Raises:
         ValueError: unknown ``item_repr`` (lists them), ``d_text`` < 1 with text (or != 0 without), a dropout
-            outside [0, 1), ``text_norm`` without text.
+            outside [0, 1), ``text_norm`` without text, ``cold_id`` without "id+text" and ``id_dropout`` > 0 (the
+            vector is learned only from the items whose ID is dropped).
     """
     if item_repr not in ITEM_REPRS:
         raise ValueError(f"item_repr={item_repr!r}; expected one of {list(ITEM_REPRS)}")
@@ -95,6 +96,9 @@ def check_item_repr(item_repr: str, d_text: int, text_dropout: float = 0.0, id_d
     for name, value in (("text_dropout", text_dropout), ("id_dropout", id_dropout)):
         if not 0.0 <= value < 1.0:
             raise ValueError(f"{name}={value}; expected in [0, 1)")
+    if cold_id and (item_repr != "id+text" or id_dropout <= 0):
+        raise ValueError(f"cold_id=True needs item_repr='id+text' and id_dropout > 0 (it is learned from the items "
+                         f"whose ID is dropped); got item_repr={item_repr!r}, id_dropout={id_dropout}")
 
 
 def check_config(n_items: int, max_seq_len: int, dropout: float = 0.0) -> None:
@@ -138,7 +142,11 @@ class ItemSequenceModel(nn.Module):
     ``text_dropout`` drops text features in training; ``id_dropout`` zeroes the ID part of a
     random share of items per step (DropoutNet, Volkovs et al., NeurIPS 2017), so that the text part alone
     scores well: what an item without an ID embedding (a new one) gets at serving time
-    (``models.text_items``).
+    (``models.text_items``). With ``cold_id`` the dropped ID part is not zero but one learned vector
+    ``cold_id_emb`` (d_model,) shared by every item without its own ID embedding (DropoutNet's "mean" input for a
+    missing preference vector, learned): in training the dropped items, in serving the new items
+    (``cold_item_vectors``). A zero ID part scores a new item as if it had no popularity at all, so full ranking
+    puts it below every warm item; the shared vector gives it what a typical item of the training targets has.
     """
 
     name: ClassVar[str] = ""
@@ -163,6 +171,9 @@ class ItemSequenceModel(nn.Module):
             if getattr(config, "text_norm", False):
                 self.text_norm = nn.LayerNorm(config.d_model, bias=False)  # no bias: a zero (padding) row stays zero
                 nn.init.constant_(self.text_norm.weight, TEXT_NORM_INIT)
+            self.cold_id_emb: nn.Parameter | None = None
+            if getattr(config, "cold_id", False):
+                self.cold_id_emb = nn.Parameter(torch.zeros(config.d_model))  # zero: starts as DropoutNet's zero input
 
     @property
     def uses_text(self) -> bool:
@@ -198,6 +209,17 @@ class ItemSequenceModel(nn.Module):
             raise ValueError(f"{type(self).__name__} with item_repr='id' takes no item text")
         out = self.text_proj(text.to(self.text_proj.weight.dtype))
         return out if self.text_norm is None else self.text_norm(out)
+
+    def cold_item_vectors(self, text: Tensor) -> Tensor:
+        """Vectors of items without an ID embedding (new items): ``project_text(text)`` plus ``cold_id_emb`` when
+        the model has one (``cold_id``); (n, d_text) -> (n, d_model).
+
+        Raises:
+            ValueError: the model takes no text.
+        """
+        out = self.project_text(text)
+        cold = getattr(self, "cold_id_emb", None)
+        return out if cold is None else out + cold.to(out.dtype)
 
     def embed_items(self, item_idx: Tensor, item_table: Tensor | None = None) -> Tensor:
         """Input vectors of ``item_idx`` (any shape) -> (..., d_model): rows of ``item_table`` when given (it may
@@ -245,7 +267,12 @@ class ItemSequenceModel(nn.Module):
         p = float(getattr(self.config, "id_dropout", 0.0))
         if self.training and p > 0:
             keep = torch.rand(ids.shape[0], 1, device=ids.device) >= p  # (n_items + 1, 1) items keeping their ID
-            ids = ids * keep
+            cold = getattr(self, "cold_id_emb", None)
+            if cold is None:
+                ids = ids * keep
+            else:
+                keep[PAD_IDX] = True  # the padding row stays zero
+                ids = torch.where(keep, ids, cold.unsqueeze(0))
         return ids + text
 
     def logits(self, hidden: Tensor, item_table: Tensor | None = None) -> Tensor:

@@ -42,6 +42,8 @@ class SASRecConfig:
         id_dropout: share of items whose ID part is zeroed per training step ("id+text" only; DropoutNet).
         text_norm: a LayerNorm with a learned gain (started at ``models.contract.TEXT_NORM_INIT``) on the
             projected text (text-aware only).
+        cold_id: one learned ID vector for items without their own (dropped in training, new in serving) instead
+            of a zero ID part ("id+text" with ``id_dropout`` > 0; ``models.contract.ItemSequenceModel``).
     """
 
     n_items: int
@@ -56,10 +58,12 @@ class SASRecConfig:
     text_dropout: float = 0.0
     id_dropout: float = 0.0
     text_norm: bool = False
+    cold_id: bool = False
 
     def __post_init__(self) -> None:
         check_config(self.n_items, self.max_seq_len, self.dropout)
-        check_item_repr(self.item_repr, self.d_text, self.text_dropout, self.id_dropout, self.text_norm)
+        check_item_repr(self.item_repr, self.d_text, self.text_dropout, self.id_dropout, self.text_norm,
+                        self.cold_id)
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
 

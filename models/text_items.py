@@ -56,7 +56,8 @@ def text_matrix(ids: Sequence[str], text_by_id: Mapping[str, np.ndarray], d_text
 
 @torch.inference_mode()
 def cold_vectors(model: Any, text: np.ndarray) -> Tensor:
-    """Item vectors of items without an ID embedding: the model's projection of their text.
+    """Item vectors of items without an ID embedding: the model's projection of their text (plus its learned
+    shared ID vector with ``cold_id``; ``ItemSequenceModel.cold_item_vectors``).
 
     Args:
         model: a text-aware ``ItemSequenceModel`` (``uses_text``).
@@ -69,7 +70,7 @@ def cold_vectors(model: Any, text: np.ndarray) -> Tensor:
     if not getattr(model, "uses_text", False):
         raise ValueError("an ID-only model cannot embed new items from their text (item_repr='id')")
     weight = model.text_proj.weight
-    return model.project_text(torch.as_tensor(np.asarray(text, dtype=np.float32), device=weight.device)).float()
+    return model.cold_item_vectors(torch.as_tensor(np.asarray(text, dtype=np.float32), device=weight.device)).float()
 
 
 class ItemTable:

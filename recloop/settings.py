@@ -9,6 +9,7 @@ they start); code below the edges (``models/``) receives plain values.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -59,6 +60,13 @@ class Settings(BaseSettings):
         default="id", description="Item vectors of a model trained from scratch: ID embeddings, ID + projected item"
         " text, or text only (models.contract.ITEM_REPRS; a warm start keeps the served model's)",
     )
+    # The text path's fixes for a text-aware model trained from scratch (chosen on the cold-item protocol's
+    # validation window, bench/text_quality.py; issue 18's closing note has the figures).
+    text_norm: bool = Field(default=True, description="Text-aware: LayerNorm with a learned gain on the projected text")
+    id_dropout: float = Field(default=0.5, ge=0.0, lt=1.0, description="'id+text': share of items whose ID part is "
+                              "dropped per training step (DropoutNet), so the text part alone scores new items")
+    cold_id: bool = Field(default=True, description="'id+text' with id_dropout > 0: one learned ID vector stands in "
+                          "for dropped and new items' missing ID embedding (else a zero ID part)")
 
     # Event log and feature store
     event_log_url: str | None = Field(default=None, description="SQLAlchemy URL; default sqlite under home")
@@ -365,6 +373,31 @@ def _check_exploration(text: str) -> None:
 def get_settings() -> Settings:
     """The process-wide settings (cached; call ``get_settings.cache_clear()`` after changing env)."""
     return Settings()
+
+
+def online_history_len(max_seq_len: int, model_max_seq_lens: Iterable[int | None] = ()) -> int:
+    """Items of each user's recent history the online path keeps: serving's lake windows and event-log tail,
+    the lists it pushes to the online store, and the materialised ``user_recent_items``.
+
+    The larger of ``settings.max_seq_len`` and every model's own ``config.max_seq_len`` that may read the
+    history (the served champion, an online experiment's arms; for materialisation also the newest tuned run,
+    the next cold train's length). A tuned model with ``max_seq_len`` 200 thus receives up to 200 items; a
+    model with a shorter window still works, since scoring keeps the last ``max_seq_len`` of its input
+    (``models.ranking.score_histories``, ``score``'s ``item_idx[:, -max_seq_len:]``).
+
+    Args:
+        max_seq_len: ``Settings.max_seq_len`` (``RECLOOP_MAX_SEQ_LEN``), items, >= 1.
+        model_max_seq_lens: the models' ``max_seq_len`` in items; None entries (unknown) are skipped.
+    Returns:
+        The history length in items, >= ``max_seq_len``.
+    Raises:
+        ValueError: a length below 1.
+    """
+    lengths = [int(max_seq_len), *(int(n) for n in model_max_seq_lens if n is not None)]
+    bad = [n for n in lengths if n < 1]
+    if bad:
+        raise ValueError(f"max_seq_len values {bad} must be >= 1 (items of history)")
+    return max(lengths)
 
 
 def configure_environment() -> None:

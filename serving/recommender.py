@@ -452,6 +452,8 @@ class RecommenderCore:
         self.experiment_arms: ExperimentArms | None = None
         self.online = online
         self.events = events
+        #: items of history kept per user: the lake window, the log tail read after it, the lists pushed online.
+        #: ``serving.runtime`` sets it to ``served_history_len`` (at least every served model's max_seq_len).
         self.max_seq_len = max_seq_len
         self.variant = variant
         self.source = source

@@ -26,7 +26,7 @@ from models.exploration import ExplorationPolicy
 from recloop.experiments import parse_rerank
 from recloop.features import fresh_item_ids
 from recloop.policy import DEFAULT_POLICY, EventPolicy
-from recloop.settings import Settings, configure_environment, get_settings
+from recloop.settings import Settings, configure_environment, get_settings, online_history_len
 from serving.recommender import (
     ExperimentArms,
     RecommenderCore,
@@ -150,9 +150,38 @@ def served_from_registry(rt_settings: Settings, client: Any, version: str | None
     return attach_short_history(served, sequences or [], short_history_weight(getattr(loaded, "tags", None)))
 
 
-def lake_windows(base_history: dict[str, tuple[list[str], Any]]) -> list[list[str]]:
-    """The lake snapshot's per-user windows (``Catalogue.base_history``), the blend's co-occurrence data."""
-    return [list(items) for items, _ in base_history.values()]
+def lake_windows(base_history: dict[str, tuple[list[str], Any]], max_len: int | None = None) -> list[list[str]]:
+    """The lake snapshot's per-user windows (``Catalogue.base_history``), the blend's co-occurrence data; with
+    ``max_len``, the last ``max_len`` items of each (the blend's windows stay ``settings.max_seq_len`` long when
+    the served history is longer)."""
+    return [list(items)[-max_len:] if max_len else list(items) for items, _ in base_history.values()]
+
+
+def served_history_len(settings: Settings, *served: ServedModel | None) -> int:
+    """Items of history serving keeps per user for the models in ``served`` (the champion, an online
+    experiment's arms; None entries skipped): ``recloop.settings.online_history_len`` over
+    ``settings.max_seq_len`` and each model's ``seq_len`` (its ``config.max_seq_len``)."""
+    return online_history_len(settings.max_seq_len, [m.seq_len for m in served if m is not None])
+
+
+def fit_history(settings: Settings, cat: Catalogue, loaded_len: int, *served: ServedModel | None
+                ) -> tuple[Catalogue, int]:
+    """The catalogue and the history length to serve ``served`` with (``served_history_len``).
+
+    ``cat``'s per-user lake windows hold up to ``loaded_len`` items; when the models need more (a tuned
+    ``max_seq_len`` above ``settings.max_seq_len``), the lake is read again at the longer length, so such a
+    model receives its whole window from the lake snapshot and the event-log tail read after it.
+
+    Returns:
+        (catalogue whose windows hold at least the returned length, history length in items).
+    """
+    history_len = served_history_len(settings, *served)
+    if history_len > loaded_len:
+        logger.info("served history follows the model history_len=%d settings_max_seq_len=%d",
+                    history_len, settings.max_seq_len)
+        cat = load_catalogue(settings.lake_path, history_len, settings.event_policy,
+                             freshness_days=settings.freshness_days)
+    return cat, history_len
 
 
 def _describe(err: BaseException) -> str:
@@ -241,7 +270,7 @@ def build_runtime(settings: Settings | None = None, *, online: Any = None, event
     cat = load_catalogue(settings.lake_path, settings.max_seq_len, settings.event_policy,
                          freshness_days=settings.freshness_days)
     titles, popularity = cat.titles, cat.popularity
-    sequences = lake_windows(cat.base_history)
+    sequences = lake_windows(cat.base_history)  # at settings.max_seq_len, read before the model is known
     alias_version = alias_error = None
     if settings.serve_model_version:  # a pinned deployment serves exactly its version, or fails
         served = attach_catalogue(served_from_registry(settings, client, settings.serve_model_version, titles,
@@ -249,6 +278,7 @@ def build_runtime(settings: Settings | None = None, *, online: Any = None, event
     else:
         served, alias_version, alias_error = load_champion(settings, client, titles, popularity, cat.genres,
                                                            cat.fresh, sequences)
+    cat, history_len = fit_history(settings, cat, settings.max_seq_len, served)  # a longer model: longer histories
     if online is None:
         from featurestore.online import OnlineFeatures
 
@@ -260,7 +290,7 @@ def build_runtime(settings: Settings | None = None, *, online: Any = None, event
         events.policy = settings.event_policy
     core = RecommenderCore(
         served, online, events,
-        max_seq_len=settings.max_seq_len, variant=settings.model_alias, base_history=cat.base_history,
+        max_seq_len=history_len, variant=settings.model_alias, base_history=cat.base_history,
         consumed=cat.consumed, suppressed=cat.suppressed, policy=settings.event_policy,
         exposures=exposures if exposures is not None else _exposure_log(settings),
         exploration=ExplorationPolicy.parse(settings.exploration),
@@ -414,13 +444,18 @@ class ChampionWatcher:
             return False
         try:
             # A new version may know new items: refresh titles and popularity from the lake first.
-            cat = load_catalogue(s.lake_path, s.max_seq_len, s.event_policy, freshness_days=s.freshness_days)
+            loaded_len = max(self.rt.core.max_seq_len, s.max_seq_len)
+            cat = load_catalogue(s.lake_path, loaded_len, s.event_policy, freshness_days=s.freshness_days)
             self.rt.titles, self.rt.popularity = cat.titles, cat.popularity
             self.rt.genres, self.rt.fresh = cat.genres, cat.fresh
-            self.rt.sequences = lake_windows(cat.base_history)
+            self.rt.sequences = lake_windows(cat.base_history, s.max_seq_len)
             served = attach_catalogue(served_from_registry(s, self.rt.client, version, self.rt.titles,
                                                            self.rt.popularity, self.rt.sequences),
                                       self.rt.genres, self.rt.fresh)
+            arms = self.rt.core.experiment_arms  # its pinned models read the same histories
+            # the history follows the served models: a longer max_seq_len re-reads longer lake windows
+            cat, history_len = fit_history(s, cat, loaded_len, served,
+                                           *((arms.champion, arms.challenger) if arms is not None else ()))
         except Exception as err:  # noqa: BLE001 - any load failure must keep the old model serving
             self.last_error = _describe(err)
             self._failures = self._failures + 1 if version == self._failed_version else 1
@@ -433,6 +468,7 @@ class ChampionWatcher:
         self.rt.core.consumed = cat.consumed
         self.rt.core.suppressed = cat.suppressed
         self.rt.core.event_types = cat.event_types
+        self.rt.core.max_seq_len = history_len
         self.rt.core.swap(served)
         self.last_error = self.alias_problem = self._failed_version = None
         self._failures = 0
@@ -478,6 +514,7 @@ class ChampionWatcher:
             arms = ExperimentArms(exp.experiment_id, exp.mode, (float(exp.weights[0]), float(exp.weights[1])),
                                   exp.salt, self._pinned(exp.champion_version), self._pinned(exp.challenger_version),
                                   exploration, rerank)
+            self._grow_history(arms.champion, arms.challenger)  # an arm reading more: longer histories first
         except Exception as err:  # noqa: BLE001 - an arm that does not load never takes traffic
             self.experiment_error = f"online experiment {exp.experiment_id} not served: {_describe(err)}"
             self._failed_experiment = exp.experiment_id
@@ -488,6 +525,18 @@ class ChampionWatcher:
         self.experiment_error = self._failed_experiment = None
         logger.info("online experiment %s started: %s", exp.experiment_id, arms.describe())
         return True
+
+    def _grow_history(self, *served: ServedModel) -> None:
+        """Lengthen the core's history (lake windows, log tail, pushes) when ``served`` (an experiment's arms)
+        reads more than it keeps now. It never shrinks here: a longer history is harmless (each model keeps its
+        last ``max_seq_len`` items), and the next alias swap sets it from the served models again."""
+        core, s = self.rt.core, self.rt.settings
+        history_len = online_history_len(core.max_seq_len, [m.seq_len for m in served])
+        if history_len > core.max_seq_len:
+            cat, history_len = fit_history(s, Catalogue(), core.max_seq_len, *served)
+            core.base_history, core.consumed = cat.base_history, cat.consumed
+            core.suppressed, core.event_types = cat.suppressed, cat.event_types
+            core.max_seq_len = history_len
 
     def _pinned(self, version: str) -> ServedModel:
         """The served model of registry ``version`` (the current one when it is that version)."""

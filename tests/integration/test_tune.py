@@ -42,3 +42,8 @@ def test_tune_runs_resumes_and_records_the_best_for_the_next_cold_train(
     assert tuned["model"] == again["best"]["params"]["model"] and "lr" in tuned["train"]
     assert {"d_model", "n_layers", "n_heads", "dropout", "max_seq_len"} <= set(tuned["model"])
     assert latest_tuned(client, "gru4rec") is None
+    # the features stage materialises as much history as the tuned model reads (flows.features)
+    from flows.features import materialised_history_len
+
+    assert materialised_history_len(get_settings(), client) == max(get_settings().max_seq_len,
+                                                                   tuned["model"]["max_seq_len"])

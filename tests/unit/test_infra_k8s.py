@@ -447,3 +447,18 @@ def test_prefect_worker_serves_the_kubernetes_pool_of_the_k8s_deployments() -> N
         assert f"def {flow}(" in (ROOT / module).read_text(), deployment["entrypoint"]
         if "start_service" in (ROOT / module).read_text():  # a Job never starts a server of its own
             assert deployment["parameters"]["start_service"] is False, deployment["name"]
+
+
+def test_every_deployment_passes_only_parameters_its_flow_takes_and_tune_runs_by_hand_one_at_a_time() -> None:
+    import importlib
+
+    for name in ("prefect.yaml", "prefect-k8s.yaml"):
+        deployments = {d["name"]: d for d in _prefect_file(name)["deployments"]}
+        for deployment in deployments.values():
+            module, flow = deployment["entrypoint"].split(":")
+            fn = getattr(importlib.import_module(module.removesuffix(".py").replace("/", ".")), flow)
+            fn.validate_parameters(deployment.get("parameters") or {})  # a misspelt name fails every run
+        tune = deployments["recloop-tune"]  # the Optuna search: started from the UI, never on a schedule
+        assert tune["entrypoint"] == "flows/tune.py:tune_flow" and not tune.get("schedules"), name
+        assert not tune.get("triggers") and tune["concurrency_limit"]["limit"] == 1, name
+        assert tune["parameters"] == {"source": "lake", "trials": 20}, name

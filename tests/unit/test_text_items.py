@@ -203,3 +203,31 @@ def test_the_reported_text_aware_variant_is_chosen_on_validation_within_two_perc
     far = {ID_ONLY: seg(0.2, 0.0), "SASRec+ (id+text)": seg(0.1, 0.0), "SASRec+ (id+text, text_norm)": seg(0.15, 0.0)}
     name, rule = choose_text_aware(far, 10)
     assert name == "SASRec+ (id+text, text_norm)" and "none within" in rule
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_cold_id_stands_in_for_dropped_and_new_items_ids_and_learns_through_the_loss(name) -> None:
+    model = _model(name, "id+text", id_dropout=0.5, cold_id=True)
+    with torch.no_grad():
+        model.cold_id_emb.fill_(0.5)
+    torch.manual_seed(1)
+    train_emb = model.train().item_embeddings()  # one ID-dropout draw
+    text_part = model.project_text(model.item_text)
+    dropped = torch.isclose(train_emb - text_part, torch.full_like(train_emb, 0.5)).all(dim=1)
+    kept = torch.isclose(train_emb - text_part, model.item_emb.weight).all(dim=1)
+    assert torch.count_nonzero(train_emb[0]) == 0  # padding never takes the cold vector
+    assert bool((dropped | kept)[1:].all()) and 0 < int(dropped[1:].sum()) < N_ITEMS  # each item: own ID or cold_id
+    # eval: every catalogue item has its own ID; a new item gets its projected text plus the cold vector
+    emb = model.eval().item_embeddings()
+    assert torch.allclose(emb[1:], model.item_emb.weight[1:] + text_part[1:])
+    new = cold_vectors(model, _text()[[4]])
+    assert torch.allclose(new[0], text_part[4] + 0.5)
+    # the vector is trained by the same loss (only dropped items reach it)
+    model.train()
+    seqs = torch.randint(1, N_ITEMS + 1, (8, SEQ + 1))
+    model.loss(Batch(inputs=seqs[:, :-1], targets=seqs[:, 1:])).backward()
+    assert model.cold_id_emb.grad is not None and model.cold_id_emb.grad.abs().sum() > 0
+    for bad in ({"id_dropout": 0.0}, {"item_repr": "text"}):
+        kw = {"item_repr": "id+text", "d_text": D_TEXT, "id_dropout": 0.5, "cold_id": True, **bad}
+        with pytest.raises(ValueError, match="cold_id"):
+            build_config(name, n_items=N_ITEMS, max_seq_len=SEQ, **kw)

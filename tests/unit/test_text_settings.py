@@ -1,0 +1,29 @@
+"""The text path's settings reach a text-aware model trained from scratch (flows.train.text_path_params)."""
+
+from __future__ import annotations
+
+from flows.train import text_path_params
+from models.factory import build_config
+from recloop.settings import Settings
+
+
+def test_text_path_settings_apply_to_text_aware_models_only_and_build_a_valid_config() -> None:
+    on = Settings(text_norm=True, id_dropout=0.3, cold_id=True)
+    assert text_path_params("id", on) == {}
+    assert text_path_params("text", on) == {"text_norm": True}  # no ID part: nothing to drop
+    params = text_path_params("id+text", on)
+    assert params == {"text_norm": True, "id_dropout": 0.3, "cold_id": True}
+    cfg = build_config("sasrec", n_items=5, max_seq_len=4, item_repr="id+text", d_text=3, **params)
+    assert cfg.cold_id and cfg.id_dropout == 0.3
+    # cold_id is learned from dropped IDs only: without ID dropout it is off, not an invalid config
+    off = text_path_params("id+text", Settings(id_dropout=0.0, cold_id=True))
+    assert off["cold_id"] is False
+    build_config("gru4rec", n_items=5, max_seq_len=4, item_repr="id+text", d_text=3, **off)
+
+
+def test_text_path_settings_read_the_environment(monkeypatch) -> None:
+    monkeypatch.setenv("RECLOOP_TEXT_NORM", "false")
+    monkeypatch.setenv("RECLOOP_ID_DROPOUT", "0.25")
+    monkeypatch.setenv("RECLOOP_COLD_ID", "0")
+    s = Settings()
+    assert (s.text_norm, s.id_dropout, s.cold_id) == (False, 0.25, False)
