@@ -4,8 +4,12 @@
   after an epoch is below the median of earlier trials at that epoch stops; Google Vizier's rule).
 - Search space (``suggest_params``), from the literature: width 32-128 and 1-3 blocks, 1-4 heads, dropout
   0-0.5 (SASRec, Kang & McAuley 2018: d=50, 2 blocks, dropout 0.2-0.5; SASRec+ / RecBole's grids), lr
-  3e-4-1e-2 log-uniform, max length 50-200, and, when the catalogue trains with the sampled softmax,
-  256-4096 negatives (Klenitskiy & Vasilev 2023; gSASRec, Petrov & Macdonald 2023).
+  3e-4-1e-2 log-uniform, max length 50-200, AdamW weight decay 0 / 0.01 / 0.1 (matrices only; nanoGPT's 0.1),
+  batch 32-128, and, when the catalogue trains with the sampled softmax, 256-4096 negatives (Klenitskiy &
+  Vasilev 2023; gSASRec, Petrov & Macdonald 2023). Training knobs the caller fixes (``train_params``) are not
+  searched.
+- The first trial of a new study is the defaults (``default_point``, enqueued): the search starts from the
+  configuration it has to beat, as Optuna's ``enqueue_trial`` is meant for.
 - The study lives in a database, so a rerun continues it and several workers can share it: SQLite under
   the home locally, the event log's PostgreSQL in prod (``study_storage``). ``--trials N`` means N finished
   trials in total.
@@ -49,6 +53,8 @@ D_MODEL = (32, 64, 128)
 N_HEADS = (1, 2, 4)
 MAX_SEQ_LEN = (50, 100, 200)
 N_NEGATIVES = (256, 1024, 4096)
+WEIGHT_DECAY = (0.0, 0.01, 0.1)
+BATCH_SIZE = (32, 64, 128)
 
 
 def study_storage(settings: Settings) -> str:
@@ -61,8 +67,10 @@ def study_storage(settings: Settings) -> str:
     return f"sqlite:///{settings.home / 'optuna.db'}"
 
 
-def suggest_params(trial: optuna.Trial, model: str, sampled: bool) -> tuple[dict[str, Any], dict[str, Any]]:
-    """One point of the search space: ``(model_params, train_params)`` (only fields ``model`` takes)."""
+def suggest_params(trial: optuna.Trial, model: str, sampled: bool, fixed: frozenset[str] = frozenset()
+                   ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One point of the search space: ``(model_params, train_params)`` (only fields ``model`` takes; no training
+    knob named in ``fixed``, the ones the caller set)."""
     fields = set(config_fields(model))
     space: dict[str, Any] = {
         "d_model": lambda: trial.suggest_categorical("d_model", D_MODEL),
@@ -72,10 +80,44 @@ def suggest_params(trial: optuna.Trial, model: str, sampled: bool) -> tuple[dict
         "max_seq_len": lambda: trial.suggest_categorical("max_seq_len", MAX_SEQ_LEN),
     }
     model_params = {name: suggest() for name, suggest in space.items() if name in fields}
-    train_params: dict[str, Any] = {"lr": trial.suggest_float("lr", 3e-4, 1e-2, log=True)}
+    train_space: dict[str, Any] = {
+        "lr": lambda: trial.suggest_float("lr", 3e-4, 1e-2, log=True),
+        "weight_decay": lambda: trial.suggest_categorical("weight_decay", WEIGHT_DECAY),
+        "batch_size": lambda: trial.suggest_categorical("batch_size", BATCH_SIZE),
+    }
     if sampled:
-        train_params["n_negatives"] = trial.suggest_categorical("n_negatives", N_NEGATIVES)
+        train_space["n_negatives"] = lambda: trial.suggest_categorical("n_negatives", N_NEGATIVES)
+    train_params = {name: suggest() for name, suggest in train_space.items() if name not in fixed}
     return model_params, train_params
+
+
+def default_point(model: str, base_model: dict[str, Any], fixed: dict[str, Any], sampled: bool) -> dict[str, Any]:
+    """The untuned defaults as a point of the search space (Optuna parameter names -> values): the model config's
+    defaults (with ``base_model``, e.g. ``settings.max_seq_len``) and ``TrainConfig``'s with the model's
+    ``train_defaults`` and the caller's ``fixed`` values; knobs the caller fixed, or whose default lies outside
+    the space, are left out (Optuna samples those)."""
+    import dataclasses
+
+    cfg_cls = model_class(model).config_class
+    model_defaults = {f.name: f.default for f in dataclasses.fields(cfg_cls)
+                      if f.default is not dataclasses.MISSING}
+    train_defaults = {**TrainConfig().model_dump(), **model_class(model).train_defaults, **fixed}
+    choices: dict[str, tuple[Any, ...]] = {"d_model": D_MODEL, "n_heads": N_HEADS, "max_seq_len": MAX_SEQ_LEN,
+                                          "weight_decay": WEIGHT_DECAY, "batch_size": BATCH_SIZE,
+                                          "n_negatives": N_NEGATIVES}
+    ranges: dict[str, tuple[float, float]] = {"n_layers": (1, 3), "dropout": (0.0, 0.5), "lr": (3e-4, 1e-2)}
+    fields = set(config_fields(model))
+    point: dict[str, Any] = {}
+    for name in ("d_model", "n_layers", "n_heads", "dropout", "max_seq_len"):
+        if name in fields:
+            point[name] = {**model_defaults, **base_model}.get(name)
+    for name in ("lr", "weight_decay", "batch_size") + (("n_negatives",) if sampled else ()):
+        if name not in fixed:
+            point[name] = train_defaults.get(name)
+    inside = lambda name, value: (value is not None  # noqa: E731
+                                  and (name not in choices or value in choices[name])
+                                  and (name not in ranges or ranges[name][0] <= value <= ranges[name][1]))
+    return {name: value for name, value in point.items() if inside(name, value)}
 
 
 def _fit(split: Split, vocab: ItemVocabulary, model: str, model_params: dict[str, Any], train_params: dict[str, Any],
@@ -137,9 +179,11 @@ def run_study(source: str, path: str | None, trials: int, *, model: str | None =
     best_model: dict[str, Any] = {}
     started = time.perf_counter()
     todo = max(trials - len(finished()), 0)
+    if not study.trials:  # a new study: its first trial is the defaults it has to beat
+        study.enqueue_trial(default_point(model, base_model, train_params or {}, sampled))
 
     def objective(trial: optuna.Trial) -> float:
-        model_params, tuned_train = suggest_params(trial, model, sampled)
+        model_params, tuned_train = suggest_params(trial, model, sampled, frozenset(train_params or {}))
         params = {**fixed, **tuned_train}
         child = client.create_run(experiment_id, run_name=f"trial-{trial.number}",
                                   tags={"mlflow.parentRunId": parent_id, "tune.study": name,
