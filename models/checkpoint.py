@@ -94,7 +94,9 @@ def warm_start_state(
     Item embedding rows are copied by item id (so new items keep their fresh initialisation and
     dropped items are ignored); position rows are copied right-aligned (the most recent position
     matches); every other tensor with the same shape is copied. A checkpoint of another model
-    class shares only what matches by name and shape.
+    class shares only what matches by name and shape. When both models learn a shared cold ID vector
+    (``cold_id_emb``, config ``cold_id``), the new items' ID rows start at it: the vector they were served
+    with before this retrain (``models.text_items.cold_vectors``), so their scores continue from there.
 
     Raises:
         KeyError: ``init_state`` lacks "state_dict" or "vocab".
@@ -111,6 +113,10 @@ def warm_start_state(
             remapped = remap_tensor(name, tensor, new[name], old_vocab, vocab)
             if remapped is not None:
                 new[name] = remapped
+    if "cold_id_emb" in old and "cold_id_emb" in new and "item_emb.weight" in new:
+        known = set(old_vocab.ids)
+        rows = torch.tensor([k for k, item in enumerate(vocab.ids, start=1) if item not in known], dtype=torch.long)
+        new["item_emb.weight"][rows] = old["cold_id_emb"].to(new["item_emb.weight"].dtype)  # the new items' rows
     return new
 
 

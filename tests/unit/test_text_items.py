@@ -231,3 +231,26 @@ def test_cold_id_stands_in_for_dropped_and_new_items_ids_and_learns_through_the_
         kw = {"item_repr": "id+text", "d_text": D_TEXT, "id_dropout": 0.5, "cold_id": True, **bad}
         with pytest.raises(ValueError, match="cold_id"):
             build_config(name, n_items=N_ITEMS, max_seq_len=SEQ, **kw)
+
+
+def test_a_warm_start_starts_new_items_id_rows_at_the_cold_vector_they_were_served_with() -> None:
+    from models.checkpoint import warm_start_state
+
+    old = _model("sasrec", "id+text", id_dropout=0.5, cold_id=True).eval()
+    with torch.no_grad():
+        old.cold_id_emb.normal_()
+    vocab = ItemVocabulary([f"i{k}" for k in range(N_ITEMS)])
+    bigger = ItemVocabulary([f"i{k}" for k in range(N_ITEMS)] + ["new-a", "new-b"])
+    cfg = build_config("sasrec", n_items=N_ITEMS + 2, max_seq_len=SEQ, d_model=16, item_repr="id+text",
+                       d_text=D_TEXT, id_dropout=0.5, cold_id=True)
+    state = warm_start_state(checkpoint_dict(old, vocab), build_model(cfg), bigger)
+    emb = state["item_emb.weight"]
+    assert torch.equal(emb[1:N_ITEMS + 1], old.item_emb.weight[1:])  # known items keep their rows
+    assert torch.equal(emb[N_ITEMS + 1], old.cold_id_emb) and torch.equal(emb[N_ITEMS + 2], old.cold_id_emb)
+    # so a new item's vector after the warm start is the one it was served with before it (same text)
+    new_model = build_model(cfg)
+    new_model.load_state_dict(state)
+    text = _text(N_ITEMS + 2)
+    new_model.set_item_text(text)
+    served_before = cold_vectors(old, text[[N_ITEMS + 1]])[0]
+    assert torch.allclose(new_model.eval().item_embeddings()[N_ITEMS + 1], served_before, atol=1e-6)
