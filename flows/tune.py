@@ -11,8 +11,9 @@
 - The first trial of a new study is the defaults (``default_point``, enqueued): the search starts from the
   configuration it has to beat, as Optuna's ``enqueue_trial`` is meant for.
 - The study lives in a database, so a rerun continues it and several workers can share it: SQLite under
-  the home locally, the event log's PostgreSQL in prod (``study_storage``). ``--trials N`` means N finished
-  trials in total.
+  the home locally, the event log's PostgreSQL in prod (``study_storage``). ``--trials N`` means N evaluated
+  (complete or pruned) trials in total, over every worker (``MaxTrialsCallback``; a worker finishes the trial it
+  is running, so two workers may end at N + 1).
 - MLflow: one parent run per call in experiment ``recloop-tune``, each trial a nested run (params, per-epoch
   ``val.ndcg_at_10``, state); then one run tagged ``tune.best=true`` holding the best parameters
   (``tune.params``), which ``flows.train.latest_tuned`` hands to the next cold ``train`` (warm starts keep the
@@ -54,6 +55,9 @@ N_HEADS = (1, 2, 4)
 MAX_SEQ_LEN = (50, 100, 200)
 N_NEGATIVES = (256, 1024, 4096)
 WEIGHT_DECAY = (0.0, 0.01, 0.1)
+#: Trial states that count towards ``--trials``: evaluated (complete, or pruned on its validation curve). A failed
+#: trial (its process died) does not count; the heartbeat re-runs it once.
+FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 BATCH_SIZE = (32, 64, 128)
 
 
@@ -171,7 +175,7 @@ def run_study(source: str, path: str | None, trials: int, *, model: str | None =
     study = optuna.create_study(study_name=name, storage=rdb, direction="maximize", load_if_exists=True,
                                 sampler=optuna.samplers.TPESampler(seed=settings.seed),
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=3))
-    finished = lambda: [t for t in study.trials if t.state.is_finished()]  # noqa: E731
+    finished = lambda: [t for t in study.trials if t.state in FINISHED_STATES]  # noqa: E731
     parent = client.create_run(experiment_id, run_name=f"tune-{name}",
                                tags={"tune.study": name, "model.class": model, "data.sha256": sha,
                                      "tune.storage": storage.split("://")[0]})
@@ -179,8 +183,9 @@ def run_study(source: str, path: str | None, trials: int, *, model: str | None =
     best_model: dict[str, Any] = {}
     started = time.perf_counter()
     todo = max(trials - len(finished()), 0)
+    defaults_point = default_point(model, base_model, train_params or {}, sampled)
     if not study.trials:  # a new study: its first trial is the defaults it has to beat
-        study.enqueue_trial(default_point(model, base_model, train_params or {}, sampled))
+        study.enqueue_trial(defaults_point)
 
     def objective(trial: optuna.Trial) -> float:
         model_params, tuned_train = suggest_params(trial, model, sampled, frozenset(train_params or {}))
@@ -224,9 +229,12 @@ def run_study(source: str, path: str | None, trials: int, *, model: str | None =
 
     try:
         if todo:
-            study.optimize(objective, n_trials=todo, catch=(RuntimeError,))
+            # the study's total, not this process's: several workers sharing the study stop together (each may
+            # finish the trial it is running, so the total can exceed ``trials`` by the workers less one)
+            total = optuna.study.MaxTrialsCallback(trials, states=FINISHED_STATES)
+            study.optimize(objective, n_trials=todo, catch=(RuntimeError,), callbacks=[total])
         report = _record_best(client, experiment_id, parent_id, study, split, vocab, model, fixed, base_model,
-                              best_model, sha, defaults_seeds, source, path)
+                              best_model, sha, defaults_seeds, source, path, defaults_point)
     except BaseException:
         client.set_terminated(parent_id, status="FAILED")
         raise
@@ -247,8 +255,9 @@ def _best_value(study: optuna.Study) -> float:
 def _record_best(client: MlflowClient, experiment_id: str, parent_id: str, study: optuna.Study, split: Split,
                  vocab: ItemVocabulary, model: str, fixed: dict[str, Any], base_model: dict[str, Any],
                  best_model: dict[str, Any], sha: str, defaults_seeds: int, source: str,
-                 path: str | None) -> dict[str, Any]:
-    """The tagged best-parameters run, the test split touched once, and the defaults' seed spread."""
+                 path: str | None, point: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The tagged best-parameters run, the test split touched once, and the defaults' seed spread (the first seed's
+    value taken from the trial that trained exactly the defaults, ``point``, when the study has one)."""
     if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
         raise ValueError(f"study {study.study_name!r} has no complete trial (all pruned or failed); run more trials")
     best = study.best_trial
@@ -262,11 +271,16 @@ def _record_best(client: MlflowClient, experiment_id: str, parent_id: str, study
     test = evaluate(scorer, split.test, n_items=len(vocab), k=10)["metrics"]
     defaults: dict[str, Any] = {}
     if defaults_seeds > 0:
-        values = [_fit(split, vocab, model, base_model, {**fixed, "seed": fixed["seed"] + i}).best_val_ndcg
+        # the enqueued first trial trained the defaults with the first seed: its value is that seed's run
+        first = next((t.value for t in study.trials if point and t.state == optuna.trial.TrialState.COMPLETE
+                      and t.params == point), None)
+        values = [first if i == 0 and first is not None else
+                  _fit(split, vocab, model, base_model, {**fixed, "seed": fixed["seed"] + i}).best_val_ndcg
                   for i in range(defaults_seeds)]
         mean = statistics.fmean(values)
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
         defaults = {"val_ndcg@10": values, "mean": mean, "sd": sd, "seeds": defaults_seeds,
+                    "first_seed_from_trial": first is not None,
                     "best_minus_mean_in_sd": (best.value - mean) / sd if sd > 0 else None,
                     "best_exceeds_mean_plus_2sd": bool(best.value > mean + 2 * sd)}
     params = {"model": best_model_params, "train": best_train}
