@@ -71,6 +71,16 @@ def study_storage(settings: Settings) -> str:
     return f"sqlite:///{settings.home / 'optuna.db'}"
 
 
+def process_sampler(seed: int, n_existing: int) -> optuna.samplers.TPESampler:
+    """This process's TPE sampler, seeded ``seed + n_existing`` (the trials the study holds when it joins).
+
+    A fresh study with one worker is reproducible (``seed``); a resumed study or a second worker gets another
+    random stream. With the same seed in every process, each would repeat the first process's random start-up
+    points (TPE samples its first 10 trials at random) and train the same configurations again.
+    """
+    return optuna.samplers.TPESampler(seed=seed + n_existing)
+
+
 def suggest_params(trial: optuna.Trial, model: str, sampled: bool, fixed: frozenset[str] = frozenset()
                    ) -> tuple[dict[str, Any], dict[str, Any]]:
     """One point of the search space: ``(model_params, train_params)`` (only fields ``model`` takes; no training
@@ -173,8 +183,8 @@ def run_study(source: str, path: str | None, trials: int, *, model: str | None =
                                          heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
                                              max_retry=1))
     study = optuna.create_study(study_name=name, storage=rdb, direction="maximize", load_if_exists=True,
-                                sampler=optuna.samplers.TPESampler(seed=settings.seed),
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=3))
+    study.sampler = process_sampler(settings.seed, len(study.trials))
     finished = lambda: [t for t in study.trials if t.state in FINISHED_STATES]  # noqa: E731
     parent = client.create_run(experiment_id, run_name=f"tune-{name}",
                                tags={"tune.study": name, "model.class": model, "data.sha256": sha,

@@ -25,3 +25,14 @@ def test_the_first_trial_of_a_new_study_is_the_defaults_and_fixed_knobs_are_not_
     # knobs the caller fixes are not searched; the sampled softmax adds its negatives
     _, fixed_train = suggest_params(study.ask(), "sasrec", sampled=True, fixed=frozenset({"batch_size", "lr"}))
     assert set(fixed_train) == {"weight_decay", "n_negatives"}
+
+
+def test_a_second_worker_or_a_resumed_study_does_not_repeat_the_first_workers_random_start() -> None:
+    from flows.tune import process_sampler
+
+    def first_point(sampler: optuna.samplers.BaseSampler) -> dict:
+        study = optuna.create_study(direction="maximize", sampler=sampler)
+        return suggest_params(study.ask(), "sasrec", sampled=False)[0]
+
+    assert first_point(process_sampler(42, 0)) == first_point(process_sampler(42, 0))  # reproducible
+    assert first_point(process_sampler(42, 0)) != first_point(process_sampler(42, 3))  # joins later: new stream
