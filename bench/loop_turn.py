@@ -151,7 +151,7 @@ def incremental_turn(n_lake: int, seed: int, workdir: Path, items: int, replay: 
     as_of0 = events0["timestamp"].max().to_pydatetime()
     write_feature_tables(build_feature_tables(events0, None, n=50, created_ts=built, as_of=as_of0, encoder=None,
                                               policy=policy), features_dir)
-    write_state(features_dir, *full_state(events0, ["base"], as_of0, policy))
+    write_state(features_dir, *full_state(events0, ["base"], as_of0, policy, history_len=50))
     champ_users = set(replay_sample(events0["user_id"].unique(), [], replay, seed, "champion"))
     champ_vocab, champ_split = prepare_split(events0[events0["user_id"].isin(champ_users)], policy=policy,
                                              extra_ids=events0["item_id"].unique())

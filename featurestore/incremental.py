@@ -12,7 +12,8 @@ newest row to the online store (what materialisation would write) and moves the 
 It declines (returns None: the caller runs the full refresh) when there is no state, the lake's batches are not
 the ones the state covered plus new ones (a rewrite), a new event is ordered at or before ``cut`` (a late
 event changes older rows) or after ``now`` (a future row must not go online), or the recent-items length ``n``
-grew past the state's ``history_len`` (a tuned or served model reads more: every user's list must grow).
+grew past the state's ``history_len`` or the state has none (a tuned or served model reads more: every user's list
+must grow). A shorter ``n`` writes the recorded length (lists never shrink).
 """
 
 from __future__ import annotations
@@ -68,23 +69,22 @@ def write_state(features_dir: Path, state: dict[str, Any], item_state: pd.DataFr
 
 
 def full_state(events: pd.DataFrame, batch_ids: list[str], as_of: datetime,
-               policy: EventPolicy = DEFAULT_POLICY, history_len: int | None = None
+               policy: EventPolicy = DEFAULT_POLICY, *, history_len: int
                ) -> tuple[dict[str, Any], pd.DataFrame]:
     """The increment's starting state after a full build over the lake's ``events`` (batches ``batch_ids``).
 
     Args:
         history_len: the recent-items length the full build wrote (``n``), recorded so that a longer one later
-            forces a full rebuild; None records nothing (no check).
+            forces a full rebuild and a shorter one never shrinks the lists (``update_features``).
     Returns:
-        ({"lake_batches", "last_batch_id", "cut", "as_of"[, "history_len"]}, ``FI.item_state_table`` of the
+        ({"lake_batches", "last_batch_id", "cut", "as_of", "history_len"}, ``FI.item_state_table`` of the
         positives).
     """
     order = FI.order_time(events)
     cut = order.max() if len(order) else pd.Timestamp(as_of)
     state = {"lake_batches": len(batch_ids), "last_batch_id": batch_ids[-1] if batch_ids else None,
-             "cut": pd.Timestamp(cut).isoformat(), "as_of": pd.Timestamp(as_of).isoformat()}
-    if history_len is not None:
-        state["history_len"] = int(history_len)
+             "cut": pd.Timestamp(cut).isoformat(), "as_of": pd.Timestamp(as_of).isoformat(),
+             "history_len": int(history_len)}
     return state, FI.item_state_table(policy.positives(events))
 
 
@@ -149,8 +149,10 @@ def update_features(store: Any, lake: Any, features_dir: Path, now: datetime, *,
     if loaded is None or any(not (features_dir / SOURCE_FILES[v]).is_dir() for v in EVENT_VIEWS):
         return None
     state, item_state = loaded
-    if n > int(state.get("history_len", n)):  # untouched users' lists are shorter than the models now read
-        return None
+    recorded = state.get("history_len")
+    if recorded is None or n > int(recorded):  # unknown (an older state), or the models now read more than
+        return None                             # untouched users' lists hold: the full build grows every list
+    n = int(recorded)  # never shorter than every other user's list (a failed read of the models' lengths)
     ids = [b["batch_id"] for b in lake.batches()]
     covered = int(state["lake_batches"])
     if covered > len(ids) or (covered and ids[covered - 1] != state["last_batch_id"]):
@@ -182,8 +184,6 @@ def update_features(store: Any, lake: Any, features_dir: Path, now: datetime, *,
         if mark is None or as_of > pd.Timestamp(mark):
             write_watermark(features_dir, as_of.to_pydatetime())
     state = {**state, "lake_batches": len(ids), "last_batch_id": ids[-1] if ids else None}
-    if "history_len" in state:  # the length every user's list holds at least (touched users now hold n)
-        state["history_len"] = min(int(state["history_len"]), n)
     write_state(features_dir, state, item_state)
     mark = read_watermark(features_dir)
     summary["watermark"] = mark.isoformat() if mark else None

@@ -19,8 +19,8 @@ from typing import Any
 import pandas as pd
 from prefect import flow, get_run_logger, task
 
-from featurestore.incremental import full_state, update_features, write_state
-from featurestore.materialize import load_text_encoder, refresh_features
+from featurestore.incremental import full_state, read_state, update_features, write_state
+from featurestore.materialize import load_text_encoder, read_watermark, refresh_features
 from recloop.settings import Settings, get_settings, online_history_len
 
 logger = logging.getLogger(__name__)
@@ -69,10 +69,65 @@ def materialised_history_len(settings: Settings, client: Any = None) -> int:
         tuned = latest_tuned(client, settings.model_class)
         if tuned is not None:
             lengths.append(tuned["model"].get("max_seq_len"))
+        for arm in _experiment_arm_versions(settings):  # serving pushes what the arms read: never write less
+            run_id = client.get_model_version(settings.model_name, str(arm)).run_id
+            param = client.get_run(run_id).data.params.get(MAX_SEQ_LEN_PARAM) if run_id else None
+            lengths.append(int(param) if param else None)
     except (MlflowException, OSError, ValueError) as err:
         logger.warning("served/tuned max_seq_len not read; materialising settings.max_seq_len=%d error=%s",
                        settings.max_seq_len, err)
     return online_history_len(settings.max_seq_len, lengths)
+
+
+def _experiment_arm_versions(settings: Settings) -> list[str]:
+    """Registry versions of the running online experiment's arms (the shared experiment store), or []."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from recloop.experiments import ExperimentStore
+
+    try:
+        with ExperimentStore(settings.event_log_uri) as store:
+            exp = store.active()
+    except (SQLAlchemyError, OSError) as err:
+        logger.warning("running experiment not read for the history length: %s", err)
+        return []
+    return [] if exp is None else [str(exp.champion_version), str(exp.challenger_version)]
+
+
+def recorded_history_len(settings: Settings) -> int | None:
+    """The recent-items length the last features build recorded (``featurestore.incremental`` state): None when
+    nothing was materialised yet; ``settings.max_seq_len`` for a state written before lengths were recorded
+    (what every build wrote then)."""
+    features_dir = settings.home / "features"
+    loaded = read_state(features_dir)
+    if loaded is not None:
+        return int(loaded[0].get("history_len", settings.max_seq_len))
+    return settings.max_seq_len if read_watermark(features_dir) is not None else None
+
+
+def resync_online_history(settings: Settings, history_len: int) -> dict[str, Any]:
+    """Rewrite every user's online recent-items list at ``history_len`` from the lake snapshot plus the event-log
+    tail (``serving.recommender.resync_online``: concurrent feedback is re-read, never overwritten by an older
+    list). What ``recloop online resync`` runs, and what the features stage runs when the length grew: a
+    materialisation writes only the rows of its time window, so users without new events would keep shorter lists.
+
+    Raises:
+        KeyError: the feature service is not applied yet.
+        featurestore.online.OnlineStoreUnavailable: a push failed (rows already pushed stay).
+    """
+    from featurestore.online import OnlineFeatures
+    from recloop.eventlog import EventLog
+    from serving.recommender import resync_online
+    from serving.runtime import load_catalogue
+
+    catalogue = load_catalogue(settings.lake_path, history_len, settings.event_policy)
+    online = OnlineFeatures(settings=settings)
+    events = EventLog(settings.event_log_uri)
+    try:
+        return resync_online(online, events, catalogue.base_history, history_len)
+    finally:
+        online.close()
+        events.close()
 
 
 @task(retries=2, retry_delay_seconds=[2, 10])
@@ -95,9 +150,17 @@ def refresh_features_task(events_uri: str | None, items_uri: str | None, overlap
     cache = settings.home / "features" / "embedding_cache.parquet"
     encoder = load_text_encoder(cache_path=cache) if items is not None else None
     store = open_feature_store(settings)
-    history_len = materialised_history_len(settings)
+    recorded = recorded_history_len(settings)
+    # never shorter than what was written: a model-length read that failed must not shrink the lists
+    history_len = max(materialised_history_len(settings), recorded or 0)
     summary = refresh_features(store, settings, events, items, encoder, now, overlap_s=overlap_s,
                                history_len=history_len)
+    if recorded is not None and history_len > recorded:  # inactive users' online lists must grow too
+        # before the state records the new length: a failed re-sync is retried (task retry, next run)
+        report = resync_online_history(settings, history_len)
+        summary["resync"] = report
+        logger.info("history length grew from %d to %d: %d users' online lists rewritten", recorded, history_len,
+                    report["users"])
     if not events_uri and [b["batch_id"] for b in lake.batches()] == batch_ids:  # no ingest raced the read
         past = events.loc[events["timestamp"] <= pd.Timestamp(now), "timestamp"]
         as_of = past.max().to_pydatetime() if len(past) else now  # as refresh_features' item snapshots

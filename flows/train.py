@@ -272,17 +272,20 @@ TUNED_TAG = "tune.best"
 TUNE_EXPERIMENT = "recloop-tune"
 
 
-def text_path_params(item_repr: str, settings: Settings) -> dict[str, Any]:
+def text_path_params(item_repr: str, settings: Settings, given: dict[str, Any] | None = None) -> dict[str, Any]:
     """The text path's fixes a text-aware model trained from scratch takes from the settings (``text_norm``;
-    ``id_dropout`` and ``cold_id`` for "id+text" only; ``cold_id`` only with ``id_dropout`` > 0); {} for "id".
-    Explicit model parameters and tuned ones override them."""
+    ``id_dropout`` and ``cold_id`` for "id+text" only), under the ``given`` (explicit or tuned) model parameters,
+    which win. ``cold_id`` from the settings applies only where the resulting ``id_dropout`` is > 0 (it is learned
+    from the dropped IDs); a ``cold_id`` the caller gives is kept as given. {} for "id" (or with no text)."""
+    given = given or {}
     if item_repr == "id":
         return {}
     out: dict[str, Any] = {"text_norm": settings.text_norm}
     if item_repr == "id+text":
         out["id_dropout"] = settings.id_dropout
-        out["cold_id"] = bool(settings.cold_id and settings.id_dropout > 0)
-    return out
+        dropout = float(given.get("id_dropout", settings.id_dropout))
+        out["cold_id"] = bool(settings.cold_id and dropout > 0)
+    return {**out, **given}
 
 
 def latest_tuned(client: MlflowClient, model: str) -> dict[str, Any] | None:
@@ -377,8 +380,8 @@ def train_flow(source: str = "lake", path: str | None = None, model_params: dict
         model_params["item_repr"] = settings.item_repr
     if init is None:
         fields = set(config_fields(model))
-        model_params = {**{k: v for k, v in text_path_params(model_params.get("item_repr", "id"), settings).items()
-                           if k in fields}, **model_params}
+        merged = text_path_params(model_params.get("item_repr", "id"), settings, model_params)
+        model_params = {k: v for k, v in merged.items() if k in fields or k in model_params}
     item_text = None
     if model_params.get("item_repr", "id") != "id":
         item_text = item_text_task(vocab, items, catalog)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import statistics
 import time
 import warnings
@@ -55,6 +56,9 @@ N_HEADS = (1, 2, 4)
 MAX_SEQ_LEN = (50, 100, 200)
 N_NEGATIVES = (256, 1024, 4096)
 WEIGHT_DECAY = (0.0, 0.01, 0.1)
+#: User attribute of the enqueued defaults trial: the caller's fixed training knobs it ran with (the defaults'
+#: first seed is taken from it only when they are the current call's).
+DEFAULTS_ATTR = "recloop.defaults_fixed"
 #: Trial states that count towards ``--trials``: evaluated (complete, or pruned on its validation curve). A failed
 #: trial (its process died) does not count; the heartbeat re-runs it once.
 FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -71,14 +75,15 @@ def study_storage(settings: Settings) -> str:
     return f"sqlite:///{settings.home / 'optuna.db'}"
 
 
-def process_sampler(seed: int, n_existing: int) -> optuna.samplers.TPESampler:
-    """This process's TPE sampler, seeded ``seed + n_existing`` (the trials the study holds when it joins).
+def process_sampler(seed: int, n_existing: int, joining: bool = False) -> optuna.samplers.TPESampler:
+    """This process's TPE sampler: seeded ``seed`` in the process that created the study (reproducible with one
+    worker); a process that joins an existing study (a rerun, another worker) adds the trials the study holds and,
+    so that two workers joining at the same moment differ too, its process id.
 
-    A fresh study with one worker is reproducible (``seed``); a resumed study or a second worker gets another
-    random stream. With the same seed in every process, each would repeat the first process's random start-up
-    points (TPE samples its first 10 trials at random) and train the same configurations again.
+    With the same seed in every process, each would repeat the first process's random start-up points (TPE samples
+    its first 10 trials at random) and train the same configurations again.
     """
-    return optuna.samplers.TPESampler(seed=seed + n_existing)
+    return optuna.samplers.TPESampler(seed=seed + n_existing + (os.getpid() if joining else 0))
 
 
 def suggest_params(trial: optuna.Trial, model: str, sampled: bool, fixed: frozenset[str] = frozenset()
@@ -182,9 +187,16 @@ def run_study(source: str, path: str | None, trials: int, *, model: str | None =
         rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=60, grace_period=180,
                                          heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
                                              max_retry=1))
-    study = optuna.create_study(study_name=name, storage=rdb, direction="maximize", load_if_exists=True,
-                                pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=3))
-    study.sampler = process_sampler(settings.seed, len(study.trials))
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=3)
+    defaults_point = default_point(model, base_model, train_params or {}, sampled)
+    defaults_key = json.dumps({k: v for k, v in sorted((train_params or {}).items())}, default=str)
+    try:  # exactly one process creates the study: it alone enqueues the defaults and samples from ``seed``
+        study = optuna.create_study(study_name=name, storage=rdb, direction="maximize", pruner=pruner)
+        study.sampler = process_sampler(settings.seed, 0)
+        study.enqueue_trial(defaults_point, user_attrs={DEFAULTS_ATTR: defaults_key})
+    except optuna.exceptions.DuplicatedStudyError:  # a rerun, or another worker: a stream of its own
+        study = optuna.load_study(study_name=name, storage=rdb, pruner=pruner)
+        study.sampler = process_sampler(settings.seed, len(study.trials), joining=True)
     finished = lambda: [t for t in study.trials if t.state in FINISHED_STATES]  # noqa: E731
     parent = client.create_run(experiment_id, run_name=f"tune-{name}",
                                tags={"tune.study": name, "model.class": model, "data.sha256": sha,
@@ -193,9 +205,6 @@ def run_study(source: str, path: str | None, trials: int, *, model: str | None =
     best_model: dict[str, Any] = {}
     started = time.perf_counter()
     todo = max(trials - len(finished()), 0)
-    defaults_point = default_point(model, base_model, train_params or {}, sampled)
-    if not study.trials:  # a new study: its first trial is the defaults it has to beat
-        study.enqueue_trial(defaults_point)
 
     def objective(trial: optuna.Trial) -> float:
         model_params, tuned_train = suggest_params(trial, model, sampled, frozenset(train_params or {}))
@@ -244,7 +253,7 @@ def run_study(source: str, path: str | None, trials: int, *, model: str | None =
             total = optuna.study.MaxTrialsCallback(trials, states=FINISHED_STATES)
             study.optimize(objective, n_trials=todo, catch=(RuntimeError,), callbacks=[total])
         report = _record_best(client, experiment_id, parent_id, study, split, vocab, model, fixed, base_model,
-                              best_model, sha, defaults_seeds, source, path, defaults_point)
+                              best_model, sha, defaults_seeds, source, path, defaults_point, defaults_key)
     except BaseException:
         client.set_terminated(parent_id, status="FAILED")
         raise
@@ -265,7 +274,8 @@ def _best_value(study: optuna.Study) -> float:
 def _record_best(client: MlflowClient, experiment_id: str, parent_id: str, study: optuna.Study, split: Split,
                  vocab: ItemVocabulary, model: str, fixed: dict[str, Any], base_model: dict[str, Any],
                  best_model: dict[str, Any], sha: str, defaults_seeds: int, source: str,
-                 path: str | None, point: dict[str, Any] | None = None) -> dict[str, Any]:
+                 path: str | None, point: dict[str, Any] | None = None, defaults_key: str | None = None
+                 ) -> dict[str, Any]:
     """The tagged best-parameters run, the test split touched once, and the defaults' seed spread (the first seed's
     value taken from the trial that trained exactly the defaults, ``point``, when the study has one)."""
     if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
@@ -283,7 +293,7 @@ def _record_best(client: MlflowClient, experiment_id: str, parent_id: str, study
     if defaults_seeds > 0:
         # the enqueued first trial trained the defaults with the first seed: its value is that seed's run
         first = next((t.value for t in study.trials if point and t.state == optuna.trial.TrialState.COMPLETE
-                      and t.params == point), None)
+                      and t.params == point and t.user_attrs.get(DEFAULTS_ATTR) == defaults_key), None)
         values = [first if i == 0 and first is not None else
                   _fit(split, vocab, model, base_model, {**fixed, "seed": fixed["seed"] + i}).best_val_ndcg
                   for i in range(defaults_seeds)]

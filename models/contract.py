@@ -145,7 +145,8 @@ class ItemSequenceModel(nn.Module):
     (``models.text_items``). With ``cold_id`` the dropped ID part is not zero but one learned vector
     ``cold_id_emb`` (d_model,) shared by every item without its own ID embedding (DropoutNet's "mean" input for a
     missing preference vector, learned): in training the dropped items, in serving the new items
-    (``cold_item_vectors``). A zero ID part scores a new item as if it had no popularity at all, so full ranking
+    (``cold_item_vectors``) and the vocabulary's items no training sequence held (``adopt_cold_id``, at the end of
+    training). A zero ID part scores a new item as if it had no popularity at all, so full ranking
     puts it below every warm item; the shared vector gives it what a typical item of the training targets has.
     """
 
@@ -209,6 +210,16 @@ class ItemSequenceModel(nn.Module):
             raise ValueError(f"{type(self).__name__} with item_repr='id' takes no item text")
         out = self.text_proj(text.to(self.text_proj.weight.dtype))
         return out if self.text_norm is None else self.text_norm(out)
+
+    @torch.no_grad()
+    def adopt_cold_id(self, item_idx: Tensor) -> None:
+        """Set the ID rows of ``item_idx`` ((n,) int64: items the training data never showed, e.g. catalogue items
+        without an event) to ``cold_id_emb``: unseen in training their rows were only pushed down as negatives, and
+        they are served like new items (text plus the shared cold vector). No-op without ``cold_id``."""
+        cold = getattr(self, "cold_id_emb", None)
+        idx = torch.as_tensor(item_idx, dtype=torch.long, device=self.item_emb.weight.device)
+        if cold is not None and idx.numel():
+            self.item_emb.weight[idx[idx != PAD_IDX]] = cold.to(self.item_emb.weight.dtype)
 
     def cold_item_vectors(self, text: Tensor) -> Tensor:
         """Vectors of items without an ID embedding (new items): ``project_text(text)`` plus ``cold_id_emb`` when

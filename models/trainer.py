@@ -416,6 +416,11 @@ def train_model(
                        val=max(best["ndcg"], 0.0))
     if best["state"] is not None:
         model.load_state_dict(best["state"])
+    if getattr(model, "cold_id_emb", None) is not None:  # items no training sequence holds: served as new items
+        seen = np.zeros(len(vocab) + 1, dtype=bool)
+        for seq in split.train.values():
+            seen[np.asarray(seq, dtype=np.int64)] = True
+        model.adopt_cold_id(torch.from_numpy(np.flatnonzero(~seen[1:]) + 1))
     model.eval()
     elapsed = time.perf_counter() - start
     train_s = sum(r["seconds"] for r in history)

@@ -36,7 +36,7 @@ def test_a_new_batch_reaches_the_online_store_and_the_offline_join_without_a_reb
     now = datetime.now(UTC)
     old = lake.events()
     refresh_features(store, settings, old, None, None, now)
-    write_state(features_dir, *full_state(old, ["b1"], old["timestamp"].max().to_pydatetime()))
+    write_state(features_dir, *full_state(old, ["b1"], old["timestamp"].max().to_pydatetime(), history_len=4))
     assert update_features(store, lake, features_dir, now, n=4) == {  # nothing new: nothing written
         "mode": "incremental", "new_events": 0, "touched_users": 0, "touched_items": 0, "window_events": 0,
         "rows": {}, "views": [], "watermark": read_watermark(features_dir).isoformat()}
@@ -66,3 +66,35 @@ def test_a_new_batch_reaches_the_online_store_and_the_offline_join_without_a_reb
     # a late event (ordered before what the tables hold) declines: the caller rebuilds in full
     lake.ingest(SourceFrames(events=_events(range(3, 4), T0 + timedelta(days=1), 1, "c")), batch_id="b3")
     assert update_features(store, lake, features_dir, now, n=4) is None
+
+
+@pytest.mark.slow
+def test_a_longer_history_reaches_every_users_online_list_without_new_events(recloop_home, monkeypatch) -> None:
+    """A model that reads more (tuned max_seq_len) must see long lists also for users with no event since the
+    last build: a materialisation writes only its time window, so the features task re-syncs every list."""
+    import logging
+
+    import flows.features as FF
+    from recloop.settings import get_settings
+
+    monkeypatch.setattr(FF, "get_run_logger", lambda: logging.getLogger("features-test"))  # the task's body alone
+    monkeypatch.setenv("RECLOOP_MAX_SEQ_LEN", "4")
+    monkeypatch.setenv("RECLOOP_FEAST_PROJECT", "grow")
+    get_settings.cache_clear()
+    settings = get_settings()
+    Lake(settings.lake_path).ingest(SourceFrames(events=_events(range(3), T0, 8, "a")), batch_id="b1")
+    FF.refresh_features_task.fn(None, None, 3600.0)
+    online = OnlineFeatures(settings=settings)
+    try:
+        assert len(online.recent_items("u0")) == 4
+        monkeypatch.setattr(FF, "materialised_history_len", lambda s, client=None: 6)  # a tuned model reads 6
+        summary = FF.refresh_features_task.fn(None, None, 3600.0)  # no new event: an empty window
+        assert summary["resync"]["users"] == 3
+        assert [len(online.recent_items(f"u{u}")) for u in range(3)] == [6, 6, 6]
+        assert read_state(settings.home / "features")[0]["history_len"] == 6
+        # a failed read of the models' lengths (settings' 4) never shrinks what was written
+        monkeypatch.setattr(FF, "materialised_history_len", lambda s, client=None: 4)
+        assert "resync" not in FF.refresh_features_task.fn(None, None, 3600.0)
+        assert len(online.recent_items("u1")) == 6 and read_state(settings.home / "features")[0]["history_len"] == 6
+    finally:
+        online.close()

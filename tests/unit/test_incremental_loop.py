@@ -57,7 +57,7 @@ def test_incremental_rows_give_the_full_rebuilds_features_at_every_later_time(ml
     assert len(new) > 1000 and new["user_id"].nunique() > 50
     as_old, as_new = FI.order_time(old).max(), FI.order_time(events).max()
     before = build_feature_tables(old, None, n=50, created_ts=BUILT, as_of=as_old, encoder=None)
-    state, item_state = full_state(old, ["b0"], as_old.to_pydatetime())
+    state, item_state = full_state(old, ["b0"], as_old.to_pydatetime(), history_len=50)
     assert pd.Timestamp(state["cut"]) == as_old
 
     history = events[events["user_id"].isin(new["user_id"].unique())]

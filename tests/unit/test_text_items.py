@@ -254,3 +254,22 @@ def test_a_warm_start_starts_new_items_id_rows_at_the_cold_vector_they_were_serv
     new_model.set_item_text(text)
     served_before = cold_vectors(old, text[[N_ITEMS + 1]])[0]
     assert torch.allclose(new_model.eval().item_embeddings()[N_ITEMS + 1], served_before, atol=1e-6)
+
+
+def test_items_no_training_sequence_holds_end_training_on_the_cold_vector() -> None:
+    from models.sequences import leave_one_out
+    from models.trainer import TrainConfig, train_model
+
+    rng = np.random.default_rng(0)
+    seqs = {f"u{u}": rng.integers(1, N_ITEMS - 1, size=12) for u in range(20)}  # items 29 and 30 never occur
+    split = leave_one_out(seqs)
+    vocab = ItemVocabulary([f"i{k}" for k in range(N_ITEMS)])
+    cfg = build_config("sasrec", n_items=N_ITEMS, max_seq_len=SEQ, d_model=16, item_repr="id+text", d_text=D_TEXT,
+                       id_dropout=0.5, cold_id=True)
+    result = train_model(split, vocab, cfg, TrainConfig(epochs=2, seed=0, device="cpu", num_threads=1),
+                         progress=False, item_text=_text())
+    model = result.model
+    unseen = [k for k in range(1, N_ITEMS + 1) if not any(k in s for s in split.train.values())]
+    assert unseen and all(torch.equal(model.item_emb.weight[k], model.cold_id_emb) for k in unseen)
+    seen = [k for k in range(1, N_ITEMS + 1) if k not in unseen]
+    assert not any(torch.equal(model.item_emb.weight[k], model.cold_id_emb) for k in seen)

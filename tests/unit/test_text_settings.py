@@ -19,6 +19,10 @@ def test_text_path_settings_apply_to_text_aware_models_only_and_build_a_valid_co
     off = text_path_params("id+text", Settings(id_dropout=0.0, cold_id=True))
     assert off["cold_id"] is False
     build_config("gru4rec", n_items=5, max_seq_len=4, item_repr="id+text", d_text=3, **off)
+    # explicit or tuned parameters win, and an explicit id_dropout 0 turns the settings' cold_id off with it
+    given = text_path_params("id+text", on, {"item_repr": "id+text", "id_dropout": 0.0})
+    assert given["id_dropout"] == 0.0 and given["cold_id"] is False
+    build_config("sasrec", n_items=5, max_seq_len=4, d_text=3, **given)
 
 
 def test_text_path_settings_read_the_environment(monkeypatch) -> None:
