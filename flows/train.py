@@ -276,10 +276,10 @@ def text_path_params(item_repr: str, settings: Settings, given: dict[str, Any] |
     """The text path's fixes a text-aware model trained from scratch takes from the settings (``text_norm``;
     ``id_dropout`` and ``cold_id`` for "id+text" only), under the ``given`` (explicit or tuned) model parameters,
     which win. ``cold_id`` from the settings applies only where the resulting ``id_dropout`` is > 0 (it is learned
-    from the dropped IDs); a ``cold_id`` the caller gives is kept as given. {} for "id" (or with no text)."""
-    given = given or {}
+    from the dropped IDs); a ``cold_id`` the caller gives is kept as given. Just ``given`` for "id"."""
+    given = dict(given or {})
     if item_repr == "id":
-        return {}
+        return given
     out: dict[str, Any] = {"text_norm": settings.text_norm}
     if item_repr == "id+text":
         out["id_dropout"] = settings.id_dropout

@@ -10,6 +10,7 @@ from recloop.settings import Settings
 def test_text_path_settings_apply_to_text_aware_models_only_and_build_a_valid_config() -> None:
     on = Settings(text_norm=True, id_dropout=0.3, cold_id=True)
     assert text_path_params("id", on) == {}
+    assert text_path_params("id", on, {"max_seq_len": 100}) == {"max_seq_len": 100}  # the given params pass through
     assert text_path_params("text", on) == {"text_norm": True}  # no ID part: nothing to drop
     params = text_path_params("id+text", on)
     assert params == {"text_norm": True, "id_dropout": 0.3, "cold_id": True}
