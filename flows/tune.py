@@ -56,13 +56,17 @@ N_HEADS = (1, 2, 4)
 MAX_SEQ_LEN = (50, 100, 200)
 N_NEGATIVES = (256, 1024, 4096)
 WEIGHT_DECAY = (0.0, 0.01, 0.1)
+BATCH_SIZE = (32, 64, 128)
+#: The numeric ranges of the search space (``suggest_params``; ``default_point`` checks the defaults against them).
+N_LAYERS = (1, 3)
+DROPOUT = (0.0, 0.5)
+LR = (3e-4, 1e-2)
 #: User attribute of the enqueued defaults trial: the caller's fixed training knobs it ran with (the defaults'
 #: first seed is taken from it only when they are the current call's).
 DEFAULTS_ATTR = "recloop.defaults_fixed"
 #: Trial states that count towards ``--trials``: evaluated (complete, or pruned on its validation curve). A failed
 #: trial (its process died) does not count; the heartbeat re-runs it once.
 FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-BATCH_SIZE = (32, 64, 128)
 
 
 def study_storage(settings: Settings) -> str:
@@ -93,14 +97,14 @@ def suggest_params(trial: optuna.Trial, model: str, sampled: bool, fixed: frozen
     fields = set(config_fields(model))
     space: dict[str, Any] = {
         "d_model": lambda: trial.suggest_categorical("d_model", D_MODEL),
-        "n_layers": lambda: trial.suggest_int("n_layers", 1, 3),
+        "n_layers": lambda: trial.suggest_int("n_layers", *N_LAYERS),
         "n_heads": lambda: trial.suggest_categorical("n_heads", N_HEADS),
-        "dropout": lambda: trial.suggest_float("dropout", 0.0, 0.5, step=0.1),
+        "dropout": lambda: trial.suggest_float("dropout", *DROPOUT, step=0.1),
         "max_seq_len": lambda: trial.suggest_categorical("max_seq_len", MAX_SEQ_LEN),
     }
     model_params = {name: suggest() for name, suggest in space.items() if name in fields}
     train_space: dict[str, Any] = {
-        "lr": lambda: trial.suggest_float("lr", 3e-4, 1e-2, log=True),
+        "lr": lambda: trial.suggest_float("lr", *LR, log=True),
         "weight_decay": lambda: trial.suggest_categorical("weight_decay", WEIGHT_DECAY),
         "batch_size": lambda: trial.suggest_categorical("batch_size", BATCH_SIZE),
     }
@@ -124,7 +128,7 @@ def default_point(model: str, base_model: dict[str, Any], fixed: dict[str, Any],
     choices: dict[str, tuple[Any, ...]] = {"d_model": D_MODEL, "n_heads": N_HEADS, "max_seq_len": MAX_SEQ_LEN,
                                           "weight_decay": WEIGHT_DECAY, "batch_size": BATCH_SIZE,
                                           "n_negatives": N_NEGATIVES}
-    ranges: dict[str, tuple[float, float]] = {"n_layers": (1, 3), "dropout": (0.0, 0.5), "lr": (3e-4, 1e-2)}
+    ranges: dict[str, tuple[float, float]] = {"n_layers": N_LAYERS, "dropout": DROPOUT, "lr": LR}
     fields = set(config_fields(model))
     point: dict[str, Any] = {}
     for name in ("d_model", "n_layers", "n_heads", "dropout", "max_seq_len"):
