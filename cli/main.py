@@ -808,31 +808,21 @@ def online_resync(as_json: bool = typer.Option(False, "--json", help="Print the 
     For an online store that lost its rows (e.g. a Redis restarted empty); the service also does it
     at start-up and when it finds the store empty. Exit 1 when the store cannot be written.
     """
-    from featurestore.online import OnlineFeatures, OnlineStoreUnavailable
-    from flows.features import materialised_history_len
-    from recloop.eventlog import EventLog
+    from featurestore.online import OnlineStoreUnavailable
+    from flows.features import materialised_history_len, resync_online_history
     from recloop.settings import get_settings
-    from serving.recommender import resync_online
-    from serving.runtime import load_catalogue
 
     settings = get_settings()
-    history_len = materialised_history_len(settings)  # as long as the served (or tuned) model reads
-    catalogue = load_catalogue(settings.lake_path, history_len, settings.event_policy)
     try:
-        online = OnlineFeatures(settings=settings)
+        with _stdout_to_stderr(as_json):
+            # as long as the served (or tuned) model reads
+            report = resync_online_history(settings, materialised_history_len(settings))
     except KeyError as err:  # the feature service is not applied yet
         typer.echo(f"online resync failed: {err.args[0]}", err=True)
         raise typer.Exit(1) from err
-    events = EventLog(settings.event_log_uri)
-    try:
-        with _stdout_to_stderr(as_json):
-            report = resync_online(online, events, catalogue.base_history, history_len)
     except OnlineStoreUnavailable as err:
         typer.echo(f"online resync failed: {err}", err=True)
         raise typer.Exit(1) from err
-    finally:
-        online.close()
-        events.close()
     typer.echo(json.dumps(report) if as_json else
                f"re-synced {report['users']} users ({report['log_users']} with log events) in {report['seconds']} s")
 

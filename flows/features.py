@@ -60,19 +60,21 @@ def materialised_history_len(settings: Settings, client: Any = None) -> int:
         from registry.tracking import configure_tracking
 
         client = client or configure_tracking(settings)
+
+        def version_len(version: Any) -> int | None:  # the ``model.max_seq_len`` param of the version's run
+            run_id = client.get_model_version(settings.model_name, str(version)).run_id
+            param = client.get_run(run_id).data.params.get(MAX_SEQ_LEN_PARAM) if run_id else None
+            return int(param) if param else None
+
         version = settings.serve_model_version or get_alias_version(client, settings.model_name,
                                                                     settings.model_alias)
         if version is not None:
-            run_id = client.get_model_version(settings.model_name, str(version)).run_id
-            param = client.get_run(run_id).data.params.get(MAX_SEQ_LEN_PARAM) if run_id else None
-            lengths.append(int(param) if param else None)
+            lengths.append(version_len(version))
         tuned = latest_tuned(client, settings.model_class)
         if tuned is not None:
             lengths.append(tuned["model"].get("max_seq_len"))
-        for arm in _experiment_arm_versions(settings):  # serving pushes what the arms read: never write less
-            run_id = client.get_model_version(settings.model_name, str(arm)).run_id
-            param = client.get_run(run_id).data.params.get(MAX_SEQ_LEN_PARAM) if run_id else None
-            lengths.append(int(param) if param else None)
+        # serving pushes what a running experiment's arms read: never write less
+        lengths.extend(version_len(arm) for arm in _experiment_arm_versions(settings))
     except (MlflowException, OSError, ValueError) as err:
         logger.warning("served/tuned max_seq_len not read; materialising settings.max_seq_len=%d error=%s",
                        settings.max_seq_len, err)
