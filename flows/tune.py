@@ -87,7 +87,12 @@ def process_sampler(seed: int, n_existing: int, joining: bool = False) -> optuna
     With the same seed in every process, each would repeat the first process's random start-up points (TPE samples
     its first 10 trials at random) and train the same configurations again.
     """
-    return optuna.samplers.TPESampler(seed=seed + n_existing + (os.getpid() if joining else 0))
+    return optuna.samplers.TPESampler(seed=sampler_seed(seed, n_existing, joining))
+
+
+def sampler_seed(seed: int, n_existing: int, joining: bool = False) -> int:
+    """The seed :func:`process_sampler` gives TPE (recorded on the study's parent run as ``tune.sampler_seed``)."""
+    return seed + n_existing + (os.getpid() if joining else 0)
 
 
 def suggest_params(trial: optuna.Trial, model: str, sampled: bool, fixed: frozenset[str] = frozenset()
@@ -196,15 +201,18 @@ def run_study(source: str, path: str | None, trials: int, *, model: str | None =
     defaults_key = json.dumps({k: v for k, v in sorted((train_params or {}).items())}, default=str)
     try:  # exactly one process creates the study: it alone enqueues the defaults and samples from ``seed``
         study = optuna.create_study(study_name=name, storage=rdb, direction="maximize", pruner=pruner)
+        seed_used = sampler_seed(settings.seed, 0)
         study.sampler = process_sampler(settings.seed, 0)
         study.enqueue_trial(defaults_point, user_attrs={DEFAULTS_ATTR: defaults_key})
     except optuna.exceptions.DuplicatedStudyError:  # a rerun, or another worker: a stream of its own
         study = optuna.load_study(study_name=name, storage=rdb, pruner=pruner)
+        seed_used = sampler_seed(settings.seed, len(study.trials), joining=True)
         study.sampler = process_sampler(settings.seed, len(study.trials), joining=True)
     finished = lambda: [t for t in study.trials if t.state in FINISHED_STATES]  # noqa: E731
     parent = client.create_run(experiment_id, run_name=f"tune-{name}",
                                tags={"tune.study": name, "model.class": model, "data.sha256": sha,
-                                     "tune.storage": storage.split("://")[0]})
+                                     "tune.storage": storage.split("://")[0],
+                                     "tune.sampler_seed": str(seed_used)})
     parent_id = parent.info.run_id
     best_model: dict[str, Any] = {}
     started = time.perf_counter()
@@ -263,6 +271,7 @@ def run_study(source: str, path: str | None, trials: int, *, model: str | None =
         raise
     client.set_terminated(parent_id)
     return {**report, "study": name, "storage": storage.split("://")[0], "parent_run_id": parent_id,
+            "sampler_seed": seed_used,
             "trials": {"finished": len(finished()), "run_now": todo,
                        "pruned": sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials),
                        "complete": sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)}}
