@@ -13,6 +13,8 @@ from histories); the content-only baseline ranks every item by the cosine of its
 text embedding of the user's history. Full ranking over all catalogue items, seen items masked, pessimistic ties;
 NDCG@K and HR@K overall, on warm and on cold targets, with the counts and a 95% cluster-bootstrap interval
 (users resampled, seeded), and the paired interval of the text-aware minus content-only difference on cold targets.
+``cold_among_new``: the same cold targets ranked among the new items only (``models.text_items.NewItemsOnly``, a
+"new arrivals" slot), which separates ordering the new items from placing them against the warm catalogue.
 
 Choices on validation only: each model's early-stopping epoch (the trainer), and the text-aware variant among the
 "id+text" ones (the text path's standard fixes: DropoutNet's ID dropout, a LayerNorm with a learned gain started at
@@ -42,10 +44,12 @@ from models.metrics import evaluate
 from models.text_items import (
     ContentScorer,
     ItemTable,
+    NewItemsOnly,
     PaddedScorer,
     bootstrap_interval,
     cold_temporal_split,
     cold_vectors,
+    subset,
     text_matrix,
 )
 from models.trainer import TrainConfig, train_model
@@ -85,6 +89,23 @@ def segment_metrics(per_case: dict[str, np.ndarray], cold: np.ndarray, users: np
             row[f"{name}_ci95"] = list(bootstrap_interval(values, seed=seed, groups=users[mask]))
         out[segment] = row
     return out
+
+
+def hit_concentration(hits: np.ndarray, targets: np.ndarray) -> dict[str, Any]:
+    """How many distinct target items the hits of a segment come from, and the share of the most-hit one: on a few
+    hundred cold targets one hot new item near the users' common profile can carry a model's whole NDCG@K.
+
+    Args:
+        hits: (n,) 0/1 HR@K per case; targets: (n,) the cases' target item_idx.
+    Returns:
+        ``{"hits", "distinct_items", "top_item_share"}`` (``top_item_share`` nan without hits).
+    """
+    hit_items = np.asarray(targets)[np.asarray(hits) > 0]
+    if not len(hit_items):
+        return {"hits": 0, "distinct_items": 0, "top_item_share": float("nan")}
+    _, counts = np.unique(hit_items, return_counts=True)
+    return {"hits": int(len(hit_items)), "distinct_items": int(len(counts)),
+            "top_item_share": float(counts.max() / len(hit_items))}
 
 
 def choose_text_aware(valid: dict[str, dict[str, Any]], k: int) -> tuple[str, str]:
@@ -159,7 +180,16 @@ def run_text_bench(source: str, path: Path, *, share: float | None = None, epoch
         res = evaluate(scorer, eval_set, n_items=n_all, k=k)
         if window == "test":
             per_case[name] = res["per_user"][f"ndcg@{k}"]
-        return segment_metrics(res["per_user"], cold, eval_set.user_ids, k, seed)
+        out = segment_metrics(res["per_user"], cold, eval_set.user_ids, k, seed)
+        out["cold"]["hits_by_item"] = hit_concentration(res["per_user"][f"hr@{k}"][cold], eval_set.targets[cold])
+        # the same cold targets ranked among the new items only (a "new arrivals" slot): separates how well a
+        # model orders new items from how high it puts them against the warm catalogue
+        cold_set = subset(eval_set, cold)
+        if len(cold_set):
+            among = evaluate(NewItemsOnly(scorer, n_warm), cold_set, n_items=n_all, k=k)["per_user"]
+            out["cold_among_new"] = segment_metrics(among, np.ones(len(cold_set), dtype=bool), cold_set.user_ids,
+                                                    k, seed)["overall"]
+        return out
 
     report: dict[str, Any] = {}
     name = "content-only"
@@ -206,6 +236,9 @@ def run_text_bench(source: str, path: Path, *, share: float | None = None, epoch
             bootstrap_interval(diff, seed=seed, groups=cs.test.user_ids[cs.test_cold]))
         checks["text_aware_cold_above_content_only"] = (
             report[text_name]["test"]["cold"][key] > report["content-only"]["test"]["cold"][key])
+        among = {n: report[n]["test"].get("cold_among_new", {}).get(key) for n in (text_name, "content-only")}
+        if None not in among.values():
+            checks["text_aware_cold_among_new_above_content_only"] = among[text_name] > among["content-only"]
     protocol = {
         **cs.protocol,
         "source": source,

@@ -162,6 +162,37 @@ class PaddedScorer:
         return torch.cat([scores, pad], dim=1)
 
 
+class NewItemsOnly:
+    """A scorer restricted to the new items: every column up to ``n_vocab`` (the vocabulary's items) is -inf, so a
+    target new item is ranked among the new items only (the "new arrivals" view of cold-start evaluation, as in
+    the cold-item protocols of DropoutNet, Volkovs et al. NeurIPS 2017, where candidates are the cold items).
+
+    Args:
+        scorer: any scorer whose ``score(item_idx)`` returns (batch, n_rows) with the new items after ``n_vocab``.
+        n_vocab: the vocabulary's size (new items are item_idx ``n_vocab + 1`` onwards).
+    """
+
+    def __init__(self, scorer: Any, n_vocab: int) -> None:
+        self.scorer, self.n_vocab = scorer, int(n_vocab)
+        self.config = getattr(scorer, "config", None)
+
+    def score(self, item_idx: Tensor, candidate_idx: Tensor | None = None) -> Tensor:
+        """(batch, seq_len) histories -> (batch, n_rows) scores, the vocabulary's columns -inf."""
+        scores = torch.as_tensor(self.scorer.score(item_idx)).clone()
+        scores[:, : self.n_vocab + 1] = float("-inf")
+        if candidate_idx is not None:
+            cand = torch.as_tensor(candidate_idx, dtype=torch.long)
+            cand = cand.unsqueeze(0).expand(scores.shape[0], -1) if cand.dim() == 1 else cand
+            scores = scores.gather(1, cand)
+        return scores
+
+
+def subset(eval_set: EvalSet, mask: np.ndarray) -> EvalSet:
+    """The cases of ``eval_set`` where ``mask`` ((n,) bool) is true, in order."""
+    rows = np.flatnonzero(np.asarray(mask, dtype=bool))
+    return EvalSet(eval_set.user_ids[rows], [eval_set.histories[i] for i in rows], eval_set.targets[rows])
+
+
 def blend_query(scores: np.ndarray, sims: np.ndarray, weight: float) -> np.ndarray:
     """Blend a user's sequence scores with the items' similarity to a text query.
 

@@ -68,3 +68,24 @@ def test_brief_training_on_ml100k_beats_mostpop(ml100k_path) -> None:
     ]
     assert pop == pytest.approx(0.045, abs=0.01)  # the published protocol's sanity value
     assert sasrec > pop * 1.3
+
+
+@pytest.mark.slow
+def test_text_bench_reports_cold_targets_in_full_ranking_and_among_new_items(ml100k_path, tmp_path) -> None:
+    """``bench.text_quality`` end to end on ML-100K (1 epoch): the cold segment is reported in full ranking and among
+    the new items, with its hit concentration; the ID-only model is 0 on cold targets by construction."""
+    from bench.text_quality import ID_ONLY, run_text_bench
+
+    aware = "SASRec+ (id+text, text_norm, id_dropout 0.5, cold_id)"
+    report = run_text_bench("movielens-100k", ml100k_path, epochs=1, variants=[ID_ONLY, aware], threads=1,
+                            cache_dir=tmp_path)
+    proto, models = report["protocol"], report["models"]
+    assert proto["min_cold_met"] and proto["n_test_cold"] >= 200
+    for name in ("content-only", ID_ONLY, aware):
+        cold, among = models[name]["test"]["cold"], models[name]["test"]["cold_among_new"]
+        assert cold["n"] == among["n"] == proto["n_test_cold"]
+        assert cold["hits_by_item"]["hits"] == round(cold["hr@10"] * cold["n"])
+        assert among["hr@10"] >= cold["hr@10"]  # fewer competitors: a cold target can only rank higher
+    assert models[ID_ONLY]["test"]["cold"]["hr@10"] == 0 and models[ID_ONLY]["test"]["cold_among_new"]["hr@10"] == 0
+    assert models[aware]["test"]["cold_among_new"]["hr@10"] > 0
+    assert report["checks"]["text_aware_variant"] == aware

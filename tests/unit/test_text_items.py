@@ -15,11 +15,13 @@ from models.text_items import (
     WINDOW_SHARES,
     ContentScorer,
     ItemTable,
+    NewItemsOnly,
     PaddedScorer,
     blend_query,
     bootstrap_interval,
     cold_temporal_split,
     cold_vectors,
+    subset,
     text_matrix,
 )
 from models.vocab import ItemVocabulary
@@ -273,3 +275,46 @@ def test_items_no_training_sequence_holds_end_training_on_the_cold_vector() -> N
     assert unseen and all(torch.equal(model.item_emb.weight[k], model.cold_id_emb) for k in unseen)
     seen = [k for k in range(1, N_ITEMS + 1) if k not in unseen]
     assert not any(torch.equal(model.item_emb.weight[k], model.cold_id_emb) for k in seen)
+
+
+class _FixedScorer:
+    """Scores every history with the same row (a hand-written ranking)."""
+
+    config = None
+
+    def __init__(self, row: list[float]) -> None:
+        self.row = torch.tensor(row, dtype=torch.float32)
+
+    def score(self, item_idx, candidate_idx=None):
+        return self.row.unsqueeze(0).expand(len(item_idx), -1).clone()
+
+
+def test_new_items_only_ranks_a_cold_target_among_the_new_items_by_hand() -> None:
+    from models.metrics import evaluate
+    from models.sequences import EvalSet
+
+    # 3 vocabulary items (1-3), 2 new ones (4, 5); item 5 is 5th of all, 2nd of the new, item 4 is 1st of the new
+    scorer = _FixedScorer([0.0, 9.0, 8.0, 7.0, 2.0, 1.0])
+    cases = EvalSet(np.array(["u", "v", "w"], dtype=object), [np.array([1]), np.array([2]), np.array([1])],
+                    np.array([5, 4, 3]))
+    cold = subset(cases, cases.targets > 3)
+    assert list(cold.user_ids) == ["u", "v"] and list(cold.targets) == [5, 4]
+    full = evaluate(scorer, cold, n_items=5, k=2)["per_user"]
+    among = evaluate(NewItemsOnly(scorer, 3), cold, n_items=5, k=2)["per_user"]
+    # full ranking, history masked: u ranks 5 fourth (2, 3, 4 above), v ranks 4 third (1, 3 above): no hit at 2
+    assert full["hr@2"].tolist() == [0.0, 0.0]
+    # among the new items: u's target second (1 / log2(3)), v's first (1)
+    assert among["hr@2"].tolist() == [1.0, 1.0]
+    assert among["ndcg@2"] == pytest.approx([1 / np.log2(3), 1.0])
+    # an ID-only scorer gives new items -inf: among the new items it still ranks them nowhere (0 by construction)
+    padded = PaddedScorer(_FixedScorer([0.0, 9.0, 8.0, 7.0]), 2)
+    assert evaluate(NewItemsOnly(padded, 3), cold, n_items=5, k=2)["per_user"]["hr@2"].tolist() == [0.0, 0.0]
+
+
+def test_hit_concentration_counts_distinct_items_and_the_top_share() -> None:
+    from bench.text_quality import hit_concentration
+
+    assert hit_concentration(np.array([1, 1, 0, 1, 1]), np.array([7, 7, 8, 9, 7])) == {
+        "hits": 4, "distinct_items": 2, "top_item_share": 0.75}
+    empty = hit_concentration(np.array([0, 0]), np.array([1, 2]))
+    assert empty["hits"] == 0 and np.isnan(empty["top_item_share"])
