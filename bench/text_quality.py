@@ -18,9 +18,10 @@ NDCG@K and HR@K overall, on warm and on cold targets, with the counts and a 95% 
 
 Choices on validation only: each model's early-stopping epoch (the trainer), and the text-aware variant among the
 "id+text" ones (the text path's standard fixes: DropoutNet's ID dropout, a LayerNorm with a learned gain started at
-the ID scale, both, none): the highest validation NDCG@K on cold targets among those whose validation NDCG@K
-overall is within 2% of the ID-only model's, ties going to the higher overall (else the highest overall). The
-test window is read once per model.
+the ID scale, a learned cold ID vector, the ID part's expectation under the dropout outside training, or none):
+the highest validation NDCG@K on cold targets among those whose validation NDCG@K overall is within 2% of the
+ID-only model's, ties going to the higher overall (else the highest overall). The test window is read once per
+model.
 Text: all-MiniLM-L6-v2 over "title. genres" (``recloop.features.item_text``), through the embedding cache.
 Prints one JSON document with ``--json``; progress goes to stderr.
 """
@@ -69,6 +70,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "SASRec+ (id+text, id_dropout 0.5, cold_id)": ("id+text", {"id_dropout": 0.5, "cold_id": True}),
     "SASRec+ (id+text, text_norm, id_dropout 0.5, cold_id)": ("id+text", {"text_norm": True, "id_dropout": 0.5,
                                                                           "cold_id": True}),
+    "SASRec+ (id+text, text_norm, id_dropout 0.5, cold_id, id_expectation)": (
+        "id+text", {"text_norm": True, "id_dropout": 0.5, "cold_id": True, "id_expectation": True}),
     "SASRec+ (text)": ("text", {}),
 }
 ID_ONLY = "SASRec+ (id)"

@@ -274,9 +274,10 @@ TUNE_EXPERIMENT = "recloop-tune"
 
 def text_path_params(item_repr: str, settings: Settings, given: dict[str, Any] | None = None) -> dict[str, Any]:
     """The text path's fixes a text-aware model trained from scratch takes from the settings (``text_norm``;
-    ``id_dropout`` and ``cold_id`` for "id+text" only), under the ``given`` (explicit or tuned) model parameters,
-    which win. ``cold_id`` from the settings applies only where the resulting ``id_dropout`` is > 0 (it is learned
-    from the dropped IDs); a ``cold_id`` the caller gives is kept as given. Just ``given`` for "id"."""
+    ``id_dropout``, ``cold_id`` and ``id_expectation`` for "id+text" only), under the ``given`` (explicit or tuned)
+    model parameters, which win. ``cold_id`` and ``id_expectation`` from the settings apply only where the resulting
+    ``id_dropout`` is > 0 (both are about the dropped IDs); values the caller gives are kept as given. Just
+    ``given`` for "id"."""
     given = dict(given or {})
     if item_repr == "id":
         return given
@@ -285,6 +286,7 @@ def text_path_params(item_repr: str, settings: Settings, given: dict[str, Any] |
         out["id_dropout"] = settings.id_dropout
         dropout = float(given.get("id_dropout", settings.id_dropout))
         out["cold_id"] = bool(settings.cold_id and dropout > 0)
+        out["id_expectation"] = bool(settings.id_expectation and dropout > 0)
     return {**out, **given}
 
 

@@ -77,13 +77,14 @@ TEXT_NORM_INIT = 0.02
 
 
 def check_item_repr(item_repr: str, d_text: int, text_dropout: float = 0.0, id_dropout: float = 0.0,
-                    text_norm: bool = False, cold_id: bool = False) -> None:
+                    text_norm: bool = False, cold_id: bool = False, id_expectation: bool = False) -> None:
     """The checks of the text-aware item fields every model config shares.
 
     Raises:
         ValueError: unknown ``item_repr`` (lists them), ``d_text`` < 1 with text (or != 0 without), a dropout
-            outside [0, 1), ``text_norm`` without text, ``cold_id`` without "id+text" and ``id_dropout`` > 0 (the
-            vector is learned only from the items whose ID is dropped).
+            outside [0, 1), ``text_norm`` without text, ``cold_id`` or ``id_expectation`` without "id+text" and
+            ``id_dropout`` > 0 (the vector is learned only from the items whose ID is dropped; without dropout the
+            expectation is the ID itself).
     """
     if item_repr not in ITEM_REPRS:
         raise ValueError(f"item_repr={item_repr!r}; expected one of {list(ITEM_REPRS)}")
@@ -99,6 +100,9 @@ def check_item_repr(item_repr: str, d_text: int, text_dropout: float = 0.0, id_d
     if cold_id and (item_repr != "id+text" or id_dropout <= 0):
         raise ValueError(f"cold_id=True needs item_repr='id+text' and id_dropout > 0 (it is learned from the items "
                          f"whose ID is dropped); got item_repr={item_repr!r}, id_dropout={id_dropout}")
+    if id_expectation and (item_repr != "id+text" or id_dropout <= 0):
+        raise ValueError(f"id_expectation=True needs item_repr='id+text' and id_dropout > 0 (the expectation is over "
+                         f"the ID dropout); got item_repr={item_repr!r}, id_dropout={id_dropout}")
 
 
 def check_config(n_items: int, max_seq_len: int, dropout: float = 0.0) -> None:
@@ -148,6 +152,12 @@ class ItemSequenceModel(nn.Module):
     (``cold_item_vectors``) and the vocabulary's items no training sequence held (``adopt_cold_id``, at the end of
     training). A zero ID part scores a new item as if it had no popularity at all, so full ranking
     puts it below every warm item; the shared vector gives it what a typical item of the training targets has.
+    With ``id_expectation`` an item's ID part outside training is its expected value under the ID dropout,
+    ``(1 - id_dropout) * item_emb + id_dropout * cold`` (``cold`` = ``cold_id_emb``, or zero without ``cold_id``):
+    the weight-scaling inference rule of dropout (Srivastava et al., JMLR 2014), exact for the tied output layer
+    (a logit is linear in the item vector). With the full ID part a warm item is scored as in the steps that kept
+    its ID only, against new items scored as dropped ones: that over-weights the ID part and pushes new items out
+    of full ranking (``bench/text_quality.py`` measures both).
     """
 
     name: ClassVar[str] = ""
@@ -267,7 +277,8 @@ class ItemSequenceModel(nn.Module):
         """(n_items + 1, d_model) item vectors the output layer scores with; row 0 is padding.
 
         ID-only: the ID embedding table. Text-aware: ``item_emb + text_proj(item_text)`` or, for "text",
-        ``text_proj(item_text)`` (see the class docstring; in training with dropout on the text path and on IDs).
+        ``text_proj(item_text)`` (see the class docstring; in training with dropout on the text path and on IDs;
+        outside training with ``id_expectation`` the ID part's expected value under that dropout).
         """
         if self.text_proj is None:
             return self.item_emb.weight
@@ -276,7 +287,11 @@ class ItemSequenceModel(nn.Module):
             return text
         ids = self.item_emb.weight  # (n_items + 1, d_model)
         p = float(getattr(self.config, "id_dropout", 0.0))
-        if self.training and p > 0:
+        if not self.training and p > 0 and getattr(self.config, "id_expectation", False):
+            cold = getattr(self, "cold_id_emb", None)
+            expected = (1.0 - p) * ids if cold is None else (1.0 - p) * ids + p * cold.unsqueeze(0)
+            ids = torch.cat([ids[:1], expected[1:]], dim=0)  # the padding row stays zero
+        elif self.training and p > 0:
             keep = torch.rand(ids.shape[0], 1, device=ids.device) >= p  # (n_items + 1, 1) items keeping their ID
             cold = getattr(self, "cold_id_emb", None)
             if cold is None:

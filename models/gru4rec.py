@@ -46,7 +46,7 @@ class GRU4RecConfig:
             the item embeddings).
         n_layers: stacked GRU layers.
         dropout: dropout on the item embeddings, between GRU layers and on the GRU outputs.
-        item_repr, d_text, text_dropout, id_dropout, text_norm, cold_id: text-aware items, as in
+        item_repr, d_text, text_dropout, id_dropout, text_norm, cold_id, id_expectation: text-aware items, as in
             ``models.sasrec.SASRecConfig``.
     """
 
@@ -61,11 +61,12 @@ class GRU4RecConfig:
     id_dropout: float = 0.0
     text_norm: bool = False
     cold_id: bool = False
+    id_expectation: bool = False
 
     def __post_init__(self) -> None:
         check_config(self.n_items, self.max_seq_len, self.dropout)
         check_item_repr(self.item_repr, self.d_text, self.text_dropout, self.id_dropout, self.text_norm,
-                        self.cold_id)
+                        self.cold_id, self.id_expectation)
         if self.d_model < 1:
             raise ValueError(f"d_model={self.d_model}; expected >= 1")
         if self.n_layers < 1:

@@ -44,6 +44,8 @@ class SASRecConfig:
             projected text (text-aware only).
         cold_id: one learned ID vector for items without their own (dropped in training, new in serving) instead
             of a zero ID part ("id+text" with ``id_dropout`` > 0; ``models.contract.ItemSequenceModel``).
+        id_expectation: outside training, an item's ID part is its expected value under ``id_dropout``
+            (``models.contract.ItemSequenceModel.item_embeddings``; "id+text" with ``id_dropout`` > 0).
     """
 
     n_items: int
@@ -59,11 +61,12 @@ class SASRecConfig:
     id_dropout: float = 0.0
     text_norm: bool = False
     cold_id: bool = False
+    id_expectation: bool = False
 
     def __post_init__(self) -> None:
         check_config(self.n_items, self.max_seq_len, self.dropout)
         check_item_repr(self.item_repr, self.d_text, self.text_dropout, self.id_dropout, self.text_norm,
-                        self.cold_id)
+                        self.cold_id, self.id_expectation)
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
 

@@ -67,6 +67,8 @@ class Settings(BaseSettings):
                               "dropped per training step (DropoutNet), so the text part alone scores new items")
     cold_id: bool = Field(default=True, description="'id+text' with id_dropout > 0: one learned ID vector stands in "
                           "for dropped and new items' missing ID embedding (else a zero ID part)")
+    id_expectation: bool = Field(default=True, description="'id+text' with id_dropout > 0: outside training an item's "
+                                 "ID part is its expected value under the ID dropout (dropout's weight-scaling rule)")
 
     # Event log and feature store
     event_log_url: str | None = Field(default=None, description="SQLAlchemy URL; default sqlite under home")

@@ -318,3 +318,34 @@ def test_hit_concentration_counts_distinct_items_and_the_top_share() -> None:
         "hits": 4, "distinct_items": 2, "top_item_share": 0.75}
     empty = hit_concentration(np.array([0, 0]), np.array([1, 2]))
     assert empty["hits"] == 0 and np.isnan(empty["top_item_share"])
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_id_expectation_scores_with_the_id_parts_expected_value_under_the_dropout(name) -> None:
+    model = _model(name, "id+text", id_dropout=0.25, cold_id=True, id_expectation=True)
+    with torch.no_grad():
+        model.cold_id_emb.fill_(2.0)
+        model.item_emb.weight[3].fill_(1.0)
+    text_part = model.project_text(model.item_text)
+    emb = model.eval().item_embeddings()
+    # by hand: item 3's ID part is 0.75 * 1.0 + 0.25 * 2.0 = 1.25 in every coordinate
+    assert torch.allclose(emb[3] - text_part[3], torch.full_like(emb[3], 1.25))
+    assert torch.allclose(emb[1:], 0.75 * model.item_emb.weight[1:] + 0.25 * model.cold_id_emb + text_part[1:])
+    assert torch.count_nonzero(emb[0]) == 0  # padding stays zero
+    # a row that already is the cold vector (an item no training sequence held) keeps it; new items are unchanged
+    model.adopt_cold_id(torch.tensor([5]))
+    assert torch.allclose(model.item_embeddings()[5], model.cold_item_vectors(model.item_text[5:6])[0])
+    # training draws are untouched: every item has its own ID or the cold vector, never the mixture
+    torch.manual_seed(0)
+    part = model.train().item_embeddings() - text_part
+    own = torch.isclose(part, model.item_emb.weight).all(dim=1)
+    cold = torch.isclose(part, torch.full_like(part, 2.0)).all(dim=1)
+    assert bool((own | cold)[1:].all())
+    # without cold_id the dropped part is zero, so the expectation is (1 - p) * ID
+    plain = _model(name, "id+text", id_dropout=0.5, id_expectation=True).eval()
+    assert torch.allclose(plain.item_embeddings()[1:] - plain.project_text(plain.item_text)[1:],
+                          0.5 * plain.item_emb.weight[1:])
+    for bad in ({"id_dropout": 0.0}, {"item_repr": "text"}):
+        kw = {"item_repr": "id+text", "d_text": D_TEXT, "id_dropout": 0.5, "id_expectation": True, **bad}
+        with pytest.raises(ValueError, match="id_expectation"):
+            build_config(name, n_items=N_ITEMS, max_seq_len=SEQ, **kw)
