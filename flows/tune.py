@@ -79,20 +79,19 @@ def study_storage(settings: Settings) -> str:
     return f"sqlite:///{settings.home / 'optuna.db'}"
 
 
-def process_sampler(seed: int, n_existing: int, joining: bool = False) -> optuna.samplers.TPESampler:
+def process_sampler(seed: int, n_existing: int, joining: bool = False
+                    ) -> tuple[optuna.samplers.TPESampler, int]:
     """This process's TPE sampler: seeded ``seed`` in the process that created the study (reproducible with one
     worker); a process that joins an existing study (a rerun, another worker) adds the trials the study holds and,
     so that two workers joining at the same moment differ too, its process id.
 
     With the same seed in every process, each would repeat the first process's random start-up points (TPE samples
     its first 10 trials at random) and train the same configurations again.
+
+    Returns ``(sampler, its seed)``; the seed is recorded on the study's parent run (``tune.sampler_seed``).
     """
-    return optuna.samplers.TPESampler(seed=sampler_seed(seed, n_existing, joining))
-
-
-def sampler_seed(seed: int, n_existing: int, joining: bool = False) -> int:
-    """The seed :func:`process_sampler` gives TPE (recorded on the study's parent run as ``tune.sampler_seed``)."""
-    return seed + n_existing + (os.getpid() if joining else 0)
+    used = seed + n_existing + (os.getpid() if joining else 0)
+    return optuna.samplers.TPESampler(seed=used), used
 
 
 def suggest_params(trial: optuna.Trial, model: str, sampled: bool, fixed: frozenset[str] = frozenset()
@@ -201,13 +200,11 @@ def run_study(source: str, path: str | None, trials: int, *, model: str | None =
     defaults_key = json.dumps({k: v for k, v in sorted((train_params or {}).items())}, default=str)
     try:  # exactly one process creates the study: it alone enqueues the defaults and samples from ``seed``
         study = optuna.create_study(study_name=name, storage=rdb, direction="maximize", pruner=pruner)
-        seed_used = sampler_seed(settings.seed, 0)
-        study.sampler = process_sampler(settings.seed, 0)
+        study.sampler, seed_used = process_sampler(settings.seed, 0)
         study.enqueue_trial(defaults_point, user_attrs={DEFAULTS_ATTR: defaults_key})
     except optuna.exceptions.DuplicatedStudyError:  # a rerun, or another worker: a stream of its own
         study = optuna.load_study(study_name=name, storage=rdb, pruner=pruner)
-        seed_used = sampler_seed(settings.seed, len(study.trials), joining=True)
-        study.sampler = process_sampler(settings.seed, len(study.trials), joining=True)
+        study.sampler, seed_used = process_sampler(settings.seed, len(study.trials), joining=True)
     finished = lambda: [t for t in study.trials if t.state in FINISHED_STATES]  # noqa: E731
     parent = client.create_run(experiment_id, run_name=f"tune-{name}",
                                tags={"tune.study": name, "model.class": model, "data.sha256": sha,

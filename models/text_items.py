@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from models.contract import select_candidates
 from models.sequences import EvalSet, Split, _sorted_events
 from models.vocab import PAD_IDX, ItemVocabulary
 
@@ -129,11 +130,7 @@ class ContentScorer:
         profile = torch.nn.functional.normalize(profile, dim=1)
         scores = profile @ self.unit.T  # (batch, n_rows)
         scores[:, PAD_IDX] = float("-inf")
-        if candidate_idx is not None:
-            cand = torch.as_tensor(candidate_idx, dtype=torch.long)
-            cand = cand.unsqueeze(0).expand(scores.shape[0], -1) if cand.dim() == 1 else cand
-            scores = scores.gather(1, cand)
-        return scores
+        return select_candidates(scores, candidate_idx)
 
 
 class PaddedScorer:
@@ -180,11 +177,7 @@ class NewItemsOnly:
         """(batch, seq_len) histories -> (batch, n_rows) scores, the vocabulary's columns -inf."""
         scores = torch.as_tensor(self.scorer.score(item_idx)).clone()
         scores[:, : self.n_vocab + 1] = float("-inf")
-        if candidate_idx is not None:
-            cand = torch.as_tensor(candidate_idx, dtype=torch.long)
-            cand = cand.unsqueeze(0).expand(scores.shape[0], -1) if cand.dim() == 1 else cand
-            scores = scores.gather(1, cand)
-        return scores
+        return select_candidates(scores, candidate_idx)
 
 
 def subset(eval_set: EvalSet, mask: np.ndarray) -> EvalSet:

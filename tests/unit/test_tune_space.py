@@ -34,5 +34,5 @@ def test_a_second_worker_or_a_resumed_study_does_not_repeat_the_first_workers_ra
         study = optuna.create_study(direction="maximize", sampler=sampler)
         return suggest_params(study.ask(), "sasrec", sampled=False)[0]
 
-    assert first_point(process_sampler(42, 0)) == first_point(process_sampler(42, 0))  # reproducible
-    assert first_point(process_sampler(42, 0)) != first_point(process_sampler(42, 3))  # joins later: new stream
+    assert first_point(process_sampler(42, 0)[0]) == first_point(process_sampler(42, 0)[0])  # reproducible
+    assert first_point(process_sampler(42, 0)[0]) != first_point(process_sampler(42, 3)[0])  # joins later: new stream
